@@ -1,0 +1,241 @@
+//! Layered configuration: defaults < YAML file < environment < flags.
+//!
+//! Every service has one typed struct (with `deny_unknown_fields`) that
+//! implements `Default + Serialize + Deserialize`. [`load`] layers the
+//! struct's defaults, an optional YAML file, the environment and the
+//! command-line flags (a serializable struct whose `None` fields are skipped),
+//! and names the offending key and its source on error.
+//!
+//! The environment is an argument, so tests never mutate the process's.
+//! For a field `nats_url` the variable is `CORRAL_NATS_URL`; a nested field
+//! `prices.local` is `CORRAL_PRICES__LOCAL`. The conventional `NATS_URL` and
+//! `DATABASE_URL` are honoured too (below their `CORRAL_` forms). Variables
+//! that name no field of the struct are ignored: several services share one
+//! environment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use figment::providers::{Format, Serialized, Yaml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A configuration error; its message names the key and where it came from.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+/// Environment variables without the `CORRAL_` prefix that map to a field.
+const CONVENTIONAL: [(&str, &str); 2] = [("NATS_URL", "nats_url"), ("DATABASE_URL", "database_url")];
+
+/// Loads `T` from its defaults, `file`, `env` and `flags`, in that order of
+/// increasing precedence.
+pub fn load<T, F>(
+    file: Option<&Path>,
+    env: &HashMap<String, String>,
+    flags: &F,
+) -> Result<T, ConfigError>
+where
+    T: Default + Serialize + DeserializeOwned,
+    F: Serialize,
+{
+    let known = top_level_keys(&T::default())?;
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError(format!(
+                "configuration file {} does not exist",
+                path.display()
+            )));
+        }
+        figment = figment.merge(Yaml::file_exact(path));
+    }
+    figment = figment
+        .merge(EnvLayer::new(env, &known, false))
+        .merge(EnvLayer::new(env, &known, true))
+        .merge(Serialized::defaults(flags));
+    figment.extract_lossy::<T>().map_err(|errors| {
+        let text: Vec<String> = errors.into_iter().map(|e| e.to_string()).collect();
+        ConfigError(text.join("; "))
+    })
+}
+
+fn top_level_keys<T: Serialize>(value: &T) -> Result<Vec<String>, ConfigError> {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::Object(map)) => Ok(map.keys().cloned().collect()),
+        Ok(_) => Err(ConfigError("a configuration must be a struct".into())),
+        Err(err) => Err(ConfigError(err.to_string())),
+    }
+}
+
+/// The part of the environment that names fields of the struct.
+struct EnvLayer {
+    dict: Dict,
+    name: String,
+}
+
+impl EnvLayer {
+    fn new(env: &HashMap<String, String>, known: &[String], prefixed: bool) -> EnvLayer {
+        let mut dict = Dict::new();
+        let sorted: BTreeMap<_, _> = env.iter().collect();
+        for (var, raw) in sorted {
+            let path: Vec<String> = if prefixed {
+                let Some(rest) = var.strip_prefix("CORRAL_") else {
+                    continue;
+                };
+                rest.split("__").map(|p| p.to_ascii_lowercase()).collect()
+            } else {
+                match CONVENTIONAL.iter().find(|(name, _)| name == var) {
+                    Some((_, field)) => vec![(*field).to_owned()],
+                    None => continue,
+                }
+            };
+            if path.iter().any(|p| p.is_empty()) || !known.contains(&path[0]) {
+                continue;
+            }
+            insert(&mut dict, &path, raw.parse::<Value>().unwrap_or_else(|never| match never {}));
+        }
+        let name = if prefixed {
+            "CORRAL_* environment variables"
+        } else {
+            "NATS_URL/DATABASE_URL environment variables"
+        };
+        EnvLayer {
+            dict,
+            name: name.to_owned(),
+        }
+    }
+}
+
+fn insert(dict: &mut Dict, path: &[String], value: Value) {
+    let (first, rest) = path.split_first().expect("an env key path should not be empty");
+    if rest.is_empty() {
+        dict.insert(first.clone(), value);
+        return;
+    }
+    let entry = dict
+        .entry(first.clone())
+        .or_insert_with(|| Value::from(Dict::new()));
+    if let Value::Dict(_, inner) = entry {
+        insert(inner, rest, value);
+    }
+}
+
+impl Provider for EnvLayer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.name.clone())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.dict.clone()))
+    }
+}
+
+/// The process environment, for `main`s to hand to [`load`].
+pub fn process_env() -> HashMap<String, String> {
+    std::env::vars().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Sample {
+        nats_url: String,
+        max_runs: u32,
+        verbose: bool,
+        home: Option<String>,
+    }
+
+    impl Default for Sample {
+        fn default() -> Self {
+            Sample {
+                nats_url: "nats://127.0.0.1:4222".into(),
+                max_runs: 10,
+                verbose: false,
+                home: None,
+            }
+        }
+    }
+
+    #[derive(Serialize, Default)]
+    struct Flags {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_runs: Option<u32>,
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_env_flags() {
+        let dir = std::env::temp_dir().join(format!("corral-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("c.yaml");
+        std::fs::write(&file, "max_runs: 20\nverbose: true\n").expect("write");
+
+        let only_defaults: Sample = load(None, &env(&[]), &Flags::default()).expect("load");
+        assert_eq!(only_defaults, Sample::default());
+
+        let with_file: Sample = load(Some(&file), &env(&[]), &Flags::default()).expect("load");
+        assert_eq!(with_file.max_runs, 20);
+        assert!(with_file.verbose);
+
+        let with_env: Sample = load(
+            Some(&file),
+            &env(&[("CORRAL_MAX_RUNS", "30"), ("NATS_URL", "nats://a:1")]),
+            &Flags::default(),
+        )
+        .expect("load");
+        assert_eq!(with_env.max_runs, 30);
+        assert_eq!(with_env.nats_url, "nats://a:1");
+
+        let with_flags: Sample = load(
+            Some(&file),
+            &env(&[("CORRAL_MAX_RUNS", "30"), ("CORRAL_NATS_URL", "nats://b:2"), ("NATS_URL", "nats://a:1")]),
+            &Flags { max_runs: Some(40) },
+        )
+        .expect("load");
+        assert_eq!(with_flags.max_runs, 40);
+        assert_eq!(with_flags.nats_url, "nats://b:2", "CORRAL_ form wins over the conventional one");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn unrelated_environment_variables_are_ignored() {
+        let loaded: Sample = load(
+            None,
+            &env(&[("CORRAL_SOMETHING_ELSE", "x"), ("PATH", "/bin")]),
+            &Flags::default(),
+        )
+        .expect("unrelated variables should not fail the load");
+        assert_eq!(loaded, Sample::default());
+    }
+
+    #[test]
+    fn errors_name_the_bad_key_and_its_source() {
+        let err = load::<Sample, _>(None, &env(&[("CORRAL_MAX_RUNS", "many")]), &Flags::default())
+            .expect_err("a word is not a number");
+        let text = err.to_string();
+        assert!(text.contains("max_runs"), "{text}");
+        assert!(text.contains("CORRAL_"), "{text}");
+
+        let dir = std::env::temp_dir().join(format!("corral-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("c.yaml");
+        std::fs::write(&file, "max_runz: 20\n").expect("write");
+        let err = load::<Sample, _>(Some(&file), &env(&[]), &Flags::default())
+            .expect_err("an unknown key should be refused");
+        assert!(err.to_string().contains("max_runz"), "{err}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
