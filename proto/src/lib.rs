@@ -14,10 +14,10 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/corral.v1.rs"));
 }
 
-mod subjects;
 mod states;
+mod subjects;
 
-pub use subjects::{PrefixError, Subjects, validate_run_id, RunIdError};
+pub use subjects::{PrefixError, RunIdError, Subjects, validate_run_id};
 
 /// NATS header names.
 pub mod headers {

@@ -212,7 +212,10 @@ mod tests {
         assert_eq!(s.cmd_run(), "corral.cmd.run");
         assert_eq!(s.cmd_stop("r1"), "corral.cmd.stop.r1");
         assert_eq!(s.lifecycle("r1"), "corral.lifecycle.r1");
-        assert_eq!(s.events("r1", "agent.output"), "corral.events.r1.agent.output");
+        assert_eq!(
+            s.events("r1", "agent.output"),
+            "corral.events.r1.agent.output"
+        );
         assert_eq!(s.tracker("claim"), "corral.tracker.claim");
         assert_eq!(s.dlq("cmd"), "corral.dlq.cmd");
         assert_eq!(s.cmd_stream(), "CORRAL_CMD");

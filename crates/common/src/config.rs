@@ -28,7 +28,8 @@ use serde::de::DeserializeOwned;
 pub struct ConfigError(String);
 
 /// Environment variables without the `CORRAL_` prefix that map to a field.
-const CONVENTIONAL: [(&str, &str); 2] = [("NATS_URL", "nats_url"), ("DATABASE_URL", "database_url")];
+const CONVENTIONAL: [(&str, &str); 2] =
+    [("NATS_URL", "nats_url"), ("DATABASE_URL", "database_url")];
 
 /// Loads `T` from its defaults, `file`, `env` and `flags`, in that order of
 /// increasing precedence.
@@ -95,7 +96,11 @@ impl EnvLayer {
             if path.iter().any(|p| p.is_empty()) || !known.contains(&path[0]) {
                 continue;
             }
-            insert(&mut dict, &path, raw.parse::<Value>().unwrap_or_else(|never| match never {}));
+            insert(
+                &mut dict,
+                &path,
+                raw.parse::<Value>().unwrap_or_else(|never| match never {}),
+            );
         }
         let name = if prefixed {
             "CORRAL_* environment variables"
@@ -110,7 +115,9 @@ impl EnvLayer {
 }
 
 fn insert(dict: &mut Dict, path: &[String], value: Value) {
-    let (first, rest) = path.split_first().expect("an env key path should not be empty");
+    let (first, rest) = path
+        .split_first()
+        .expect("an env key path should not be empty");
     if rest.is_empty() {
         dict.insert(first.clone(), value);
         return;
@@ -201,12 +208,19 @@ mod tests {
 
         let with_flags: Sample = load(
             Some(&file),
-            &env(&[("CORRAL_MAX_RUNS", "30"), ("CORRAL_NATS_URL", "nats://b:2"), ("NATS_URL", "nats://a:1")]),
+            &env(&[
+                ("CORRAL_MAX_RUNS", "30"),
+                ("CORRAL_NATS_URL", "nats://b:2"),
+                ("NATS_URL", "nats://a:1"),
+            ]),
             &Flags { max_runs: Some(40) },
         )
         .expect("load");
         assert_eq!(with_flags.max_runs, 40);
-        assert_eq!(with_flags.nats_url, "nats://b:2", "CORRAL_ form wins over the conventional one");
+        assert_eq!(
+            with_flags.nats_url, "nats://b:2",
+            "CORRAL_ form wins over the conventional one"
+        );
         std::fs::remove_dir_all(dir).ok();
     }
 
@@ -223,8 +237,12 @@ mod tests {
 
     #[test]
     fn errors_name_the_bad_key_and_its_source() {
-        let err = load::<Sample, _>(None, &env(&[("CORRAL_MAX_RUNS", "many")]), &Flags::default())
-            .expect_err("a word is not a number");
+        let err = load::<Sample, _>(
+            None,
+            &env(&[("CORRAL_MAX_RUNS", "many")]),
+            &Flags::default(),
+        )
+        .expect_err("a word is not a number");
         let text = err.to_string();
         assert!(text.contains("max_runs"), "{text}");
         assert!(text.contains("CORRAL_"), "{text}");

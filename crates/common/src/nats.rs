@@ -41,7 +41,11 @@ impl NatsError {
 }
 
 /// Connects with a client name that shows in `nats-server` monitoring.
-pub async fn connect(url: &str, name: &str, request_timeout: Duration) -> Result<Client, NatsError> {
+pub async fn connect(
+    url: &str,
+    name: &str,
+    request_timeout: Duration,
+) -> Result<Client, NatsError> {
     async_nats::ConnectOptions::new()
         .name(name)
         .request_timeout(Some(request_timeout))
@@ -86,7 +90,9 @@ pub fn stream_configs(subjects: &Subjects) -> Vec<stream::Config> {
         },
         stream::Config {
             name: subjects.dlq_stream(),
-            description: Some("corral dead letters: messages that could not be decoded or applied".into()),
+            description: Some(
+                "corral dead letters: messages that could not be decoded or applied".into(),
+            ),
             subjects: vec![subjects.dlq_all()],
             retention: stream::RetentionPolicy::Limits,
             max_age: 30 * DAY,
@@ -140,13 +146,21 @@ pub async fn publish_durable(
 }
 
 /// Sends a protobuf request and decodes the protobuf reply.
-pub async fn request<Rq, Rp>(client: &Client, subject: String, request: &Rq) -> Result<Rp, NatsError>
+pub async fn request<Rq, Rp>(
+    client: &Client,
+    subject: String,
+    request: &Rq,
+) -> Result<Rp, NatsError>
 where
     Rq: prost::Message,
     Rp: prost::Message + Default,
 {
     let reply = client
-        .request_with_headers(subject.clone(), traced_headers(), request.encode_to_vec().into())
+        .request_with_headers(
+            subject.clone(),
+            traced_headers(),
+            request.encode_to_vec().into(),
+        )
         .await
         .map_err(|err| NatsError::Request {
             subject: subject.clone(),

@@ -1,0 +1,204 @@
+//! Sandbox providers: one trait ([`Provider`]) and its implementations.
+//!
+//! A provider creates sandboxes carrying labels (at least
+//! [`LABEL_RUN_ID`] and [`LABEL_DEPLOYMENT`], so that a reconciler can match
+//! what the provider lists against the records even when a record lacks the
+//! sandbox id), runs commands in them with streamed output, and kills, pauses,
+//! resumes, probes and lists them. Every operation is idempotent where the
+//! provider allows: killing a sandbox that is already gone is
+//! [`KillOutcome::AlreadyGone`], not an error.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+pub mod local;
+
+pub use local::LocalProvider;
+
+/// Label naming the run a sandbox belongs to.
+pub const LABEL_RUN_ID: &str = "corral.run_id";
+/// Label naming the corral deployment (its subject prefix) that made it.
+pub const LABEL_DEPLOYMENT: &str = "corral.deployment";
+
+pub type Labels = BTreeMap<String, String>;
+
+/// What to create.
+#[derive(Clone, Debug, Default)]
+pub struct CreateSpec {
+    pub run_id: String,
+    pub labels: Labels,
+    /// Address-space limit per process, MiB.
+    pub memory_mib: u64,
+    /// CPU-time limit per process, seconds.
+    pub cpu_secs: u64,
+}
+
+/// A sandbox as the provider knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxInfo {
+    pub id: String,
+    pub labels: Labels,
+    pub created_at_ms: i64,
+    pub paused: bool,
+}
+
+/// What to run in a sandbox.
+#[derive(Clone, Debug, Default)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    /// Environment of the command; the provider adds only `CORRAL_RUN_ID`,
+    /// `CORRAL_SANDBOX_ID`, `PATH`, `HOME` and `LANG`.
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// One line of a command's output, without its newline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputLine {
+    pub stream: OutputStream,
+    pub line: String,
+}
+
+/// How a command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+
+    /// The exit code as a shell reports it (128 + signal for signals).
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::Code(code) => code,
+            ExitStatus::Signal(signal) => 128 + signal,
+        }
+    }
+}
+
+/// Signals an execution's processes (the whole process group, locally).
+pub trait ExecControl: Send + Sync {
+    /// Asks the command to stop (SIGTERM).
+    fn interrupt(&self);
+    /// Ends it now (SIGKILL).
+    fn kill(&self);
+}
+
+/// A running command: its output lines and its end.
+pub struct Execution {
+    /// Closed once both output streams ended.
+    pub output: mpsc::Receiver<OutputLine>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    control: Box<dyn ExecControl>,
+}
+
+impl Execution {
+    pub fn new(
+        output: mpsc::Receiver<OutputLine>,
+        exit: watch::Receiver<Option<ExitStatus>>,
+        control: Box<dyn ExecControl>,
+    ) -> Execution {
+        Execution {
+            output,
+            exit,
+            control,
+        }
+    }
+
+    /// Waits for the command to end.
+    pub async fn wait(&mut self) -> ExitStatus {
+        match self.exit.wait_for(Option::is_some).await {
+            Ok(status) => status.unwrap_or(ExitStatus::Signal(libc::SIGKILL)),
+            // The waiter is gone only if the process could not be waited for.
+            Err(_) => ExitStatus::Signal(libc::SIGKILL),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if the command has not ended within `grace`.
+    /// Returns how it ended and whether SIGKILL was needed.
+    pub async fn terminate(&mut self, grace: Duration) -> (ExitStatus, bool) {
+        self.control.interrupt();
+        if let Ok(status) = tokio::time::timeout(grace, self.wait()).await {
+            return (status, false);
+        }
+        self.control.kill();
+        (self.wait().await, true)
+    }
+
+    /// SIGKILL now and wait.
+    pub async fn kill(&mut self) -> ExitStatus {
+        self.control.kill();
+        self.wait().await
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KillOutcome {
+    Killed,
+    AlreadyGone,
+}
+
+/// Whether a sandbox can be reused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    /// Expired, killed behind corral's back, or otherwise unusable.
+    Gone(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("sandbox {0} does not exist")]
+    NotFound(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Worth retrying: the provider was unreachable, slow or overloaded.
+    #[error("provider unavailable: {0}")]
+    Transient(String),
+    #[error("provider failed: {0}")]
+    Failed(String),
+}
+
+impl ProviderError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ProviderError::Transient(_))
+    }
+}
+
+/// A sandbox provider. Implementations must be safe to call from many tasks
+/// and, for `kill` and `list`, from processes other than the creator's.
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Short name: `local`, `e2b`, `daytona`.
+    fn name(&self) -> &'static str;
+
+    /// Creates a sandbox carrying `spec.labels`.
+    async fn create(&self, spec: &CreateSpec) -> Result<SandboxInfo, ProviderError>;
+
+    /// Starts a command in the sandbox.
+    async fn exec(&self, sandbox_id: &str, spec: &ExecSpec) -> Result<Execution, ProviderError>;
+
+    /// Ends the sandbox and everything in it. Idempotent.
+    async fn kill(&self, sandbox_id: &str) -> Result<KillOutcome, ProviderError>;
+
+    async fn pause(&self, sandbox_id: &str) -> Result<(), ProviderError>;
+
+    async fn resume(&self, sandbox_id: &str) -> Result<(), ProviderError>;
+
+    /// Whether the sandbox is still there and usable.
+    async fn probe(&self, sandbox_id: &str) -> Result<Health, ProviderError>;
+
+    /// Sandboxes whose labels include every pair in `labels`.
+    async fn list(&self, labels: &Labels) -> Result<Vec<SandboxInfo>, ProviderError>;
+}
