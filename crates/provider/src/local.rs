@@ -190,6 +190,10 @@ fn scan_proc(filter: impl Fn(i32, i32) -> bool, sandbox_id: Option<&str>) -> Vec
 /// one else's: its leader is alive with the recorded start time, or, when the
 /// leader is gone, some remaining member carries the sandbox's marker.
 fn group_is_ours(group: &Group, sandbox_id: &str) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    if unsafe { libc::kill(-group.pgid, 0) } != 0 {
+        return false; // an empty group: nothing to signal, no /proc scan
+    }
     match proc_stat(group.pgid) {
         Some((_, pgrp, start)) if start == group.start_time && pgrp == group.pgid => true,
         _ => !scan_proc(|_, pgrp| pgrp == group.pgid, Some(sandbox_id)).is_empty(),
