@@ -16,6 +16,7 @@ pub mod v1 {
 
 mod states;
 mod subjects;
+pub mod validate;
 
 pub use subjects::{PrefixError, RunIdError, Subjects, validate_run_id};
 

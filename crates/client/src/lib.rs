@@ -1,0 +1,300 @@
+//! The client library of corral: what the CLI, the spawner and the tests use
+//! to talk to the tracker (request-reply), publish commands (JetStream, with
+//! PubAck) and watch runs (lifecycle and agent events).
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use corral_common::nats::{self, NatsError};
+use corral_proto::Subjects;
+use corral_proto::v1::{
+    AgentEvent, ClaimReply, ClaimRequest, GetRunRequest, HeartbeatReply, HeartbeatRequest,
+    LifecycleEvent, ListRunsReply, ListRunsRequest, RecordSandboxRequest, Run, RunCommand,
+    RunReply, RunState, StopCommand, StopReply, SubmitRequest, TrackerError, TransitionRequest,
+    claim_reply, stop_reply, tracker_error::Code,
+};
+use futures::StreamExt;
+use prost::Message;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error("{message}")]
+    Tracker { code: Code, message: String },
+    #[error("invalid command: {0}")]
+    Invalid(String),
+    #[error("nats: {0}")]
+    Subscribe(String),
+    #[error("timed out after {0:?} waiting for run {1}")]
+    Timeout(Duration, String),
+}
+
+impl ClientError {
+    /// Whether the same call may succeed later (tracker or database
+    /// unavailable, NATS timeouts), as opposed to a refusal.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Nats(err) => err.is_transient(),
+            ClientError::Tracker { code, .. } => *code == Code::Unavailable,
+            ClientError::Timeout(..) => true,
+            ClientError::Invalid(_) | ClientError::Subscribe(_) => false,
+        }
+    }
+
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Tracker { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+fn check(error: Option<TrackerError>) -> Result<(), ClientError> {
+    match error {
+        None => Ok(()),
+        Some(error) => Err(ClientError::Tracker {
+            code: Code::try_from(error.code).unwrap_or(Code::Unspecified),
+            message: error.message,
+        }),
+    }
+}
+
+fn run_of(reply: RunReply) -> Result<Run, ClientError> {
+    check(reply.error)?;
+    reply.run.ok_or_else(|| ClientError::Tracker {
+        code: Code::Unspecified,
+        message: "tracker reply carried no run".into(),
+    })
+}
+
+/// A fresh, time-ordered run id.
+pub fn new_run_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// What a watcher of one run sees.
+#[derive(Clone, Debug)]
+pub enum RunUpdate {
+    Lifecycle(LifecycleEvent),
+    Agent(AgentEvent),
+}
+
+/// Lifecycle and agent events of one run, from the moment of subscription.
+pub struct RunWatch {
+    lifecycle: async_nats::Subscriber,
+    events: async_nats::Subscriber,
+}
+
+impl RunWatch {
+    /// The next update; `None` when the subscriptions closed.
+    pub async fn next(&mut self) -> Option<RunUpdate> {
+        loop {
+            let message = tokio::select! {
+                m = self.lifecycle.next() => m.map(|m| (true, m)),
+                m = self.events.next() => m.map(|m| (false, m)),
+            };
+            let (lifecycle, message) = message?;
+            let update = if lifecycle {
+                LifecycleEvent::decode(message.payload)
+                    .ok()
+                    .map(RunUpdate::Lifecycle)
+            } else {
+                AgentEvent::decode(message.payload)
+                    .ok()
+                    .map(RunUpdate::Agent)
+            };
+            if let Some(update) = update {
+                return Some(update);
+            }
+        }
+    }
+}
+
+/// A connection to one corral deployment.
+#[derive(Clone)]
+pub struct Client {
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+}
+
+impl Client {
+    /// Connects to NATS; `name` shows in server monitoring.
+    pub async fn connect(nats_url: &str, prefix: &str, name: &str) -> Result<Client, ClientError> {
+        let subjects = Subjects::new(prefix).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let nats = nats::connect(nats_url, name, Duration::from_secs(5)).await?;
+        Ok(Client::from_parts(nats, subjects))
+    }
+
+    pub fn from_parts(nats: async_nats::Client, subjects: Subjects) -> Client {
+        let js = jetstream::new(nats.clone());
+        Client { nats, js, subjects }
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    async fn request<Rq: Message, Rp: Message + Default>(
+        &self,
+        op: &str,
+        request: &Rq,
+    ) -> Result<Rp, ClientError> {
+        Ok(nats::request(&self.nats, self.subjects.tracker(op), request).await?)
+    }
+
+    // ---- commands ----
+
+    /// Records the run as pending and publishes its command; returns once
+    /// both are durable. Idempotent for a given run id.
+    pub async fn start_run(&self, command: &RunCommand) -> Result<Run, ClientError> {
+        corral_proto::validate::run_command(command).map_err(ClientError::Invalid)?;
+        let run = self.submit(command).await?;
+        self.publish_run(command).await?;
+        Ok(run)
+    }
+
+    /// Publishes a `RunCommand` on the work queue (de-duplicated by run id).
+    pub async fn publish_run(&self, command: &RunCommand) -> Result<(), ClientError> {
+        nats::publish_durable(
+            &self.js,
+            self.subjects.cmd_run(),
+            &command.run_id,
+            command.encode_to_vec().into(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Subscribes to a run's lifecycle and agent events. Subscribe before
+    /// starting the run to see everything.
+    pub async fn watch(&self, run_id: &str) -> Result<RunWatch, ClientError> {
+        let subscribe = |subject: String| async {
+            self.nats
+                .subscribe(subject)
+                .await
+                .map_err(|e| ClientError::Subscribe(e.to_string()))
+        };
+        let watch = RunWatch {
+            lifecycle: subscribe(self.subjects.lifecycle(run_id)).await?,
+            events: subscribe(self.subjects.events_of_run(run_id)).await?,
+        };
+        // The server must know the subscriptions before anything is published.
+        self.nats
+            .flush()
+            .await
+            .map_err(|e| ClientError::Subscribe(e.to_string()))?;
+        Ok(watch)
+    }
+
+    /// Waits until the run is terminal. Uses the lifecycle subject and, as a
+    /// backstop against a missed message, asks the tracker every second.
+    pub async fn wait_terminal(&self, run_id: &str, limit: Duration) -> Result<Run, ClientError> {
+        let mut watch = self.watch(run_id).await?;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let run = self.get(run_id).await?;
+            if run.state().is_terminal() {
+                return Ok(run);
+            }
+            let tick = tokio::time::Instant::now() + Duration::from_secs(1);
+            loop {
+                let wake = tick.min(deadline);
+                match tokio::time::timeout_at(wake, watch.next()).await {
+                    Ok(Some(RunUpdate::Lifecycle(event)))
+                        if RunState::try_from(event.to).is_ok_and(|s| s.is_terminal()) =>
+                    {
+                        break;
+                    }
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let run = self.get(run_id).await?;
+                if run.state().is_terminal() {
+                    return Ok(run);
+                }
+                return Err(ClientError::Timeout(limit, run_id.to_owned()));
+            }
+        }
+    }
+
+    // ---- tracker ----
+
+    pub async fn submit(&self, command: &RunCommand) -> Result<Run, ClientError> {
+        let request = SubmitRequest {
+            command: Some(command.clone()),
+        };
+        run_of(self.request("submit", &request).await?)
+    }
+
+    pub async fn claim(
+        &self,
+        command: &RunCommand,
+        owner: &str,
+    ) -> Result<(claim_reply::Outcome, Run), ClientError> {
+        let request = ClaimRequest {
+            command: Some(command.clone()),
+            owner: owner.to_owned(),
+        };
+        let reply: ClaimReply = self.request("claim", &request).await?;
+        check(reply.error)?;
+        let outcome = claim_reply::Outcome::try_from(reply.outcome)
+            .unwrap_or(claim_reply::Outcome::Unspecified);
+        Ok((outcome, reply.run.unwrap_or_default()))
+    }
+
+    pub async fn record_sandbox(&self, request: &RecordSandboxRequest) -> Result<Run, ClientError> {
+        run_of(self.request("record_sandbox", request).await?)
+    }
+
+    pub async fn transition(&self, request: &TransitionRequest) -> Result<Run, ClientError> {
+        run_of(self.request("transition", request).await?)
+    }
+
+    pub async fn get(&self, run_id: &str) -> Result<Run, ClientError> {
+        let request = GetRunRequest {
+            run_id: run_id.to_owned(),
+        };
+        run_of(self.request("get", &request).await?)
+    }
+
+    pub async fn list(&self, request: &ListRunsRequest) -> Result<Vec<Run>, ClientError> {
+        let reply: ListRunsReply = self.request("list", request).await?;
+        check(reply.error)?;
+        Ok(reply.runs)
+    }
+
+    /// Asks the tracker to record a stop; when it answers `Accepted` the stop
+    /// is durable and on its way to the owner.
+    pub async fn stop(
+        &self,
+        stop: &StopCommand,
+    ) -> Result<(stop_reply::Outcome, Option<Run>), ClientError> {
+        corral_proto::validate::stop_command(stop).map_err(ClientError::Invalid)?;
+        let reply: StopReply = self.request("stop", stop).await?;
+        check(reply.error)?;
+        let outcome = stop_reply::Outcome::try_from(reply.outcome)
+            .unwrap_or(stop_reply::Outcome::Unspecified);
+        Ok((outcome, reply.run))
+    }
+
+    pub async fn heartbeat(&self, spawner_id: &str, owned_runs: u32) -> Result<(), ClientError> {
+        let request = HeartbeatRequest {
+            spawner_id: spawner_id.to_owned(),
+            owned_runs,
+        };
+        let reply: HeartbeatReply = self.request("heartbeat", &request).await?;
+        check(reply.error)
+    }
+}

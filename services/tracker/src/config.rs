@@ -1,0 +1,73 @@
+//! The tracker's configuration: defaults < YAML file < `CORRAL_*`
+//! environment < flags (see `corral_common::config`).
+
+use corral_common::Secret;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS server (`NATS_URL`).
+    pub nats_url: String,
+    /// PostgreSQL (`DATABASE_URL`).
+    pub database_url: Secret,
+    /// First token of every subject; lets deployments share one NATS.
+    pub subject_prefix: String,
+    /// Database connections.
+    pub db_pool_size: u32,
+    /// Requests handled concurrently.
+    pub max_in_flight: usize,
+    /// Absolute timeout of runs that do not set one, seconds.
+    pub default_timeout_secs: i32,
+    /// Inactivity timeout of runs that do not set one, seconds.
+    pub default_idle_timeout_secs: i32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            database_url: Secret::new("postgres://postgres@127.0.0.1:5432/corral"),
+            subject_prefix: corral_proto::Subjects::DEFAULT_PREFIX.into(),
+            db_pool_size: 16,
+            max_in_flight: 256,
+            default_timeout_secs: 300,
+            default_idle_timeout_secs: 60,
+        }
+    }
+}
+
+/// Command-line flags; each overrides the file and the environment.
+#[derive(Clone, Debug, Default, Serialize, clap::Args)]
+pub struct Flags {
+    /// YAML configuration file (keys as in this struct, e.g. `db_pool_size: 8`).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<std::path::PathBuf>,
+    /// NATS server URL [env: NATS_URL, CORRAL_NATS_URL; default nats://127.0.0.1:4222].
+    #[arg(long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// PostgreSQL URL [env: DATABASE_URL, CORRAL_DATABASE_URL].
+    #[arg(long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// Subject prefix shared by every service of a deployment [env: CORRAL_SUBJECT_PREFIX; default corral].
+    #[arg(long, value_name = "PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject_prefix: Option<String>,
+    /// Database connections [env: CORRAL_DB_POOL_SIZE; default 16].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_pool_size: Option<u32>,
+}
+
+impl Flags {
+    /// Layers defaults, the file, `env` and these flags into a [`Config`].
+    pub fn load(
+        &self,
+        env: &std::collections::HashMap<String, String>,
+    ) -> Result<Config, corral_common::config::ConfigError> {
+        corral_common::config::load(self.config.as_deref(), env, self)
+    }
+}

@@ -1,0 +1,216 @@
+//! The tracker: the single authority over run state.
+//!
+//! It owns the `runs` tables, applies transitions with compare-and-set
+//! (decided by [`state::next`]), answers request-reply on
+//! `<prefix>.tracker.<op>` in the queue group `tracker` (so instances share
+//! the load), records stop requests durably — both those asked of it and
+//! those clients published on `<prefix>.cmd.stop.<run_id>` — and publishes
+//! each applied transition on `<prefix>.lifecycle.<run_id>`.
+
+pub mod config;
+pub mod handlers;
+pub mod state;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use corral_common::nats::{self, NatsError};
+use corral_proto::Subjects;
+use corral_proto::v1::StopCommand;
+use futures::StreamExt;
+use prost::Message;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use config::Config;
+use handlers::Handlers;
+use store::{Defaults, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Prefix(#[from] corral_proto::PrefixError),
+    #[error("cannot open the database: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error("nats: {0}")]
+    Subscribe(String),
+}
+
+/// Runs the tracker until `shutdown` is cancelled; finishes requests in hand.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let subjects = Subjects::new(&config.subject_prefix)?;
+    let defaults = Defaults {
+        timeout_secs: config.default_timeout_secs,
+        idle_timeout_secs: config.default_idle_timeout_secs,
+    };
+    let store = Store::connect(config.database_url.expose(), config.db_pool_size, defaults).await?;
+    let client = nats::connect(&config.nats_url, "corral-tracker", Duration::from_secs(5)).await?;
+    let js = jetstream::new(client.clone());
+    nats::ensure_streams(&js, &subjects).await?;
+    let handlers = Arc::new(Handlers {
+        store,
+        js: js.clone(),
+        subjects: subjects.clone(),
+    });
+    tracing::info!(prefix = subjects.prefix(), "tracker started");
+
+    let requests = serve_requests(
+        &client,
+        handlers.clone(),
+        config.max_in_flight,
+        shutdown.clone(),
+    );
+    let stops = consume_stops(&js, handlers.clone(), shutdown.clone());
+    let result = tokio::try_join!(requests, stops);
+    shutdown.cancel();
+    handlers.store.close().await;
+    let _ = client.flush().await;
+    tracing::info!("tracker stopped");
+    result.map(|_| ())
+}
+
+async fn serve_requests(
+    client: &async_nats::Client,
+    handlers: Arc<Handlers>,
+    max_in_flight: usize,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let subjects = handlers.subjects.clone();
+    let mut requests = client
+        .queue_subscribe(subjects.tracker_all(), Subjects::TRACKER_QUEUE_GROUP.into())
+        .await
+        .map_err(|err| Error::Subscribe(err.to_string()))?;
+    let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
+    let in_flight = TaskTracker::new();
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = requests.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let handlers = handlers.clone();
+        let client = client.clone();
+        let op = subjects
+            .tracker_op(&message.subject)
+            .unwrap_or("")
+            .to_owned();
+        let span = tracing::info_span!("tracker_request", op = %op);
+        corral_common::telemetry::adopt(&span, message.headers.as_ref());
+        in_flight.spawn(
+            async move {
+                let reply = handlers.handle(&op, &message.payload).await;
+                if let Some(inbox) = message.reply
+                    && let Err(err) = client.publish(inbox, reply.into()).await
+                {
+                    tracing::warn!(error = %err, "reply failed");
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    let _ = requests.unsubscribe().await;
+    in_flight.close();
+    in_flight.wait().await;
+    Ok(())
+}
+
+/// Records stop commands that clients published on the command stream; the
+/// owner heard each at once through its own subscription.
+async fn consume_stops(
+    js: &jetstream::Context,
+    handlers: Arc<Handlers>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let subjects = handlers.subjects.clone();
+    let stream = js
+        .get_stream(subjects.cmd_stream())
+        .await
+        .map_err(|err| Error::Subscribe(err.to_string()))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            Subjects::TRACKER_STOP_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(Subjects::TRACKER_STOP_CONSUMER.into()),
+                filter_subject: subjects.cmd_stop_all(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_deliver: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|err| Error::Subscribe(err.to_string()))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|err| Error::Subscribe(err.to_string()))?;
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            message = messages.next() => match message {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "stop consumer error");
+                    continue;
+                }
+                None => return Ok(()),
+            },
+        };
+        let subject_run = message.subject.rsplit('.').next().unwrap_or("").to_owned();
+        let stop = match StopCommand::decode(message.payload.clone()) {
+            Ok(stop) if stop.run_id == subject_run => stop,
+            Ok(stop) => {
+                let reason = format!(
+                    "StopCommand.run_id {:?} does not match the subject's run id {:?}",
+                    stop.run_id, subject_run
+                );
+                dead_letter(js, &subjects, &message, &reason).await;
+                continue;
+            }
+            Err(err) => {
+                let reason = format!("payload did not decode as StopCommand: {err}");
+                dead_letter(js, &subjects, &message, &reason).await;
+                continue;
+            }
+        };
+        match handlers.record_stop(&stop, false).await {
+            Ok((outcome, _)) => {
+                tracing::info!(run_id = %stop.run_id, outcome = ?outcome, "stop command recorded");
+                let _ = message.ack().await;
+            }
+            Err(StoreError::Db(err)) => {
+                tracing::warn!(run_id = %stop.run_id, error = %err, "stop not recorded, will retry");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+            Err(err) => {
+                dead_letter(js, &subjects, &message, &err.to_string()).await;
+            }
+        }
+    }
+}
+
+async fn dead_letter(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    message: &jetstream::Message,
+    reason: &str,
+) {
+    tracing::warn!(subject = %message.subject, reason, "dead-lettering stop command");
+    if let Err(err) = nats::dead_letter(js, subjects, "cmd", message, reason).await {
+        tracing::error!(error = %err, "dead-letter publish failed; message will be redelivered");
+    }
+}

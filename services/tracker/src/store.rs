@@ -1,0 +1,567 @@
+//! All of the tracker's SQL. Every change to a run is a compare-and-set on
+//! its `version`, decided by [`crate::state::next`], and records a row in
+//! `run_transitions` in the same statement.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use corral_proto::v1::{
+    ClaimRequest, ListRunsRequest, RecordSandboxRequest, Run, RunCommand, RunEvent, RunSpec,
+    RunState, StopCommand, TransitionRequest, claim_reply, stop_reply,
+};
+use prost::Message;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{FromRow, PgPool};
+
+use crate::state::{self, Illegal};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("run {0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Illegal(#[from] Illegal),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Defaults applied to a run's spec when its fields are zero.
+#[derive(Clone, Copy, Debug)]
+pub struct Defaults {
+    pub timeout_secs: i32,
+    pub idle_timeout_secs: i32,
+}
+
+/// A transition that was committed: what to publish on the lifecycle subject.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    pub from: RunState,
+    pub event: RunEvent,
+    pub actor: String,
+    pub run: Run,
+}
+
+const COLUMNS: &str = "run_id, state, version, spec, labels, provider, requested_by, owner, \
+    sandbox_id, sandbox_epoch, exit_code, reason, timeout_secs, idle_timeout_secs, deadline_at, \
+    last_activity_at, stop_requested_at, stop_reason, stop_requested_by, created_at, booting_at, \
+    running_at, finalizing_at, finished_at, updated_at";
+
+/// How often a compare-and-set is retried when another writer raced it.
+const CAS_ATTEMPTS: usize = 8;
+
+#[derive(FromRow, Clone, Debug)]
+struct RunRow {
+    run_id: String,
+    state: String,
+    version: i64,
+    spec: Vec<u8>,
+    labels: sqlx::types::Json<BTreeMap<String, String>>,
+    provider: String,
+    requested_by: String,
+    owner: Option<String>,
+    sandbox_id: Option<String>,
+    sandbox_epoch: i32,
+    exit_code: Option<i32>,
+    reason: String,
+    #[allow(dead_code)]
+    timeout_secs: i32,
+    #[allow(dead_code)]
+    idle_timeout_secs: i32,
+    deadline_at: Option<DateTime<Utc>>,
+    last_activity_at: Option<DateTime<Utc>>,
+    stop_requested_at: Option<DateTime<Utc>>,
+    stop_reason: Option<String>,
+    stop_requested_by: Option<String>,
+    created_at: DateTime<Utc>,
+    booting_at: Option<DateTime<Utc>>,
+    running_at: Option<DateTime<Utc>>,
+    finalizing_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    updated_at: DateTime<Utc>,
+}
+
+fn ms(at: Option<DateTime<Utc>>) -> i64 {
+    at.map(|t| t.timestamp_millis()).unwrap_or(0)
+}
+
+impl RunRow {
+    fn state(&self) -> RunState {
+        RunState::from_name(&self.state).unwrap_or(RunState::Unspecified)
+    }
+
+    fn to_proto(&self) -> Run {
+        let mut spec = RunSpec::decode(self.spec.as_slice()).unwrap_or_default();
+        spec.labels = self.labels.0.clone().into_iter().collect();
+        Run {
+            run_id: self.run_id.clone(),
+            state: self.state() as i32,
+            spec: Some(spec),
+            owner: self.owner.clone().unwrap_or_default(),
+            sandbox_id: self.sandbox_id.clone().unwrap_or_default(),
+            provider: self.provider.clone(),
+            version: self.version as u64,
+            exit_code: self.exit_code,
+            reason: self.reason.clone(),
+            sandbox_epoch: self.sandbox_epoch as u32,
+            created_at_ms: self.created_at.timestamp_millis(),
+            booting_at_ms: ms(self.booting_at),
+            running_at_ms: ms(self.running_at),
+            finalizing_at_ms: ms(self.finalizing_at),
+            finished_at_ms: ms(self.finished_at),
+            deadline_at_ms: ms(self.deadline_at),
+            last_activity_at_ms: ms(self.last_activity_at),
+            stop_requested_at_ms: ms(self.stop_requested_at),
+            stop_reason: self.stop_reason.clone().unwrap_or_default(),
+            stop_requested_by: self.stop_requested_by.clone().unwrap_or_default(),
+            updated_at_ms: self.updated_at.timestamp_millis(),
+            requested_by: self.requested_by.clone(),
+        }
+    }
+}
+
+/// Optional changes that ride along with a transition.
+#[derive(Default)]
+struct Changes<'a> {
+    reason: &'a str,
+    actor: &'a str,
+    exit_code: Option<i32>,
+    owner: Option<&'a str>,
+}
+
+pub struct Store {
+    pool: PgPool,
+    defaults: Defaults,
+}
+
+impl Store {
+    /// Connects and applies the migrations.
+    pub async fn connect(
+        database_url: &str,
+        pool_size: u32,
+        defaults: Defaults,
+    ) -> Result<Store, StoreError> {
+        let options: PgConnectOptions = database_url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store { pool, defaults })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn load(&self, run_id: &str) -> Result<RunRow, StoreError> {
+        sqlx::query_as::<_, RunRow>(&format!("SELECT {COLUMNS} FROM runs WHERE run_id = $1"))
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(run_id.to_owned()))
+    }
+
+    pub async fn get(&self, run_id: &str) -> Result<Run, StoreError> {
+        Ok(self.load(run_id).await?.to_proto())
+    }
+
+    /// Inserts the run as pending unless it exists. Returns the run and the
+    /// creation, if this call created it.
+    pub async fn submit(&self, command: &RunCommand) -> Result<(Run, Option<Applied>), StoreError> {
+        let spec = command.spec.clone().unwrap_or_default();
+        let timeout = nonzero(spec.timeout_secs, self.defaults.timeout_secs);
+        let idle = nonzero(spec.idle_timeout_secs, self.defaults.idle_timeout_secs);
+        let provider = if spec.provider.is_empty() {
+            "local".to_owned()
+        } else {
+            spec.provider.clone()
+        };
+        let labels: BTreeMap<String, String> = spec.labels.clone().into_iter().collect();
+        let inserted = sqlx::query_as::<_, RunRow>(&format!(
+            "WITH i AS (
+                INSERT INTO runs (run_id, state, spec, labels, provider, requested_by, timeout_secs, idle_timeout_secs)
+                VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7)
+                ON CONFLICT (run_id) DO NOTHING
+                RETURNING {COLUMNS}
+            ), t AS (
+                INSERT INTO run_transitions (run_id, from_state, to_state, event, reason, actor)
+                SELECT run_id, NULL, 'pending', 'submit', '', $5 FROM i
+            )
+            SELECT {COLUMNS} FROM i"
+        ))
+        .bind(&command.run_id)
+        .bind(spec.encode_to_vec())
+        .bind(sqlx::types::Json(labels))
+        .bind(provider)
+        .bind(&command.requested_by)
+        .bind(timeout)
+        .bind(idle)
+        .fetch_optional(&self.pool)
+        .await?;
+        match inserted {
+            Some(row) => {
+                let run = row.to_proto();
+                let applied = Applied {
+                    from: RunState::Unspecified,
+                    event: RunEvent::Unspecified,
+                    actor: command.requested_by.clone(),
+                    run: run.clone(),
+                };
+                Ok((run, Some(applied)))
+            }
+            None => Ok((self.get(&command.run_id).await?, None)),
+        }
+    }
+
+    /// A spawner takes the run: pending -> booting with it as owner.
+    pub async fn claim(
+        &self,
+        request: &ClaimRequest,
+    ) -> Result<(claim_reply::Outcome, Run, Vec<Applied>), StoreError> {
+        use claim_reply::Outcome;
+        let command = request
+            .command
+            .as_ref()
+            .ok_or_else(|| StoreError::Invalid("claim without a command".into()))?;
+        let (_, created) = self.submit(command).await?;
+        let mut applied: Vec<Applied> = created.into_iter().collect();
+        for _ in 0..CAS_ATTEMPTS {
+            let row = self.load(&command.run_id).await?;
+            match row.state() {
+                RunState::Pending if row.stop_requested_at.is_some() => {
+                    let reason = row.stop_reason.clone().unwrap_or_default();
+                    let changes = Changes {
+                        reason: &reason,
+                        actor: "tracker",
+                        ..Default::default()
+                    };
+                    if let Some(done) = self.apply(&row, RunEvent::Stop, changes).await? {
+                        let run = done.run.clone();
+                        applied.push(done);
+                        return Ok((Outcome::Stopped, run, applied));
+                    }
+                }
+                RunState::Pending => {
+                    let changes = Changes {
+                        actor: &request.owner,
+                        owner: Some(&request.owner),
+                        ..Default::default()
+                    };
+                    if let Some(done) = self.apply(&row, RunEvent::Claim, changes).await? {
+                        let run = done.run.clone();
+                        applied.push(done);
+                        return Ok((Outcome::Claimed, run, applied));
+                    }
+                }
+                // The same owner asking again before it recorded a sandbox:
+                // its earlier attempt gave up, so this one may proceed.
+                RunState::Booting
+                    if row.owner.as_deref() == Some(request.owner.as_str())
+                        && row.sandbox_id.is_none() =>
+                {
+                    return Ok((Outcome::Claimed, row.to_proto(), applied));
+                }
+                state if state.is_terminal() => {
+                    return Ok((Outcome::Terminal, row.to_proto(), applied));
+                }
+                _ => return Ok((Outcome::AlreadyClaimed, row.to_proto(), applied)),
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "run {} kept changing while being claimed",
+            command.run_id
+        )))
+    }
+
+    /// Records the sandbox id (and bumps the epoch) while the caller owns
+    /// the run and it is live.
+    pub async fn record_sandbox(&self, request: &RecordSandboxRequest) -> Result<Run, StoreError> {
+        let row = sqlx::query_as::<_, RunRow>(&format!(
+            "UPDATE runs SET sandbox_id = $3, provider = $4, sandbox_epoch = sandbox_epoch + 1,
+                 version = version + 1, updated_at = now()
+             WHERE run_id = $1 AND owner = $2
+               AND state NOT IN ('completed', 'failed', 'stopped', 'timed_out')
+             RETURNING {COLUMNS}"
+        ))
+        .bind(&request.run_id)
+        .bind(&request.owner)
+        .bind(&request.sandbox_id)
+        .bind(&request.provider)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row.to_proto()),
+            None => {
+                let current = self.load(&request.run_id).await?;
+                Err(StoreError::Conflict(format!(
+                    "run {} is {} and owned by {:?}, not live and owned by {}",
+                    request.run_id,
+                    current.state,
+                    current.owner.unwrap_or_default(),
+                    request.owner
+                )))
+            }
+        }
+    }
+
+    /// Applies one event through the state machine.
+    pub async fn transition(&self, request: &TransitionRequest) -> Result<Applied, StoreError> {
+        let event = RunEvent::try_from(request.event)
+            .map_err(|_| StoreError::Invalid(format!("unknown event {}", request.event)))?;
+        for _ in 0..CAS_ATTEMPTS {
+            let row = self.load(&request.run_id).await?;
+            if request.expected_version != 0 && row.version as u64 != request.expected_version {
+                return Err(StoreError::Conflict(format!(
+                    "run {} is at version {}, not {}",
+                    request.run_id, row.version, request.expected_version
+                )));
+            }
+            state::next(row.state(), event)?;
+            if let Some(refusal) = fence(&row, event) {
+                return Err(StoreError::Conflict(refusal));
+            }
+            let changes = Changes {
+                reason: &request.reason,
+                actor: &request.actor,
+                exit_code: request.exit_code,
+                owner: None,
+            };
+            if let Some(applied) = self.apply(&row, event, changes).await? {
+                return Ok(applied);
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "run {} kept changing during {}",
+            request.run_id,
+            event.name()
+        )))
+    }
+
+    /// Compare-and-set of one transition against `row.version`; `None` when
+    /// the row changed underneath (the caller reloads and decides again).
+    async fn apply(
+        &self,
+        row: &RunRow,
+        event: RunEvent,
+        changes: Changes<'_>,
+    ) -> Result<Option<Applied>, StoreError> {
+        let from = row.state();
+        let to = state::next(from, event)?;
+        let guard = match event {
+            RunEvent::BeginFinalize => {
+                "AND stop_requested_at IS NULL AND (deadline_at IS NULL OR deadline_at > now())"
+            }
+            RunEvent::Start => "AND stop_requested_at IS NULL AND sandbox_id IS NOT NULL",
+            RunEvent::Continue => "AND stop_requested_at IS NULL",
+            _ => "",
+        };
+        let updated = sqlx::query_as::<_, RunRow>(&format!(
+            "WITH u AS (
+                UPDATE runs SET
+                    state = $3,
+                    version = version + 1,
+                    updated_at = now(),
+                    reason = CASE WHEN $4 <> '' THEN $4 ELSE reason END,
+                    exit_code = COALESCE($5, exit_code),
+                    owner = COALESCE($6, owner),
+                    deadline_at = CASE WHEN $3 = 'booting'
+                        THEN now() + make_interval(secs => timeout_secs) ELSE deadline_at END,
+                    booting_at = CASE WHEN $3 = 'booting' THEN now() ELSE booting_at END,
+                    running_at = CASE WHEN $3 = 'running' AND running_at IS NULL THEN now() ELSE running_at END,
+                    last_activity_at = CASE WHEN $3 = 'running' THEN now() ELSE last_activity_at END,
+                    finalizing_at = CASE WHEN $3 = 'finalizing' THEN now() ELSE finalizing_at END,
+                    finished_at = CASE WHEN $3 IN ('completed', 'failed', 'stopped', 'timed_out')
+                        THEN now() ELSE finished_at END,
+                    stop_requested_at = CASE WHEN $3 = 'stopped'
+                        THEN COALESCE(stop_requested_at, now()) ELSE stop_requested_at END,
+                    stop_reason = CASE WHEN $3 = 'stopped'
+                        THEN COALESCE(stop_reason, $4) ELSE stop_reason END
+                WHERE run_id = $1 AND version = $2 {guard}
+                RETURNING {COLUMNS}
+            ), t AS (
+                INSERT INTO run_transitions (run_id, from_state, to_state, event, reason, actor)
+                SELECT run_id, $7, state, $8, $4, $9 FROM u
+            )
+            SELECT {COLUMNS} FROM u"
+        ))
+        .bind(&row.run_id)
+        .bind(row.version)
+        .bind(to.name())
+        .bind(changes.reason)
+        .bind(changes.exit_code)
+        .bind(changes.owner)
+        .bind(from.name())
+        .bind(event.name())
+        .bind(changes.actor)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(updated.map(|row| Applied {
+            from,
+            event,
+            actor: changes.actor.to_owned(),
+            run: row.to_proto(),
+        }))
+    }
+
+    /// Records a stop durably. A pending run is stopped at once (no owner has
+    /// it yet); a live one keeps its state for the owner (or the reaper) to
+    /// end, and its version changes, which closes the finalize fence.
+    pub async fn request_stop(
+        &self,
+        stop: &StopCommand,
+    ) -> Result<(stop_reply::Outcome, Option<Run>, Option<Applied>), StoreError> {
+        use stop_reply::Outcome;
+        let requested_by = if stop.requested_by.is_empty() {
+            "unknown"
+        } else {
+            stop.requested_by.as_str()
+        };
+        for _ in 0..CAS_ATTEMPTS {
+            let row = match self.load(&stop.run_id).await {
+                Ok(row) => row,
+                Err(StoreError::NotFound(_)) => return Ok((Outcome::NotFound, None, None)),
+                Err(err) => return Err(err),
+            };
+            let state = row.state();
+            if state.is_terminal() {
+                return Ok((Outcome::AlreadyTerminal, Some(row.to_proto()), None));
+            }
+            if row.stop_requested_at.is_some() {
+                let outcome = if state == RunState::Finalizing {
+                    Outcome::FinalizeInProgress
+                } else {
+                    Outcome::AlreadyRequested
+                };
+                return Ok((outcome, Some(row.to_proto()), None));
+            }
+            let recorded = sqlx::query_as::<_, RunRow>(&format!(
+                "UPDATE runs SET stop_requested_at = now(), stop_reason = $3, stop_requested_by = $4,
+                     version = version + 1, updated_at = now()
+                 WHERE run_id = $1 AND version = $2
+                 RETURNING {COLUMNS}"
+            ))
+            .bind(&stop.run_id)
+            .bind(row.version)
+            .bind(&stop.reason)
+            .bind(requested_by)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(recorded) = recorded else { continue };
+            if state == RunState::Finalizing {
+                return Ok((Outcome::FinalizeInProgress, Some(recorded.to_proto()), None));
+            }
+            if state == RunState::Pending {
+                let changes = Changes {
+                    reason: &stop.reason,
+                    actor: requested_by,
+                    ..Default::default()
+                };
+                match self.apply(&recorded, RunEvent::Stop, changes).await? {
+                    Some(applied) => {
+                        let run = applied.run.clone();
+                        return Ok((Outcome::Accepted, Some(run), Some(applied)));
+                    }
+                    // Claimed in between: the owner will stop it.
+                    None => {
+                        return Ok((Outcome::Accepted, Some(self.get(&stop.run_id).await?), None));
+                    }
+                }
+            }
+            return Ok((Outcome::Accepted, Some(recorded.to_proto()), None));
+        }
+        Err(StoreError::Conflict(format!(
+            "run {} kept changing while a stop was recorded",
+            stop.run_id
+        )))
+    }
+
+    /// Newest first, filtered by states and labels, paged by `before_run_id`.
+    pub async fn list(&self, request: &ListRunsRequest) -> Result<Vec<Run>, StoreError> {
+        let states: Option<Vec<String>> = if request.states.is_empty() {
+            None
+        } else {
+            Some(
+                request
+                    .states
+                    .iter()
+                    .map(|s| {
+                        RunState::try_from(*s)
+                            .unwrap_or(RunState::Unspecified)
+                            .name()
+                            .to_owned()
+                    })
+                    .collect(),
+            )
+        };
+        let labels: BTreeMap<String, String> = request.labels.clone().into_iter().collect();
+        let limit = if request.limit == 0 {
+            100
+        } else {
+            request.limit.min(10_000)
+        };
+        let cursor = (!request.before_run_id.is_empty()).then_some(request.before_run_id.as_str());
+        let rows = sqlx::query_as::<_, RunRow>(&format!(
+            "SELECT {COLUMNS} FROM runs
+             WHERE ($1::text[] IS NULL OR state = ANY($1))
+               AND labels @> $2
+               AND ($3::text IS NULL OR (created_at, run_id) <
+                    (SELECT created_at, run_id FROM runs WHERE run_id = $3))
+             ORDER BY created_at DESC, run_id DESC
+             LIMIT $4"
+        ))
+        .bind(states)
+        .bind(sqlx::types::Json(labels))
+        .bind(cursor)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(RunRow::to_proto).collect())
+    }
+
+    pub async fn heartbeat(&self, spawner_id: &str, owned_runs: u32) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO spawners (spawner_id, heartbeat_at, owned_runs) VALUES ($1, now(), $2)
+             ON CONFLICT (spawner_id) DO UPDATE SET heartbeat_at = now(), owned_runs = $2",
+        )
+        .bind(spawner_id)
+        .bind(owned_runs as i32)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+fn nonzero(value: i32, default: i32) -> i32 {
+    if value == 0 { default } else { value }
+}
+
+/// Why a fenced event may not apply to this row, if it may not.
+fn fence(row: &RunRow, event: RunEvent) -> Option<String> {
+    match event {
+        RunEvent::BeginFinalize | RunEvent::Start | RunEvent::Continue
+            if row.stop_requested_at.is_some() =>
+        {
+            Some(format!("stop requested for run {}", row.run_id))
+        }
+        RunEvent::BeginFinalize if row.deadline_at.is_some_and(|d| d <= Utc::now()) => {
+            Some(format!("deadline passed for run {}", row.run_id))
+        }
+        RunEvent::Start if row.sandbox_id.is_none() => Some(format!(
+            "run {} has no recorded sandbox id; record it before start",
+            row.run_id
+        )),
+        _ => None,
+    }
+}
