@@ -95,39 +95,45 @@ pub trait ExecControl: Send + Sync {
     fn kill(&self);
 }
 
-/// A running command: its output lines and its end.
+/// A running command: its output lines and its process.
 pub struct Execution {
     /// Closed once both output streams ended.
     pub output: mpsc::Receiver<OutputLine>,
+    pub process: Process,
+}
+
+/// The process (group) of a running command: wait for it, end it.
+pub struct Process {
     exit: watch::Receiver<Option<ExitStatus>>,
     control: Box<dyn ExecControl>,
 }
 
-impl Execution {
+impl Process {
     pub fn new(
-        output: mpsc::Receiver<OutputLine>,
         exit: watch::Receiver<Option<ExitStatus>>,
         control: Box<dyn ExecControl>,
-    ) -> Execution {
-        Execution {
-            output,
-            exit,
-            control,
-        }
+    ) -> Process {
+        Process { exit, control }
     }
 
     /// Waits for the command to end.
-    pub async fn wait(&mut self) -> ExitStatus {
-        match self.exit.wait_for(Option::is_some).await {
+    pub async fn wait(&self) -> ExitStatus {
+        let mut exit = self.exit.clone();
+        match exit.wait_for(Option::is_some).await {
             Ok(status) => status.unwrap_or(ExitStatus::Signal(libc::SIGKILL)),
             // The waiter is gone only if the process could not be waited for.
             Err(_) => ExitStatus::Signal(libc::SIGKILL),
         }
     }
 
+    /// How it ended, if it has.
+    pub fn status(&self) -> Option<ExitStatus> {
+        *self.exit.borrow()
+    }
+
     /// SIGTERM, then SIGKILL if the command has not ended within `grace`.
     /// Returns how it ended and whether SIGKILL was needed.
-    pub async fn terminate(&mut self, grace: Duration) -> (ExitStatus, bool) {
+    pub async fn terminate(&self, grace: Duration) -> (ExitStatus, bool) {
         self.control.interrupt();
         if let Ok(status) = tokio::time::timeout(grace, self.wait()).await {
             return (status, false);
@@ -136,8 +142,9 @@ impl Execution {
         (self.wait().await, true)
     }
 
-    /// SIGKILL now and wait.
-    pub async fn kill(&mut self) -> ExitStatus {
+    /// SIGKILL to the whole group now (also ends stragglers after the main
+    /// process exited) and wait.
+    pub async fn kill(&self) -> ExitStatus {
         self.control.kill();
         self.wait().await
     }

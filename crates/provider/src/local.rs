@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     CreateSpec, ExecControl, ExecSpec, Execution, ExitStatus, Health, KillOutcome, Labels,
-    OutputLine, OutputStream, Provider, ProviderError, SandboxInfo,
+    OutputLine, OutputStream, Process, Provider, ProviderError, SandboxInfo,
 };
 
 const STATE_FILE: &str = "sandbox.json";
@@ -380,7 +380,10 @@ impl Provider for LocalProvider {
             };
             let _ = exit_tx.send(Some(status));
         });
-        Ok(Execution::new(rx, exit_rx, Box::new(GroupControl { pgid })))
+        Ok(Execution {
+            output: rx,
+            process: Process::new(exit_rx, Box::new(GroupControl { pgid })),
+        })
     }
 
     async fn kill(&self, sandbox_id: &str) -> Result<KillOutcome, ProviderError> {
@@ -527,7 +530,7 @@ mod tests {
         while let Some(line) = exec.output.recv().await {
             lines.push(line);
         }
-        assert_eq!(exec.wait().await, ExitStatus::Code(3));
+        assert_eq!(exec.process.wait().await, ExitStatus::Code(3));
         assert!(lines.contains(&OutputLine {
             stream: OutputStream::Stdout,
             line: "one".into()
@@ -627,7 +630,7 @@ mod tests {
             Some("ready".into())
         );
         let started = Instant::now();
-        let (status, escalated) = exec.terminate(Duration::from_millis(300)).await;
+        let (status, escalated) = exec.process.terminate(Duration::from_millis(300)).await;
         assert!(escalated, "SIGTERM should have been ignored");
         assert_eq!(status, ExitStatus::Signal(libc::SIGKILL));
         assert!(started.elapsed() < Duration::from_millis(1300));

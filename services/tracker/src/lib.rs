@@ -27,6 +27,20 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use config::Config;
+
+/// The command line of `corral-tracker` and `corral serve tracker`.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "corral-tracker",
+    version,
+    about = "corral's tracker: the single authority over run state",
+    long_about = "corral's tracker: the single authority over run state.\n\nConfiguration: defaults < YAML file (--config) < CORRAL_* environment \
+(e.g. CORRAL_SUBJECT_PREFIX; NATS_URL and DATABASE_URL also work) < these flags."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub flags: config::Flags,
+}
 use handlers::Handlers;
 use store::{Defaults, Store, StoreError};
 

@@ -70,9 +70,7 @@ struct RunRow {
     sandbox_epoch: i32,
     exit_code: Option<i32>,
     reason: String,
-    #[allow(dead_code)]
     timeout_secs: i32,
-    #[allow(dead_code)]
     idle_timeout_secs: i32,
     deadline_at: Option<DateTime<Utc>>,
     last_activity_at: Option<DateTime<Utc>>,
@@ -122,6 +120,8 @@ impl RunRow {
             stop_requested_by: self.stop_requested_by.clone().unwrap_or_default(),
             updated_at_ms: self.updated_at.timestamp_millis(),
             requested_by: self.requested_by.clone(),
+            timeout_secs: self.timeout_secs,
+            idle_timeout_secs: self.idle_timeout_secs,
         }
     }
 }
@@ -148,11 +148,19 @@ impl Store {
         defaults: Defaults,
     ) -> Result<Store, StoreError> {
         let options: PgConnectOptions = database_url.parse()?;
-        let pool = PgPoolOptions::new()
-            .max_connections(pool_size)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
-            .await?;
+        let connect = || {
+            PgPoolOptions::new()
+                .max_connections(pool_size)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options.clone())
+        };
+        let pool = match connect().await {
+            Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("3D000") => {
+                create_database(&options).await?;
+                connect().await?
+            }
+            other => other?,
+        };
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Store { pool, defaults })
     }
@@ -540,6 +548,25 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+}
+
+/// Creates the database `options` names (a fresh machine has none), through
+/// the server's `postgres` maintenance database.
+async fn create_database(options: &PgConnectOptions) -> Result<(), StoreError> {
+    use sqlx::Connection;
+    let name = options.get_database().unwrap_or("corral").to_owned();
+    tracing::info!(database = %name, "creating the database");
+    let mut conn = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await?;
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    match sqlx::query(&format!("CREATE DATABASE {quoted}"))
+        .execute(&mut conn)
+        .await
+    {
+        // Another instance created it first.
+        Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("42P04") => Ok(()),
+        Err(err) => Err(err.into()),
+        Ok(_) => Ok(()),
     }
 }
 

@@ -1,0 +1,111 @@
+//! `corral`: run agents in sandboxes, stop them, see them; run the services.
+
+mod bench;
+mod commands;
+mod up;
+mod view;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "corral",
+    version,
+    about = "Run AI agents in sandboxes: create, watch, stop, time out, and never orphan them",
+    long_about = "corral runs agent commands in sandboxes. `corral up` starts every service in one \
+process (with the local process-group provider); `corral run` submits a run; `corral stop` stops one \
+from anywhere; `corral status` and `corral ls` show what the tracker recorded.\n\n\
+Every command finds NATS through NATS_URL (default nats://127.0.0.1:4222); the services find \
+PostgreSQL through DATABASE_URL and keep local sandboxes under CORRAL_HOME (default ~/.corral).",
+    after_help = "Examples:\n  corral up --demo\n  corral run --wait -- sh -c 'echo hello; exit 0'\n  corral run --timeout 300 --idle-timeout 60 --label team=infra -- python3 agent.py\n  corral status <run-id>\n  corral ls --status running --label team=infra --json\n  corral stop <run-id> --reason 'user pressed stop' --wait"
+)]
+struct Cli {
+    /// NATS server URL.
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        value_name = "URL"
+    )]
+    nats_url: String,
+    /// Subject prefix of the deployment to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "CORRAL_SUBJECT_PREFIX",
+        default_value = "corral",
+        value_name = "PREFIX"
+    )]
+    prefix: String,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit a run: prints its id and returns, or with --wait streams its output and exits with its outcome.
+    Run(commands::RunArgs),
+    /// Show one run: state, owner, sandbox, timestamps, exit code, reason.
+    Status(commands::StatusArgs),
+    /// List runs, newest first.
+    Ls(commands::LsArgs),
+    /// Stop a run from anywhere: recorded durably, then routed to its owner.
+    Stop(commands::StopArgs),
+    /// Run every service in one process against NATS_URL and DATABASE_URL, with the local provider.
+    Up(up::UpArgs),
+    /// Run one service alone (as the corral-<service> binaries do).
+    Serve {
+        #[command(subcommand)]
+        service: up::Service,
+    },
+    /// Measure corral: see `corral bench runs --help`.
+    Bench {
+        #[command(subcommand)]
+        bench: bench::Bench,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(dispatch(cli));
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let global = commands::Global {
+        nats_url: cli.nats_url,
+        prefix: cli.prefix,
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Run(args) => commands::run(&global, args).await,
+        Command::Status(args) => commands::status(&global, args).await,
+        Command::Ls(args) => commands::ls(&global, args).await,
+        Command::Stop(args) => commands::stop(&global, args).await,
+        Command::Up(args) => up::up(&global, args).await,
+        Command::Serve { service } => up::serve(&global, service).await,
+        Command::Bench { bench } => bench::bench(&global, bench).await,
+    }
+}

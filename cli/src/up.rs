@@ -1,0 +1,183 @@
+//! `corral up` (every service in one process) and `corral serve <service>`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use corral_common::config::process_env;
+use tokio_util::sync::CancellationToken;
+
+use crate::commands::Global;
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Services started: tracker, spawner (local provider). NATS with JetStream \
+and PostgreSQL must be reachable (NATS_URL, DATABASE_URL); the database is created if missing.\n\n\
+Example:\n  DATABASE_URL=postgres://postgres@127.0.0.1/corral corral up --demo"
+)]
+pub struct UpArgs {
+    /// Submit a demo run once the services are up and print its output.
+    #[arg(long)]
+    demo: bool,
+    /// Directory for local sandboxes [env: CORRAL_HOME; default ~/.corral].
+    #[arg(long, value_name = "DIR")]
+    home: Option<std::path::PathBuf>,
+    /// YAML configuration of the tracker.
+    #[arg(long, value_name = "FILE")]
+    tracker_config: Option<std::path::PathBuf>,
+    /// YAML configuration of the spawner.
+    #[arg(long, value_name = "FILE")]
+    spawner_config: Option<std::path::PathBuf>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Service {
+    /// The tracker; `corral serve tracker -- --help` lists its flags.
+    Tracker {
+        /// Flags of corral-tracker.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
+        args: Vec<String>,
+    },
+    /// The spawner; `corral serve spawner -- --help` lists its flags.
+    Spawner {
+        /// Flags of corral-spawner.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
+        args: Vec<String>,
+    },
+}
+
+pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
+    let env = process_env();
+    let tracker = corral_tracker::config::Flags {
+        config: args.tracker_config,
+        nats_url: Some(global.nats_url.clone()),
+        subject_prefix: Some(global.prefix.clone()),
+        ..Default::default()
+    }
+    .load(&env)?;
+    let spawner = corral_spawner::config::Flags {
+        config: args.spawner_config,
+        nats_url: Some(global.nats_url.clone()),
+        subject_prefix: Some(global.prefix.clone()),
+        home: args.home,
+        ..Default::default()
+    }
+    .load(&env)?;
+    let telemetry = corral_common::telemetry::init("corral").map_err(anyhow::Error::msg)?;
+    let shutdown = corral_common::shutdown::signal_token();
+
+    // The tracker first: it creates the database and the spawner claims through it.
+    let tracker_task = tokio::spawn(corral_tracker::run(tracker, shutdown.clone()));
+    let client = global.client().await?;
+    wait_for_tracker(&client, &tracker_task).await?;
+    let spawner_task = tokio::spawn(corral_spawner::run(spawner, shutdown.clone()));
+    eprintln!("corral is up (prefix {}); stop with Ctrl-C", global.prefix);
+
+    if args.demo {
+        let demo_shutdown = shutdown.clone();
+        let global = Global {
+            nats_url: global.nats_url.clone(),
+            prefix: global.prefix.clone(),
+            json: false,
+        };
+        tokio::spawn(async move {
+            if let Err(err) = demo(&global, demo_shutdown).await {
+                eprintln!("demo run failed: {err:#}");
+            }
+        });
+    }
+
+    let (tracker_result, spawner_result) = tokio::join!(tracker_task, spawner_task);
+    telemetry.shutdown();
+    spawner_result.context("spawner panicked")??;
+    tracker_result.context("tracker panicked")??;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_tracker(
+    client: &corral_client::Client,
+    tracker: &tokio::task::JoinHandle<Result<(), corral_tracker::Error>>,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if tracker.is_finished() {
+            anyhow::bail!("the tracker stopped during start-up (see the log above)");
+        }
+        match client.get("corral-up-probe").await {
+            Ok(_) => return Ok(()),
+            Err(err) if err.code().is_some() => return Ok(()), // it answered: not found
+            Err(err) if tokio::time::Instant::now() > deadline => {
+                return Err(err).context("the tracker did not answer within 30 s");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn demo(global: &Global, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let script = "echo \"hello from sandbox $CORRAL_SANDBOX_ID (run $CORRAL_RUN_ID)\"; \
+                  echo \"working in $(pwd)\"; for i in 1 2 3; do echo \"step $i\"; sleep 0.2; done; \
+                  echo 'done' >&2";
+    let exe = std::env::current_exe().context("cannot find the corral binary")?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["--nats-url", &global.nats_url, "--prefix", &global.prefix])
+        .args([
+            "run",
+            "--wait",
+            "--label",
+            "demo=true",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the demo run")?;
+    tokio::select! {
+        status = child.wait() => {
+            let status = status?;
+            eprintln!("demo run finished ({status}); try `corral ls` and `corral status <run-id>` in another shell");
+        }
+        _ = shutdown.cancelled() => {}
+    }
+    Ok(())
+}
+
+pub async fn serve(_global: &Global, service: Service) -> anyhow::Result<ExitCode> {
+    let env = process_env();
+    match service {
+        Service::Tracker { args } => {
+            let cli = corral_tracker::Cli::parse_from(
+                std::iter::once("corral serve tracker".to_owned()).chain(args),
+            );
+            let config = cli.flags.load(&env)?;
+            let telemetry =
+                corral_common::telemetry::init("corral-tracker").map_err(anyhow::Error::msg)?;
+            let result = corral_tracker::run(config, corral_common::shutdown::signal_token()).await;
+            telemetry.shutdown();
+            result?;
+        }
+        Service::Spawner { args } => {
+            let cli = corral_spawner::Cli::parse_from(
+                std::iter::once("corral serve spawner".to_owned()).chain(args),
+            );
+            let config = cli.flags.load(&env)?;
+            let telemetry =
+                corral_common::telemetry::init("corral-spawner").map_err(anyhow::Error::msg)?;
+            let result = corral_spawner::run(config, corral_common::shutdown::signal_token()).await;
+            telemetry.shutdown();
+            result?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,137 @@
+//! The spawner's configuration: defaults < YAML file < `CORRAL_*`
+//! environment < flags (see `corral_common::config`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS server (`NATS_URL`).
+    pub nats_url: String,
+    /// First token of every subject; lets deployments share one NATS.
+    pub subject_prefix: String,
+    /// Value of the `corral.deployment` label on every sandbox ("" = the
+    /// subject prefix). The reaper reconciles sandboxes of its deployment.
+    pub deployment: String,
+    /// Where local sandboxes live (`CORRAL_HOME`; "" = `$HOME/.corral`).
+    pub home: PathBuf,
+    /// This instance's id ("" = generated from host, pid and a random part).
+    pub spawner_id: String,
+    /// Runs owned at once; further commands wait in the queue.
+    pub max_runs: usize,
+    /// Between SIGTERM and SIGKILL when a run is stopped or timed out, ms.
+    pub kill_grace_ms: u64,
+    /// Address-space limit per sandbox process, MiB (0 = none).
+    pub memory_mib: u64,
+    /// CPU-time limit per sandbox process, seconds (0 = the run's timeout).
+    pub cpu_secs: u64,
+    /// Deliveries of a command whose handling keeps failing before it is
+    /// dead-lettered.
+    pub max_deliver: i64,
+    /// Liveness heartbeat period, ms.
+    pub heartbeat_ms: u64,
+    /// On shutdown, how long owned runs may go on before they are ended, ms.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            subject_prefix: corral_proto::Subjects::DEFAULT_PREFIX.into(),
+            deployment: String::new(),
+            home: PathBuf::new(),
+            spawner_id: String::new(),
+            max_runs: 1024,
+            kill_grace_ms: 5000,
+            memory_mib: 4096,
+            cpu_secs: 0,
+            max_deliver: 5,
+            heartbeat_ms: 2000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// `home`, or `$HOME/.corral` when unset.
+    pub fn home_dir(&self) -> PathBuf {
+        if !self.home.as_os_str().is_empty() {
+            return self.home.clone();
+        }
+        let base = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        base.join(".corral")
+    }
+
+    pub fn deployment_label(&self) -> String {
+        if self.deployment.is_empty() {
+            self.subject_prefix.clone()
+        } else {
+            self.deployment.clone()
+        }
+    }
+
+    pub fn spawner_id(&self) -> String {
+        if !self.spawner_id.is_empty() {
+            return self.spawner_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "host".into());
+        let random = uuid::Uuid::now_v7().simple().to_string();
+        format!(
+            "{host}-{}-{}",
+            std::process::id(),
+            &random[random.len() - 6..]
+        )
+    }
+}
+
+/// Command-line flags; each overrides the file and the environment.
+#[derive(Clone, Debug, Default, Serialize, clap::Args)]
+pub struct Flags {
+    /// YAML configuration file (keys as in the config struct, e.g. `max_runs: 64`).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// NATS server URL [env: NATS_URL, CORRAL_NATS_URL; default nats://127.0.0.1:4222].
+    #[arg(long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// Subject prefix shared by every service of a deployment [env: CORRAL_SUBJECT_PREFIX; default corral].
+    #[arg(long, value_name = "PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject_prefix: Option<String>,
+    /// Directory for local sandboxes [env: CORRAL_HOME; default ~/.corral].
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub home: Option<PathBuf>,
+    /// Id of this spawner instance [env: CORRAL_SPAWNER_ID; default host-pid-random].
+    #[arg(long, value_name = "ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spawner_id: Option<String>,
+    /// Runs owned at once [env: CORRAL_MAX_RUNS; default 1024].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_runs: Option<usize>,
+    /// Grace between SIGTERM and SIGKILL on stop or timeout, ms [env: CORRAL_KILL_GRACE_MS; default 5000].
+    #[arg(long, value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kill_grace_ms: Option<u64>,
+}
+
+impl Flags {
+    /// Layers defaults, the file, `env` and these flags into a [`Config`].
+    /// `CORRAL_HOME` names the sandbox directory, as everywhere in corral.
+    pub fn load(
+        &self,
+        env: &HashMap<String, String>,
+    ) -> Result<Config, corral_common::config::ConfigError> {
+        corral_common::config::load(self.config.as_deref(), env, self)
+    }
+}

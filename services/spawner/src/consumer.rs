@@ -1,0 +1,226 @@
+//! The command loop: pulls `run` commands from the shared durable consumer,
+//! one owned-run permit per command, and decides each: dead-letter what is
+//! malformed or invalid (terminated, never redelivered), retry with backoff
+//! what failed for a transient reason, ack once the tracker has claimed the
+//! run for this spawner (from then on the run's record, not the message,
+//! carries the work; a spawner that dies leaves an owner-lost run, never a
+//! second agent).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use corral_proto::Subjects;
+use corral_proto::v1::{RunCommand, claim_reply::Outcome};
+use futures::StreamExt;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{Error, Spawner, supervisor};
+
+/// The shared consumer's configuration. `max_deliver` leaves room above the
+/// spawner's own limit so that the spawner, not the server, decides when a
+/// command is dead-lettered.
+pub(crate) fn consumer_config(subjects: &Subjects, max_deliver: i64) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(Subjects::SPAWNER_CONSUMER.into()),
+        filter_subject: subjects.cmd_work(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: max_deliver + 3,
+        max_ack_pending: 10_000,
+        ..Default::default()
+    }
+}
+
+pub(crate) async fn consume(
+    spawner: Arc<Spawner>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let subjects = spawner.subjects().clone();
+    let js = spawner.client.jetstream().clone();
+    let stream = js
+        .get_stream(subjects.cmd_stream())
+        .await
+        .map_err(|e| Error::Consumer(e.to_string()))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            Subjects::SPAWNER_CONSUMER,
+            consumer_config(&subjects, spawner.config.max_deliver),
+        )
+        .await
+        .map_err(|e| Error::Consumer(e.to_string()))?;
+    let batch = spawner.config.max_runs.clamp(1, 64);
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(batch)
+        .messages()
+        .await
+        .map_err(|e| Error::Consumer(e.to_string()))?;
+    loop {
+        // Take a command only when a run can be owned.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            permit = spawner.permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return Ok(()),
+            },
+        };
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            message = messages.next() => match message {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "command consumer error");
+                    continue;
+                }
+                None => return Err(Error::Consumer("command consumer closed".into())),
+            },
+        };
+        let span = tracing::info_span!("command", subject = %message.subject, run_id = tracing::field::Empty);
+        corral_common::telemetry::adopt(&span, message.headers.as_ref());
+        // Claims run concurrently; the permit moves into the run's supervisor.
+        let spawner = spawner.clone();
+        let runs = spawner.runs.clone();
+        runs.spawn(
+            async move {
+                if let Some(start) = handle(&spawner, &message).await {
+                    let run_id = start.command.run_id.clone();
+                    let runs = spawner.runs.clone();
+                    runs.spawn(
+                        async move {
+                            supervisor::supervise(&spawner, start).await;
+                            if let Ok(mut active) = spawner.active.lock() {
+                                active.remove(&run_id);
+                            }
+                            drop(permit);
+                        }
+                        .in_current_span(),
+                    );
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Decides one command; returns the run to supervise when this spawner
+/// claimed it.
+async fn handle(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Option<supervisor::Start> {
+    let subjects = spawner.subjects();
+    if message.subject.as_str() != subjects.cmd_run() {
+        let reason = format!(
+            "{} is not supported by this spawner: kept sessions (continue) are not built yet",
+            message.subject
+        );
+        dead_letter(spawner, message, &reason).await;
+        return None;
+    }
+    let command = match RunCommand::decode(message.payload.clone()) {
+        Ok(command) => command,
+        Err(err) => {
+            dead_letter(
+                spawner,
+                message,
+                &format!("payload did not decode as RunCommand: {err}"),
+            )
+            .await;
+            return None;
+        }
+    };
+    tracing::Span::current().record("run_id", command.run_id.as_str());
+    if let Err(reason) = corral_proto::validate::run_command(&command) {
+        dead_letter(spawner, message, &reason).await;
+        return None;
+    }
+    let provider = command
+        .spec
+        .as_ref()
+        .map(|s| s.provider.as_str())
+        .unwrap_or("");
+    if !provider.is_empty() && provider != spawner.provider.name() {
+        let reason = format!("spec.provider {provider:?} is not configured on this spawner");
+        dead_letter(spawner, message, &reason).await;
+        return None;
+    }
+    let fresh = spawner
+        .active
+        .lock()
+        .map(|mut active| active.insert(command.run_id.clone()))
+        .unwrap_or(false);
+    if !fresh {
+        // A redelivery while this spawner already runs it.
+        let _ = message.ack().await;
+        return None;
+    }
+    let forget = || {
+        if let Ok(mut active) = spawner.active.lock() {
+            active.remove(&command.run_id);
+        }
+    };
+    let deliveries = message.info().map(|i| i.delivered).unwrap_or(1);
+    match spawner.client.claim(&command, &spawner.id).await {
+        Ok((Outcome::Claimed, run)) => {
+            // The claim is durable: from here the record carries the run.
+            if let Err(err) = message.double_ack().await {
+                tracing::warn!(error = %err, "command ack failed after claim");
+            }
+            Some(supervisor::Start { command, run })
+        }
+        Ok((outcome, run)) => {
+            tracing::info!(outcome = ?outcome, state = run.state().name(), owner = %run.owner, "run not claimed");
+            forget();
+            let _ = message.ack().await;
+            None
+        }
+        Err(err) if err.is_transient() && deliveries < spawner.config.max_deliver => {
+            let delay = backoff(deliveries);
+            tracing::warn!(error = %err, deliveries, ?delay, "claim failed, retrying");
+            forget();
+            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            None
+        }
+        Err(err) => {
+            forget();
+            let reason = format!("claim failed after {deliveries} deliveries: {err}");
+            dead_letter(spawner, message, &reason).await;
+            None
+        }
+    }
+}
+
+/// Redelivery delay after `deliveries` failed attempts: 250 ms doubling, at most 30 s.
+fn backoff(deliveries: i64) -> Duration {
+    let exponent = deliveries.clamp(1, 8) as u32 - 1;
+    Duration::from_millis(250 * 2u64.pow(exponent)).min(Duration::from_secs(30))
+}
+
+async fn dead_letter(spawner: &Spawner, message: &jetstream::Message, reason: &str) {
+    tracing::warn!(reason, "dead-lettering command");
+    if let Err(err) = corral_common::nats::dead_letter(
+        spawner.client.jetstream(),
+        spawner.subjects(),
+        "cmd",
+        message,
+        reason,
+    )
+    .await
+    {
+        tracing::error!(error = %err, "dead-letter publish failed; the command will be redelivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_millis(250));
+        assert_eq!(backoff(2), Duration::from_millis(500));
+        assert_eq!(backoff(4), Duration::from_secs(2));
+        assert_eq!(backoff(100), Duration::from_secs(30));
+    }
+}

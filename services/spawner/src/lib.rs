@@ -1,0 +1,158 @@
+//! The spawner: owns sandboxes.
+//!
+//! It pulls `run` commands from the shared durable consumer (each command to
+//! exactly one instance), asks the tracker to claim the run, creates the
+//! sandbox, records its id before the run leaves `booting`, runs the agent,
+//! publishes its output lines as `agent.output` events, enforces stop and the
+//! owner's timers, finalizes behind the tracker's fence, and kills the
+//! sandbox. For each run it owns it subscribes to `<prefix>.cmd.stop.<run_id>`,
+//! so a stop published anywhere reaches it at once and nobody else. It
+//! heartbeats its liveness to the tracker.
+
+pub mod config;
+mod consumer;
+mod supervisor;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use corral_client::Client;
+use corral_common::nats::NatsError;
+use corral_proto::Subjects;
+use corral_provider::{LocalProvider, Provider};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// The command line of `corral-spawner` and `corral serve spawner`.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "corral-spawner",
+    version,
+    about = "corral's spawner: owns sandboxes and the agents running in them",
+    long_about = "corral's spawner: owns sandboxes and the agents running in them.\n\nConfiguration: defaults < YAML file (--config) < CORRAL_* environment \
+(e.g. CORRAL_SUBJECT_PREFIX; NATS_URL and DATABASE_URL also work) < these flags."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub flags: config::Flags,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Prefix(#[from] corral_proto::PrefixError),
+    #[error(transparent)]
+    Client(#[from] corral_client::ClientError),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error("cannot use sandbox directory {path}: {source}")]
+    Home {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("nats: {0}")]
+    Consumer(String),
+}
+
+/// What every task of one spawner shares.
+pub(crate) struct Spawner {
+    pub client: Client,
+    pub provider: Arc<dyn Provider>,
+    pub config: Config,
+    pub id: String,
+    pub actor: String,
+    pub deployment: String,
+    /// Run ids this instance owns right now.
+    pub active: Mutex<HashSet<String>>,
+    /// One permit per owned run.
+    pub permits: Arc<Semaphore>,
+    /// The supervisors of owned runs.
+    pub runs: TaskTracker,
+    /// Cancelled when owned runs must end (shutdown grace over).
+    pub end_runs: CancellationToken,
+}
+
+impl Spawner {
+    pub fn subjects(&self) -> &Subjects {
+        self.client.subjects()
+    }
+
+    pub fn owned(&self) -> usize {
+        self.active.lock().map(|a| a.len()).unwrap_or(0)
+    }
+}
+
+/// Runs the spawner until `shutdown` is cancelled. Then it takes no new
+/// commands, lets owned runs go on for `shutdown_grace_ms`, ends the rest
+/// (`failed`, reason `spawner_shutdown`) and returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let subjects = Subjects::new(&config.subject_prefix)?;
+    let home = config.home_dir();
+    let provider = LocalProvider::new(&home).map_err(|source| Error::Home {
+        path: home.display().to_string(),
+        source,
+    })?;
+    let id = config.spawner_id();
+    let nats = corral_common::nats::connect(
+        &config.nats_url,
+        &format!("corral-spawner {id}"),
+        Duration::from_secs(5),
+    )
+    .await?;
+    let client = Client::from_parts(nats, subjects.clone());
+    corral_common::nats::ensure_streams(client.jetstream(), &subjects).await?;
+    let spawner = Arc::new(Spawner {
+        provider: Arc::new(provider),
+        deployment: config.deployment_label(),
+        actor: format!("spawner:{id}"),
+        permits: Arc::new(Semaphore::new(config.max_runs.max(1))),
+        active: Mutex::new(HashSet::new()),
+        runs: TaskTracker::new(),
+        end_runs: CancellationToken::new(),
+        client,
+        config,
+        id,
+    });
+    tracing::info!(spawner_id = %spawner.id, home = %home.display(), prefix = subjects.prefix(), "spawner started");
+
+    let heartbeat = tokio::spawn(heartbeat(spawner.clone(), shutdown.clone()));
+    let consumed = consumer::consume(spawner.clone(), shutdown.clone()).await;
+
+    spawner.runs.close();
+    let grace = Duration::from_millis(spawner.config.shutdown_grace_ms);
+    if tokio::time::timeout(grace, spawner.runs.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(owned = spawner.owned(), "ending owned runs at shutdown");
+        spawner.end_runs.cancel();
+        spawner.runs.wait().await;
+    }
+    heartbeat.abort();
+    let _ = spawner.client.nats().flush().await;
+    tracing::info!(spawner_id = %spawner.id, "spawner stopped");
+    consumed
+}
+
+async fn heartbeat(spawner: Arc<Spawner>, shutdown: CancellationToken) {
+    let mut tick =
+        tokio::time::interval(Duration::from_millis(spawner.config.heartbeat_ms.max(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(err) = spawner
+            .client
+            .heartbeat(&spawner.id, spawner.owned() as u32)
+            .await
+        {
+            tracing::warn!(error = %err, "heartbeat failed");
+        }
+    }
+}
