@@ -1,0 +1,391 @@
+//! The end-to-end harness: each test gets its own database (random name,
+//! migrations applied by the tracker), its own subject prefix on the shared
+//! NATS server (so its streams are its own) and its own sandbox directory,
+//! and runs the services in-process or as real processes when it must kill
+//! one. `TestEnv::cleanup` deletes the streams and drops the database.
+//!
+//! NATS_URL (default nats://127.0.0.1:4222) must be a server with JetStream;
+//! DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres) a role
+//! that may create databases.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use corral_client::Client;
+use corral_common::Secret;
+use corral_proto::Subjects;
+use corral_proto::v1::{Run, RunCommand, RunSpec};
+use tokio_util::sync::CancellationToken;
+
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+pub fn admin_database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn random_suffix() -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    id[id.len() - 10..].to_owned()
+}
+
+/// Polls `check` until it returns `Some`, or panics after `limit` saying
+/// what never happened.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `corral` binary built next to the test executable.
+pub fn corral_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable should have a path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps should have a parent");
+    let bin = dir.join("corral");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --workspace --bins` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A service running in this process.
+pub struct InProcess {
+    token: CancellationToken,
+    join: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl InProcess {
+    /// Stops it and asserts it returned `Ok`.
+    pub async fn stop(self) {
+        self.token.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), self.join)
+            .await
+            .expect("service should stop within 30 s")
+            .expect("service task should not panic");
+        result.expect("service should return Ok");
+    }
+}
+
+/// A service running as a real process (`corral serve <service>`).
+pub struct ServiceProcess {
+    pub child: tokio::process::Child,
+    pub spawner_id: String,
+}
+
+impl ServiceProcess {
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("process should be running") as i32
+    }
+
+    /// SIGKILL, as a crash would.
+    pub async fn kill_hard(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.pid(), libc::SIGKILL) };
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn stop(mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("service process should exit within 30 s after SIGTERM")
+            .expect("wait should work");
+        assert!(status.success(), "service process exited with {status}");
+    }
+}
+
+pub struct TestEnv {
+    pub prefix: String,
+    pub subjects: Subjects,
+    pub nats_url: String,
+    pub database_url: String,
+    db_name: String,
+    pub home: PathBuf,
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        let suffix = random_suffix();
+        let prefix = format!("t{suffix}");
+        let db_name = format!("corral_test_{suffix}");
+        let admin = admin_database_url();
+        let mut url = admin.clone();
+        if let Some(slash) = url.rfind('/') {
+            let query = url[slash..]
+                .find('?')
+                .map(|q| url[slash + q..].to_owned())
+                .unwrap_or_default();
+            url.truncate(slash + 1);
+            url.push_str(&db_name);
+            url.push_str(&query);
+        }
+        let home = std::env::temp_dir().join(format!("corral-test-{suffix}"));
+        std::fs::create_dir_all(&home).expect("test home");
+        TestEnv {
+            subjects: Subjects::new(&prefix).expect("test prefix should be valid"),
+            prefix,
+            nats_url: nats_url(),
+            database_url: url,
+            db_name,
+            home,
+        }
+    }
+
+    pub fn tracker_config(&self) -> corral_tracker::Config {
+        corral_tracker::Config {
+            nats_url: self.nats_url.clone(),
+            database_url: Secret::new(self.database_url.clone()),
+            subject_prefix: self.prefix.clone(),
+            db_pool_size: 8,
+            ..Default::default()
+        }
+    }
+
+    pub fn spawner_config(&self) -> corral_spawner::Config {
+        corral_spawner::Config {
+            nats_url: self.nats_url.clone(),
+            subject_prefix: self.prefix.clone(),
+            home: self.home.clone(),
+            kill_grace_ms: 1000,
+            heartbeat_ms: 500,
+            shutdown_grace_ms: 2000,
+            ..Default::default()
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.nats_url, &self.prefix, "corral-test")
+            .await
+            .expect("NATS should be reachable at NATS_URL")
+    }
+
+    /// Starts the tracker in this process and waits until it answers.
+    pub async fn start_tracker(&self) -> InProcess {
+        let token = CancellationToken::new();
+        let config = self.tracker_config();
+        let cancel = token.clone();
+        let join = tokio::spawn(async move {
+            corral_tracker::run(config, cancel)
+                .await
+                .map_err(|e| e.to_string())
+        });
+        let service = InProcess { token, join };
+        let client = self.client().await;
+        eventually("the tracker answers", Duration::from_secs(30), || async {
+            assert!(
+                !service.join.is_finished(),
+                "the tracker exited during start-up"
+            );
+            match client.get("probe").await {
+                Err(err) if err.code().is_some() => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+        service
+    }
+
+    pub async fn start_spawner(&self) -> InProcess {
+        self.start_spawner_with(self.spawner_config()).await
+    }
+
+    pub async fn start_spawner_with(&self, config: corral_spawner::Config) -> InProcess {
+        let token = CancellationToken::new();
+        let cancel = token.clone();
+        let join = tokio::spawn(async move {
+            corral_spawner::run(config, cancel)
+                .await
+                .map_err(|e| e.to_string())
+        });
+        InProcess { token, join }
+    }
+
+    /// Starts `corral serve spawner` as a real process with `extra` env, and
+    /// waits for its first heartbeat.
+    pub async fn spawn_spawner_process(&self, extra: &[(&str, &str)]) -> ServiceProcess {
+        let spawner_id = format!("proc-{}", random_suffix());
+        let mut command = tokio::process::Command::new(corral_bin());
+        command
+            .args(["serve", "spawner"])
+            .env("NATS_URL", &self.nats_url)
+            .env("CORRAL_SUBJECT_PREFIX", &self.prefix)
+            .env("CORRAL_HOME", &self.home)
+            .env("CORRAL_SPAWNER_ID", &spawner_id)
+            .env("CORRAL_KILL_GRACE_MS", "1000")
+            .env("CORRAL_HEARTBEAT_MS", "300")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("corral serve spawner should start");
+        let process = ServiceProcess { child, spawner_id };
+        self.wait_for_heartbeat(&process.spawner_id).await;
+        process
+    }
+
+    async fn wait_for_heartbeat(&self, spawner_id: &str) {
+        let pool = self.pool().await;
+        eventually(
+            &format!("spawner {spawner_id} heartbeats"),
+            Duration::from_secs(30),
+            || async {
+                let row: Option<(String,)> =
+                    sqlx::query_as("SELECT spawner_id FROM spawners WHERE spawner_id = $1")
+                        .bind(spawner_id)
+                        .fetch_optional(&pool)
+                        .await
+                        .ok()?;
+                row.map(|_| ())
+            },
+        )
+        .await;
+        pool.close().await;
+    }
+
+    /// A direct connection to this test's database, for assertions.
+    pub async fn pool(&self) -> sqlx::PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.database_url)
+            .await
+            .expect("test database should be reachable")
+    }
+
+    /// A run command for `argv` with a fresh id.
+    pub fn command(&self, argv: &[&str]) -> RunCommand {
+        RunCommand {
+            run_id: corral_client::new_run_id(),
+            spec: Some(RunSpec {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+            requested_by: "test".into(),
+            submitted_at_ms: corral_common::now_ms(),
+        }
+    }
+
+    /// Waits until the run is terminal.
+    pub async fn wait_terminal(&self, client: &Client, run_id: &str, limit: Duration) -> Run {
+        client
+            .wait_terminal(run_id, limit)
+            .await
+            .unwrap_or_else(|err| panic!("run {run_id} did not end: {err}"))
+    }
+
+    /// Waits until the run is in `state`.
+    pub async fn wait_state(
+        &self,
+        client: &Client,
+        run_id: &str,
+        state: corral_proto::v1::RunState,
+    ) -> Run {
+        eventually(
+            &format!("run {run_id} reaches {}", state.name()),
+            Duration::from_secs(30),
+            || async {
+                let run = client.get(run_id).await.ok()?;
+                assert!(
+                    !run.state().is_terminal() || state.is_terminal(),
+                    "run {run_id} ended {} ({}) before reaching {}",
+                    run.state().name(),
+                    run.reason,
+                    state.name()
+                );
+                (run.state() == state).then_some(run)
+            },
+        )
+        .await
+    }
+
+    /// Every message on a stream subject, for assertions.
+    pub async fn stream_messages(
+        &self,
+        stream: &str,
+        subject: &str,
+    ) -> Vec<async_nats::jetstream::message::StreamMessage> {
+        let client = self.client().await;
+        let js = client.jetstream();
+        let mut stream = js.get_stream(stream).await.expect("stream should exist");
+        let info = stream.info().await.expect("stream info").clone();
+        let mut found = Vec::new();
+        for seq in info.state.first_sequence..=info.state.last_sequence {
+            if info.state.messages == 0 {
+                break;
+            }
+            if let Ok(message) = stream.get_raw_message(seq).await
+                && (subject.is_empty() || subject_matches(subject, &message.subject))
+            {
+                found.push(message);
+            }
+        }
+        found
+    }
+
+    /// Deletes this test's streams, database and sandbox directory.
+    pub async fn cleanup(self) {
+        if let Ok(client) =
+            Client::connect(&self.nats_url, &self.prefix, "corral-test-cleanup").await
+        {
+            for config in corral_common::nats::stream_configs(&self.subjects) {
+                let _ = client.jetstream().delete_stream(&config.name).await;
+            }
+        }
+        if let Ok(mut conn) =
+            <sqlx::PgConnection as sqlx::Connection>::connect(&admin_database_url()).await
+        {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .execute(&mut conn)
+            .await;
+        }
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+/// NATS subject matching with `*` and `>`.
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut subject_tokens = subject.split('.');
+    for token in pattern.split('.') {
+        match token {
+            ">" => return subject_tokens.next().is_some(),
+            "*" => {
+                if subject_tokens.next().is_none() {
+                    return false;
+                }
+            }
+            literal => {
+                if subject_tokens.next() != Some(literal) {
+                    return false;
+                }
+            }
+        }
+    }
+    subject_tokens.next().is_none()
+}

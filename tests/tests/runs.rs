@@ -1,0 +1,336 @@
+//! Runs end to end: real NATS with JetStream, real PostgreSQL, real processes.
+
+use std::time::Duration;
+
+use corral_proto::v1::{AgentEvent, RunCommand, RunState, agent_event};
+use corral_provider::{LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, Provider};
+use corral_tests::TestEnv;
+use prost::Message;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn a_run_that_prints_and_exits_zero_completes_with_its_output_events() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner().await;
+    let client = env.client().await;
+
+    let command = env.command(&[
+        "sh",
+        "-c",
+        "echo hello; echo to-stderr >&2; echo \"run=$CORRAL_RUN_ID\"",
+    ]);
+    client.start_run(&command).await.expect("submit");
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+
+    assert_eq!(run.state(), RunState::Completed, "reason: {}", run.reason);
+    assert_eq!(run.exit_code, Some(0));
+    assert!(
+        !run.sandbox_id.is_empty(),
+        "the sandbox id should be recorded"
+    );
+    assert!(!run.owner.is_empty());
+    assert!(run.running_at_ms >= run.booting_at_ms && run.finished_at_ms >= run.running_at_ms);
+
+    let subject = env.subjects.events(&command.run_id, "agent.output");
+    let messages = env
+        .stream_messages(&env.subjects.events_stream(), &subject)
+        .await;
+    let lines: Vec<String> = messages
+        .iter()
+        .filter_map(
+            |m| match AgentEvent::decode(m.payload.clone()).ok()?.payload? {
+                agent_event::Payload::Output(output) => Some(output.line),
+                _ => None,
+            },
+        )
+        .collect();
+    assert!(lines.contains(&"hello".to_owned()), "{lines:?}");
+    assert!(lines.contains(&"to-stderr".to_owned()), "{lines:?}");
+    assert!(
+        lines.contains(&format!("run={}", command.run_id)),
+        "{lines:?}"
+    );
+
+    // Every transition was announced on the lifecycle subject.
+    let lifecycle = env
+        .stream_messages(
+            &env.subjects.lifecycle_stream(),
+            &env.subjects.lifecycle(&command.run_id),
+        )
+        .await;
+    assert_eq!(lifecycle.len(), 4, "pending, booting, running, completed");
+
+    // The sandbox is gone once the run is terminal.
+    let provider = LocalProvider::new(&env.home).expect("provider");
+    assert!(
+        provider
+            .list(&Labels::new())
+            .await
+            .expect("list")
+            .is_empty()
+    );
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_run_that_exits_three_fails_with_exit_code_three() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner().await;
+    let client = env.client().await;
+
+    let command = env.command(&["sh", "-c", "exit 3"]);
+    client.start_run(&command).await.expect("submit");
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    assert_eq!(run.state(), RunState::Failed);
+    assert_eq!(run.exit_code, Some(3));
+    assert_eq!(run.reason, "exit code 3");
+
+    let missing = env.command(&["/no/such/agent"]);
+    client.start_run(&missing).await.expect("submit");
+    let run = env.wait_terminal(&client, &missing.run_id, LIMIT).await;
+    assert_eq!(run.state(), RunState::Failed);
+    assert!(run.reason.contains("/no/such/agent"), "{}", run.reason);
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_run_id_published_twice_creates_one_run_and_one_sandbox() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let client = env.client().await;
+    let marker = env.home.join("executions");
+    let script = format!("echo $CORRAL_SANDBOX_ID >> {}; sleep 0.3", marker.display());
+    let command = env.command(&["sh", "-c", &script]);
+
+    // Twice through the client (submit + publish) and twice as a bare publish,
+    // before any spawner runs, so all four are queued together.
+    client.start_run(&command).await.expect("first submit");
+    client.start_run(&command).await.expect("second submit");
+    client.publish_run(&command).await.expect("bare publish");
+    let mut renamed_msg_id = command.clone();
+    renamed_msg_id.submitted_at_ms += 1;
+    client
+        .publish_run(&renamed_msg_id)
+        .await
+        .expect("bare publish");
+    let spawner = env.start_spawner().await;
+
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    assert_eq!(run.state(), RunState::Completed, "{}", run.reason);
+    let executions = std::fs::read_to_string(&marker).expect("the agent ran");
+    assert_eq!(
+        executions.lines().count(),
+        1,
+        "one execution expected: {executions:?}"
+    );
+    assert_eq!(executions.trim(), run.sandbox_id);
+
+    let pool = env.pool().await;
+    let (runs,): (i64,) = sqlx::query_as("SELECT count(*) FROM runs")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    let (claims,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM run_transitions WHERE event = 'claim'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!((runs, claims), (1, 1));
+    pool.close().await;
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn malformed_and_invalid_commands_are_dead_lettered_while_a_good_one_behind_them_completes() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner().await;
+    let client = env.client().await;
+    let js = client.jetstream();
+
+    js.publish(
+        env.subjects.cmd_run(),
+        "this is not protobuf \u{1}\u{2}\u{3}".into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    let empty_argv = RunCommand {
+        run_id: "empty-argv".into(),
+        spec: Some(Default::default()),
+        ..Default::default()
+    };
+    js.publish(env.subjects.cmd_run(), empty_argv.encode_to_vec().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let mut negative = env.command(&["true"]);
+    negative.spec.as_mut().expect("spec").timeout_secs = -1;
+    js.publish(env.subjects.cmd_run(), negative.encode_to_vec().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let mut unknown_provider = env.command(&["true"]);
+    unknown_provider.spec.as_mut().expect("spec").provider = "nowhere".into();
+    js.publish(
+        env.subjects.cmd_run(),
+        unknown_provider.encode_to_vec().into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    let good = env.command(&["true"]);
+    client.start_run(&good).await.expect("submit");
+
+    let run = env.wait_terminal(&client, &good.run_id, LIMIT).await;
+    assert_eq!(run.state(), RunState::Completed);
+
+    let dead = corral_tests::eventually("four dead letters", LIMIT, || async {
+        let dead = env.stream_messages(&env.subjects.dlq_stream(), "").await;
+        (dead.len() >= 4).then_some(dead)
+    })
+    .await;
+    let errors: Vec<String> = dead
+        .iter()
+        .map(|m| {
+            m.headers
+                .get(corral_proto::headers::DLQ_ERROR)
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    let expect = [
+        "did not decode as RunCommand",
+        "spec.argv is empty",
+        "spec.timeout_secs is -1",
+        "spec.provider \"nowhere\" is unknown",
+    ];
+    for needle in expect {
+        assert!(
+            errors.iter().any(|e| e.contains(needle)),
+            "no dead letter says {needle:?}: {errors:?}"
+        );
+    }
+    assert_eq!(dead.len(), 4, "{errors:?}");
+    for message in &dead {
+        assert_eq!(
+            message
+                .headers
+                .get(corral_proto::headers::DLQ_ORIGINAL_SUBJECT)
+                .map(|v| v.to_string()),
+            Some(env.subjects.cmd_run())
+        );
+    }
+    // Nothing is left on the work queue: terminated, not pending redelivery.
+    corral_tests::eventually("the command stream is empty", LIMIT, || async {
+        let mut stream = js.get_stream(env.subjects.cmd_stream()).await.ok()?;
+        (stream.info().await.ok()?.state.messages == 0).then_some(())
+    })
+    .await;
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_spawner_processes_share_a_burst_of_fifty_runs_each_run_executed_once() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let first = env
+        .spawn_spawner_process(&[("CORRAL_MAX_RUNS", "10")])
+        .await;
+    let second = env
+        .spawn_spawner_process(&[("CORRAL_MAX_RUNS", "10")])
+        .await;
+    let client = env.client().await;
+    let ledger = env.home.join("ledger");
+
+    let mut ids = Vec::new();
+    for _ in 0..50 {
+        let script = format!("echo $CORRAL_RUN_ID >> {}; sleep 0.1", ledger.display());
+        let command = env.command(&["sh", "-c", &script]);
+        client.start_run(&command).await.expect("submit");
+        ids.push(command.run_id);
+    }
+    let mut owners = std::collections::BTreeMap::<String, usize>::new();
+    for id in &ids {
+        let run = env.wait_terminal(&client, id, LIMIT).await;
+        assert_eq!(run.state(), RunState::Completed, "{id}: {}", run.reason);
+        *owners.entry(run.owner).or_default() += 1;
+    }
+    let ledger = std::fs::read_to_string(&ledger).expect("ledger");
+    let mut executed: Vec<&str> = ledger.lines().collect();
+    executed.sort();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    expected.sort();
+    assert_eq!(executed, expected, "each run executed exactly once");
+    assert_eq!(
+        owners.len(),
+        2,
+        "both spawners should have owned runs: {owners:?}"
+    );
+    assert!(owners.contains_key(&first.spawner_id) && owners.contains_key(&second.spawner_id));
+
+    first.stop().await;
+    second.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_spawner_restarted_after_sigkill_can_list_and_kill_the_sandboxes_the_killed_one_left() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let mut spawner = env.spawn_spawner_process(&[]).await;
+    let client = env.client().await;
+
+    let command = env.command(&["sh", "-c", "sleep 300 & sleep 300"]);
+    client.start_run(&command).await.expect("submit");
+    let run = env
+        .wait_state(&client, &command.run_id, RunState::Running)
+        .await;
+    corral_tests::eventually("both agent processes run", LIMIT, || async {
+        (LocalProvider::live_processes(&run.sandbox_id).len() >= 2).then_some(())
+    })
+    .await;
+
+    spawner.kill_hard().await;
+    assert!(
+        LocalProvider::live_processes(&run.sandbox_id).len() >= 2,
+        "the agent outlives its spawner: that is what must be found"
+    );
+
+    // What a restarted spawner (or the reaper) sees: the same directory.
+    let restarted = LocalProvider::new(&env.home).expect("provider");
+    let mut labels = Labels::new();
+    labels.insert(LABEL_DEPLOYMENT.into(), env.prefix.clone());
+    let left = restarted.list(&labels).await.expect("list");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].id, run.sandbox_id);
+    assert_eq!(left[0].labels.get(LABEL_RUN_ID), Some(&command.run_id));
+    restarted.kill(&left[0].id).await.expect("kill");
+    assert!(
+        LocalProvider::live_processes(&run.sandbox_id).is_empty(),
+        "no process survives the kill"
+    );
+
+    tracker.stop().await;
+    env.cleanup().await;
+}
