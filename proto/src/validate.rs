@@ -107,7 +107,9 @@ mod tests {
             (
                 {
                     let mut c = command(&["true"]);
-                    c.spec.as_mut().map(|s| s.timeout_secs = -5);
+                    if let Some(s) = c.spec.as_mut() {
+                        s.timeout_secs = -5;
+                    }
                     c
                 },
                 "spec.timeout_secs is -5",
@@ -115,7 +117,9 @@ mod tests {
             (
                 {
                     let mut c = command(&["true"]);
-                    c.spec.as_mut().map(|s| s.provider = "nope".into());
+                    if let Some(s) = c.spec.as_mut() {
+                        s.provider = "nope".into();
+                    }
                     c
                 },
                 "spec.provider \"nope\" is unknown",

@@ -592,7 +592,7 @@ mod tests {
         let listed = second.list(&Labels::new()).await.expect("list");
         assert_eq!(
             listed.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
-            [sandbox.id.clone()]
+            std::slice::from_ref(&sandbox.id)
         );
         assert_eq!(
             second.kill(&sandbox.id).await.expect("kill"),
