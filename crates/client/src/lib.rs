@@ -158,8 +158,9 @@ impl Client {
     /// both are durable. Idempotent for a given run id.
     pub async fn start_run(&self, command: &RunCommand) -> Result<Run, ClientError> {
         corral_proto::validate::run_command(command).map_err(ClientError::Invalid)?;
-        let run = self.submit(command).await?;
-        self.publish_run(command).await?;
+        // Concurrently: a spawner that claims before the record exists
+        // creates it, and the submit then finds it.
+        let (run, ()) = tokio::try_join!(self.submit(command), self.publish_run(command))?;
         Ok(run)
     }
 

@@ -1,7 +1,7 @@
 //! The local provider: each sandbox is a directory under
 //! `<home>/sandboxes/<id>/` (state in `sandbox.json`, the agent's files in
-//! `work/`) and each command in it is a process group of its own (`setsid`)
-//! with address-space and CPU-time limits.
+//! `work/`) and each command in it is a process group of its own with
+//! address-space and CPU-time limits.
 //!
 //! The state on disk names the process groups with their leaders' start times,
 //! so any process on this machine (a restarted spawner, the reaper) can list
@@ -220,6 +220,46 @@ fn wait_group_gone(pgid: i32, limit: Duration) {
     }
 }
 
+/// `program` as an absolute path, searched in `path` when it is a bare name.
+fn resolve(program: &str, path: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return PathBuf::from(program);
+    }
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(program);
+        let executable = std::fs::metadata(&candidate)
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if executable {
+            return candidate;
+        }
+    }
+    PathBuf::from(program)
+}
+
+fn apply_limits(pid: i32, memory_mib: u64, cpu_secs: u64) {
+    let set = |resource, soft: u64, hard: u64| {
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: prlimit reads `limit` and writes nothing (null old limit).
+        let failed = unsafe { libc::prlimit(pid, resource, &limit, std::ptr::null_mut()) } != 0;
+        if failed {
+            tracing::warn!(pid, error = %io::Error::last_os_error(), "cannot set sandbox limit");
+        }
+    };
+    if memory_mib > 0 {
+        let bytes = memory_mib.saturating_mul(1024 * 1024);
+        set(libc::RLIMIT_AS, bytes, bytes);
+    }
+    if cpu_secs > 0 {
+        // SIGXCPU at the soft limit, SIGKILL at the hard one.
+        set(libc::RLIMIT_CPU, cpu_secs, cpu_secs + 5);
+    }
+    set(libc::RLIMIT_CORE, 0, 0);
+}
+
 struct GroupControl {
     pgid: i32,
 }
@@ -293,7 +333,10 @@ impl Provider for LocalProvider {
             return Err(ProviderError::Invalid("empty argv".into()));
         };
         let work = self.work_dir(sandbox_id);
-        let mut command = tokio::process::Command::new(program);
+        // An absolute program path lets std use posix_spawn (a changed PATH
+        // with a bare name forces fork, which copies this whole process).
+        let program = resolve(program, &self.path_env);
+        let mut command = tokio::process::Command::new(&program);
         command
             .args(&spec.argv[1..])
             .current_dir(&work)
@@ -306,37 +349,9 @@ impl Provider for LocalProvider {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let memory = state.memory_mib.saturating_mul(1024 * 1024);
-        let cpu = state.cpu_secs;
-        // SAFETY: the closure runs between fork and exec and calls only
-        // async-signal-safe functions (setsid, setrlimit).
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setsid() == -1 {
-                    return Err(io::Error::last_os_error());
-                }
-                if memory > 0 {
-                    let limit = libc::rlimit {
-                        rlim_cur: memory,
-                        rlim_max: memory,
-                    };
-                    libc::setrlimit(libc::RLIMIT_AS, &limit);
-                }
-                if cpu > 0 {
-                    let limit = libc::rlimit {
-                        rlim_cur: cpu,
-                        rlim_max: cpu + 5,
-                    };
-                    libc::setrlimit(libc::RLIMIT_CPU, &limit);
-                }
-                let no_core = libc::rlimit {
-                    rlim_cur: 0,
-                    rlim_max: 0,
-                };
-                libc::setrlimit(libc::RLIMIT_CORE, &no_core);
-                Ok(())
-            });
-        }
+        // A new process group, started with posix_spawn (no fork of this
+        // large, multi-threaded process: that costs more than the agent).
+        command.process_group(0);
         let mut child = command
             .spawn()
             .map_err(|err| ProviderError::Invalid(format!("cannot start {program:?}: {err}")))?;
@@ -344,6 +359,10 @@ impl Provider for LocalProvider {
             .id()
             .map(|pid| pid as i32)
             .ok_or_else(|| ProviderError::Failed("child exited before it had a pid".into()))?;
+        // Limits are applied right after the spawn (posix_spawn cannot set
+        // them): the agent runs unlimited for the few microseconds between
+        // its exec and this call; children it forks later inherit them.
+        apply_limits(pgid, state.memory_mib, state.cpu_secs);
         let group = Group {
             pgid,
             start_time: proc_stat(pgid).map(|(_, _, start)| start).unwrap_or(0),

@@ -50,6 +50,16 @@ pub fn next(from: RunState, event: RunEvent) -> Result<RunState, Illegal> {
     Ok(to)
 }
 
+/// The states from which `event` applies. Every event leads to one state
+/// whatever its source (tested below), so a store may apply an event in one
+/// statement guarded by `state IN sources(event)`.
+pub fn sources(event: RunEvent) -> Vec<RunState> {
+    RunState::ALL
+        .into_iter()
+        .filter(|&from| next(from, event).is_ok())
+        .collect()
+}
+
 /// Whether the run is still live (not terminal, not unspecified).
 pub fn is_live(state: RunState) -> bool {
     state != RunState::Unspecified && !state.is_terminal()
@@ -123,6 +133,18 @@ mod tests {
             }
         }
         assert_eq!(refused, 11 * 11 - LEGAL.len());
+    }
+
+    #[test]
+    fn each_event_leads_to_one_state_from_all_its_sources() {
+        for event in RunEvent::ALL {
+            let targets: std::collections::BTreeSet<i32> = sources(event)
+                .into_iter()
+                .map(|from| next(from, event).expect("a source accepts the event") as i32)
+                .collect();
+            assert_eq!(targets.len(), 1, "{} leads to {targets:?}", event.name());
+        }
+        assert!(sources(RunEvent::Unspecified).is_empty());
     }
 
     #[test]

@@ -85,6 +85,23 @@ struct RunRow {
     updated_at: DateTime<Utc>,
 }
 
+/// A row as an UPDATE left it, with the state it had before.
+#[derive(FromRow)]
+struct AppliedRow {
+    prev_state: String,
+    #[sqlx(flatten)]
+    row: RunRow,
+}
+
+/// [`COLUMNS`] qualified by a table alias.
+fn prefixed_columns(alias: &str) -> String {
+    COLUMNS
+        .split(',')
+        .map(|c| format!("{alias}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn ms(at: Option<DateTime<Utc>>) -> i64 {
     at.map(|t| t.timestamp_millis()).unwrap_or(0)
 }
@@ -243,6 +260,19 @@ impl Store {
             .command
             .as_ref()
             .ok_or_else(|| StoreError::Invalid("claim without a command".into()))?;
+        let claim = || Changes {
+            actor: &request.owner,
+            owner: Some(&request.owner),
+            ..Default::default()
+        };
+        // The common case in one statement: a pending run, no stop asked.
+        if let Some(done) = self
+            .cas(&command.run_id, None, RunEvent::Claim, claim())
+            .await?
+        {
+            let run = done.run.clone();
+            return Ok((Outcome::Claimed, run, vec![done]));
+        }
         let (_, created) = self.submit(command).await?;
         let mut applied: Vec<Applied> = created.into_iter().collect();
         for _ in 0..CAS_ATTEMPTS {
@@ -262,12 +292,7 @@ impl Store {
                     }
                 }
                 RunState::Pending => {
-                    let changes = Changes {
-                        actor: &request.owner,
-                        owner: Some(&request.owner),
-                        ..Default::default()
-                    };
-                    if let Some(done) = self.apply(&row, RunEvent::Claim, changes).await? {
+                    if let Some(done) = self.apply(&row, RunEvent::Claim, claim()).await? {
                         let run = done.run.clone();
                         applied.push(done);
                         return Ok((Outcome::Claimed, run, applied));
@@ -328,26 +353,30 @@ impl Store {
     pub async fn transition(&self, request: &TransitionRequest) -> Result<Applied, StoreError> {
         let event = RunEvent::try_from(request.event)
             .map_err(|_| StoreError::Invalid(format!("unknown event {}", request.event)))?;
+        let expected = (request.expected_version != 0).then_some(request.expected_version as i64);
         for _ in 0..CAS_ATTEMPTS {
-            let row = self.load(&request.run_id).await?;
-            if request.expected_version != 0 && row.version as u64 != request.expected_version {
-                return Err(StoreError::Conflict(format!(
-                    "run {} is at version {}, not {}",
-                    request.run_id, row.version, request.expected_version
-                )));
-            }
-            state::next(row.state(), event)?;
-            if let Some(refusal) = fence(&row, event) {
-                return Err(StoreError::Conflict(refusal));
-            }
             let changes = Changes {
                 reason: &request.reason,
                 actor: &request.actor,
                 exit_code: request.exit_code,
                 owner: None,
             };
-            if let Some(applied) = self.apply(&row, event, changes).await? {
+            if let Some(applied) = self.cas(&request.run_id, expected, event, changes).await? {
                 return Ok(applied);
+            }
+            // Refused: say why, or try again if the row merely changed.
+            let row = self.load(&request.run_id).await?;
+            if let Some(version) = expected
+                && row.version != version
+            {
+                return Err(StoreError::Conflict(format!(
+                    "run {} is at version {}, not {version}",
+                    request.run_id, row.version
+                )));
+            }
+            state::next(row.state(), event)?;
+            if let Some(refusal) = fence(&row, event) {
+                return Err(StoreError::Conflict(refusal));
             }
         }
         Err(StoreError::Conflict(format!(
@@ -365,61 +394,87 @@ impl Store {
         event: RunEvent,
         changes: Changes<'_>,
     ) -> Result<Option<Applied>, StoreError> {
-        let from = row.state();
-        let to = state::next(from, event)?;
+        self.cas(&row.run_id, Some(row.version), event, changes)
+            .await
+    }
+
+    /// Applies `event` in one statement when the run is in a state the
+    /// state machine accepts it from ([`state::sources`]), its version is
+    /// `version` (if given) and the event's fence holds; records the
+    /// transition in `run_transitions` in the same statement. `None` when
+    /// any condition failed.
+    async fn cas(
+        &self,
+        run_id: &str,
+        version: Option<i64>,
+        event: RunEvent,
+        changes: Changes<'_>,
+    ) -> Result<Option<Applied>, StoreError> {
+        let sources = state::sources(event);
+        let Some(&first) = sources.first() else {
+            return Err(StoreError::Invalid(format!(
+                "event {} applies to no state",
+                event.name()
+            )));
+        };
+        let to = state::next(first, event)?;
+        let sources: Vec<&str> = sources.iter().map(|s| s.name()).collect();
         let guard = match event {
             RunEvent::BeginFinalize => {
-                "AND stop_requested_at IS NULL AND (deadline_at IS NULL OR deadline_at > now())"
+                "AND r.stop_requested_at IS NULL AND (r.deadline_at IS NULL OR r.deadline_at > now())"
             }
-            RunEvent::Start => "AND stop_requested_at IS NULL AND sandbox_id IS NOT NULL",
-            RunEvent::Continue => "AND stop_requested_at IS NULL",
+            RunEvent::Start => "AND r.stop_requested_at IS NULL AND r.sandbox_id IS NOT NULL",
+            RunEvent::Claim | RunEvent::Continue => "AND r.stop_requested_at IS NULL",
             _ => "",
         };
-        let updated = sqlx::query_as::<_, RunRow>(&format!(
+        let updated = sqlx::query_as::<_, AppliedRow>(&format!(
             "WITH u AS (
-                UPDATE runs SET
+                UPDATE runs r SET
                     state = $3,
-                    version = version + 1,
+                    version = r.version + 1,
                     updated_at = now(),
-                    reason = CASE WHEN $4 <> '' THEN $4 ELSE reason END,
-                    exit_code = COALESCE($5, exit_code),
-                    owner = COALESCE($6, owner),
+                    reason = CASE WHEN $4 <> '' THEN $4 ELSE r.reason END,
+                    exit_code = COALESCE($5, r.exit_code),
+                    owner = COALESCE($6, r.owner),
                     deadline_at = CASE WHEN $3 = 'booting'
-                        THEN now() + make_interval(secs => timeout_secs) ELSE deadline_at END,
-                    booting_at = CASE WHEN $3 = 'booting' THEN now() ELSE booting_at END,
-                    running_at = CASE WHEN $3 = 'running' AND running_at IS NULL THEN now() ELSE running_at END,
-                    last_activity_at = CASE WHEN $3 = 'running' THEN now() ELSE last_activity_at END,
-                    finalizing_at = CASE WHEN $3 = 'finalizing' THEN now() ELSE finalizing_at END,
+                        THEN now() + make_interval(secs => r.timeout_secs) ELSE r.deadline_at END,
+                    booting_at = CASE WHEN $3 = 'booting' THEN now() ELSE r.booting_at END,
+                    running_at = CASE WHEN $3 = 'running' AND r.running_at IS NULL THEN now() ELSE r.running_at END,
+                    last_activity_at = CASE WHEN $3 = 'running' THEN now() ELSE r.last_activity_at END,
+                    finalizing_at = CASE WHEN $3 = 'finalizing' THEN now() ELSE r.finalizing_at END,
                     finished_at = CASE WHEN $3 IN ('completed', 'failed', 'stopped', 'timed_out')
-                        THEN now() ELSE finished_at END,
+                        THEN now() ELSE r.finished_at END,
                     stop_requested_at = CASE WHEN $3 = 'stopped'
-                        THEN COALESCE(stop_requested_at, now()) ELSE stop_requested_at END,
+                        THEN COALESCE(r.stop_requested_at, now()) ELSE r.stop_requested_at END,
                     stop_reason = CASE WHEN $3 = 'stopped'
-                        THEN COALESCE(stop_reason, $4) ELSE stop_reason END
-                WHERE run_id = $1 AND version = $2 {guard}
-                RETURNING {COLUMNS}
+                        THEN COALESCE(r.stop_reason, $4) ELSE r.stop_reason END
+                FROM (SELECT run_id, state FROM runs WHERE run_id = $1 FOR UPDATE) o
+                WHERE r.run_id = o.run_id AND r.state = ANY($7)
+                  AND ($2::bigint IS NULL OR r.version = $2) {guard}
+                RETURNING o.state AS prev_state, {returning}
             ), t AS (
                 INSERT INTO run_transitions (run_id, from_state, to_state, event, reason, actor)
-                SELECT run_id, $7, state, $8, $4, $9 FROM u
+                SELECT run_id, prev_state, state, $8, $4, $9 FROM u
             )
-            SELECT {COLUMNS} FROM u"
+            SELECT * FROM u",
+            returning = prefixed_columns("r"),
         ))
-        .bind(&row.run_id)
-        .bind(row.version)
+        .bind(run_id)
+        .bind(version)
         .bind(to.name())
         .bind(changes.reason)
         .bind(changes.exit_code)
         .bind(changes.owner)
-        .bind(from.name())
+        .bind(&sources)
         .bind(event.name())
         .bind(changes.actor)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(updated.map(|row| Applied {
-            from,
+        Ok(updated.map(|applied| Applied {
+            from: RunState::from_name(&applied.prev_state).unwrap_or(RunState::Unspecified),
             event,
             actor: changes.actor.to_owned(),
-            run: row.to_proto(),
+            run: applied.row.to_proto(),
         }))
     }
 
