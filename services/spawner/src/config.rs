@@ -35,6 +35,10 @@ pub struct Config {
     pub heartbeat_ms: u64,
     /// On shutdown, how long owned runs may go on before they are ended, ms.
     pub shutdown_grace_ms: u64,
+    /// Testing aid: a pause while booting, between recording the sandbox id
+    /// and starting the agent, to exercise stops and crashes in that phase.
+    /// Keep 0 in production.
+    pub boot_delay_ms: u64,
 }
 
 impl Default for Config {
@@ -52,6 +56,7 @@ impl Default for Config {
             max_deliver: 5,
             heartbeat_ms: 2000,
             shutdown_grace_ms: 10_000,
+            boot_delay_ms: 0,
         }
     }
 }

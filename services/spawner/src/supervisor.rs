@@ -151,6 +151,17 @@ impl Supervisor {
             return;
         }
 
+        let boot_delay = Duration::from_millis(self.spawner.config.boot_delay_ms);
+        if !boot_delay.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(boot_delay) => {}
+                Some(message) = stops.next() => {
+                    let stop = StopCommand::decode(message.payload).unwrap_or_default();
+                    self.end(RunEvent::Stop, &stop_reason(&stop), None).await;
+                    return;
+                }
+            }
+        }
         // A stop heard while booting: the sandbox dies as soon as it exists.
         if let Some(stop) = pending_stop(&mut stops) {
             self.end(RunEvent::Stop, &stop_reason(&stop), None).await;

@@ -1,0 +1,395 @@
+//! Stop from anywhere: durable, routed to the owner, not ignorable, in every
+//! phase, and fenced against finalize (a real `git push`).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use corral_client::RunUpdate;
+use corral_proto::v1::{RunState, StopCommand, stop_reply::Outcome};
+use corral_provider::{LocalProvider, Provider};
+use corral_tests::{TestEnv, corral_bin, eventually};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn stop_command(run_id: &str, reason: &str) -> StopCommand {
+    StopCommand {
+        run_id: run_id.into(),
+        reason: reason.into(),
+        requested_by: "test".into(),
+        requested_at_ms: corral_common::now_ms(),
+    }
+}
+
+fn assert_sandbox_gone(env: &TestEnv, sandbox_id: &str) {
+    assert!(!sandbox_id.is_empty(), "the run should have had a sandbox");
+    assert!(
+        LocalProvider::live_processes(sandbox_id).is_empty(),
+        "processes of {sandbox_id} survived"
+    );
+    assert!(
+        !env.home.join("sandboxes").join(sandbox_id).exists(),
+        "{sandbox_id} still on disk"
+    );
+}
+
+#[tokio::test]
+async fn corral_stop_from_a_fourth_process_stops_runs_whichever_of_three_spawners_owns_them() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let mut spawners = Vec::new();
+    for _ in 0..3 {
+        spawners.push(env.spawn_spawner_process(&[("CORRAL_MAX_RUNS", "2")]).await);
+    }
+    let client = env.client().await;
+    let mut runs = Vec::new();
+    for _ in 0..6 {
+        let command = env.command(&["sleep", "300"]);
+        client.start_run(&command).await.expect("submit");
+        runs.push(command.run_id);
+    }
+    let mut owners = std::collections::BTreeSet::new();
+    for id in &runs {
+        owners.insert(env.wait_state(&client, id, RunState::Running).await.owner);
+    }
+    assert_eq!(owners.len(), 3, "each spawner owns two runs: {owners:?}");
+
+    for id in &runs {
+        let output = tokio::process::Command::new(corral_bin())
+            .args([
+                "--prefix",
+                &env.prefix,
+                "--json",
+                "stop",
+                id,
+                "--reason",
+                "user pressed stop",
+                "--wait",
+            ])
+            .env("NATS_URL", &env.nats_url)
+            .output()
+            .await
+            .expect("corral stop runs");
+        assert!(
+            output.status.success(),
+            "corral stop failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let answer: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+        assert_eq!(answer["outcome"], "accepted", "{answer}");
+        assert_eq!(answer["run"]["state"], "stopped", "{answer}");
+        assert_eq!(answer["run"]["reason"], "user pressed stop", "{answer}");
+        let run = client.get(id).await.expect("get");
+        assert!(run.stop_requested_at_ms > 0, "the stop is recorded");
+        assert!(
+            run.stop_requested_by.starts_with("cli:"),
+            "{}",
+            run.stop_requested_by
+        );
+        assert_sandbox_gone(&env, &run.sandbox_id);
+    }
+
+    // Repeated and late stops are harmless and say what happened.
+    let (outcome, _) = client
+        .stop(&stop_command(&runs[0], "again"))
+        .await
+        .expect("stop");
+    assert_eq!(outcome, Outcome::AlreadyTerminal);
+    let (outcome, _) = client
+        .stop(&stop_command("no-such-run", "x"))
+        .await
+        .expect("stop");
+    assert_eq!(outcome, Outcome::NotFound);
+
+    for spawner in spawners {
+        spawner.stop().await;
+    }
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_agent_that_traps_sigterm_is_killed_after_the_grace() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let mut config = env.spawner_config();
+    config.kill_grace_ms = 500;
+    let spawner = env.start_spawner_with(config).await;
+    let client = env.client().await;
+
+    let command = env.command(&[
+        "sh",
+        "-c",
+        "trap '' TERM; echo ready; while true; do sleep 1; done",
+    ]);
+    let mut watch = client.watch(&command.run_id).await.expect("watch");
+    client.start_run(&command).await.expect("submit");
+    tokio::time::timeout(LIMIT, async {
+        while let Some(update) = watch.next().await {
+            if let RunUpdate::Agent(event) = update
+                && format!("{:?}", event.payload).contains("ready")
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the agent should say ready");
+
+    let started = Instant::now();
+    let (outcome, _) = client
+        .stop(&stop_command(&command.run_id, "stubborn"))
+        .await
+        .expect("stop");
+    assert_eq!(outcome, Outcome::Accepted);
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    let took = started.elapsed();
+    assert_eq!(run.state(), RunState::Stopped);
+    assert_eq!(run.reason, "stubborn");
+    assert!(
+        took >= Duration::from_millis(500),
+        "SIGKILL came before the grace: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1500),
+        "gone within grace + 1 s, took {took:?}"
+    );
+    assert_sandbox_gone(&env, &run.sandbox_id);
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_stop_while_pending_means_the_run_never_boots() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let client = env.client().await;
+    let command = env.command(&["sleep", "300"]);
+    client.start_run(&command).await.expect("submit");
+
+    let (outcome, run) = client
+        .stop(&stop_command(&command.run_id, "changed my mind"))
+        .await
+        .expect("stop");
+    assert_eq!(outcome, Outcome::Accepted);
+    assert_eq!(
+        run.expect("run").state(),
+        RunState::Stopped,
+        "no owner: the tracker stops it at once"
+    );
+
+    // The queued command reaches a spawner later and is dropped.
+    let spawner = env.start_spawner().await;
+    eventually("the command queue drains", LIMIT, || async {
+        let mut stream = client
+            .jetstream()
+            .get_stream(env.subjects.cmd_stream())
+            .await
+            .ok()?;
+        (stream.info().await.ok()?.state.messages == 0).then_some(())
+    })
+    .await;
+    let run = client.get(&command.run_id).await.expect("get");
+    assert_eq!(run.state(), RunState::Stopped);
+    assert_eq!(run.booting_at_ms, 0, "never booted");
+    assert!(run.sandbox_id.is_empty(), "never had a sandbox");
+    assert!(
+        LocalProvider::new(&env.home)
+            .expect("provider")
+            .list(&Default::default())
+            .await
+            .expect("list")
+            .is_empty()
+    );
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_stop_while_booting_kills_the_new_sandbox_and_the_run_never_runs() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let mut config = env.spawner_config();
+    config.boot_delay_ms = 30_000;
+    let spawner = env.start_spawner_with(config).await;
+    let client = env.client().await;
+
+    let command = env.command(&["sleep", "300"]);
+    client.start_run(&command).await.expect("submit");
+    let booting = eventually(
+        "the sandbox id is recorded while booting",
+        LIMIT,
+        || async {
+            let run = client.get(&command.run_id).await.ok()?;
+            (run.state() == RunState::Booting && !run.sandbox_id.is_empty()).then_some(run)
+        },
+    )
+    .await;
+    assert!(
+        env.home
+            .join("sandboxes")
+            .join(&booting.sandbox_id)
+            .exists()
+    );
+
+    let started = Instant::now();
+    let (outcome, _) = client
+        .stop(&stop_command(&command.run_id, "too slow"))
+        .await
+        .expect("stop");
+    assert_eq!(outcome, Outcome::Accepted);
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the stop did not wait for the boot"
+    );
+    assert_eq!(run.state(), RunState::Stopped);
+    assert_eq!(run.running_at_ms, 0, "never reached running");
+    assert_sandbox_gone(&env, &booting.sandbox_id);
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+fn git(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("git runs")
+}
+
+fn pushed(bare: &Path, run_id: &str) -> bool {
+    git(
+        bare,
+        &[
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            &format!("refs/heads/run-{run_id}"),
+        ],
+    )
+    .status
+    .success()
+}
+
+/// The agent commits to a clone of `bare`, then sleeps `linger`; finalize pushes.
+fn git_run(env: &TestEnv, bare: &Path, linger: &str) -> corral_proto::v1::RunCommand {
+    let script = format!(
+        "set -e; git clone -q {bare} repo 2>/dev/null; cd repo; git checkout -qb run-$CORRAL_RUN_ID; \
+         echo $CORRAL_RUN_ID > work.txt; git add work.txt; \
+         git -c user.name=agent -c user.email=agent@corral commit -qm work; sleep {linger}",
+        bare = bare.display()
+    );
+    let mut command = env.command(&["sh", "-c", &script]);
+    command.spec.as_mut().expect("spec").finalize = "cd repo && git push -q origin HEAD".into();
+    command
+}
+
+#[tokio::test]
+async fn finalize_pushes_only_runs_that_completed_without_a_stop() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner().await;
+    let client = env.client().await;
+    let bare = env.home.join("origin.git");
+    assert!(
+        Command::new("git")
+            .args(["init", "-q", "--bare"])
+            .arg(&bare)
+            .status()
+            .expect("git")
+            .success()
+    );
+
+    // A normal run's commit reaches the remote.
+    let normal = git_run(&env, &bare, "0");
+    client.start_run(&normal).await.expect("submit");
+    let run = env.wait_terminal(&client, &normal.run_id, LIMIT).await;
+    assert_eq!(run.state(), RunState::Completed, "{}", run.reason);
+    assert!(run.finalizing_at_ms > 0);
+    assert!(
+        pushed(&bare, &normal.run_id),
+        "the normal run's commit should be pushed"
+    );
+
+    // A run stopped while the agent works never pushes.
+    let stopped = git_run(&env, &bare, "30");
+    client.start_run(&stopped).await.expect("submit");
+    env.wait_state(&client, &stopped.run_id, RunState::Running)
+        .await;
+    let (outcome, _) = client
+        .stop(&stop_command(&stopped.run_id, "stop"))
+        .await
+        .expect("stop");
+    assert_eq!(outcome, Outcome::Accepted);
+    let run = env.wait_terminal(&client, &stopped.run_id, LIMIT).await;
+    assert_eq!(run.state(), RunState::Stopped);
+    assert_eq!(run.finalizing_at_ms, 0);
+    assert!(!pushed(&bare, &stopped.run_id));
+
+    // The race: stops at random moments around the agent's exit, 100 times.
+    let (mut accepted, mut in_finalize, mut too_late, mut pushes) = (0, 0, 0, 0);
+    for i in 0..100u64 {
+        let command = git_run(&env, &bare, "0.02");
+        client.start_run(&command).await.expect("submit");
+        env.wait_state(&client, &command.run_id, RunState::Running)
+            .await;
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..60))).await;
+        let (outcome, _) = client
+            .stop(&stop_command(&command.run_id, "race"))
+            .await
+            .expect("stop");
+        let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+        let was_pushed = pushed(&bare, &command.run_id);
+        pushes += was_pushed as u32;
+        match outcome {
+            Outcome::Accepted | Outcome::AlreadyRequested => {
+                accepted += 1;
+                assert!(
+                    !was_pushed,
+                    "iteration {i}: pushed after an acknowledged stop"
+                );
+                assert_ne!(
+                    run.state(),
+                    RunState::Completed,
+                    "iteration {i}: {}",
+                    run.reason
+                );
+            }
+            Outcome::FinalizeInProgress => {
+                in_finalize += 1;
+                assert_eq!(
+                    run.state(),
+                    RunState::Completed,
+                    "iteration {i}: finalize past the fence finishes"
+                );
+                assert!(was_pushed, "iteration {i}");
+            }
+            Outcome::AlreadyTerminal => {
+                too_late += 1;
+                assert_eq!(
+                    was_pushed,
+                    run.state() == RunState::Completed,
+                    "iteration {i}"
+                );
+            }
+            other => panic!("iteration {i}: unexpected outcome {other:?}"),
+        }
+    }
+    println!(
+        "finalize race: {accepted} stops acknowledged (0 pushes among them), {in_finalize} during finalize, \
+         {too_late} after the end; {pushes} pushes in all"
+    );
+    assert!(accepted > 0, "the race should include acknowledged stops");
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
