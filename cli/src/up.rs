@@ -12,7 +12,7 @@ use crate::commands::Global;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Services started: tracker, spawner (local provider). NATS with JetStream \
+    after_help = "Services started: tracker, spawner (local provider), reaper. NATS with JetStream \
 and PostgreSQL must be reachable (NATS_URL, DATABASE_URL); the database is created if missing.\n\n\
 Example:\n  DATABASE_URL=postgres://postgres@127.0.0.1/corral corral up --demo"
 )]
@@ -29,6 +29,9 @@ pub struct UpArgs {
     /// YAML configuration of the spawner.
     #[arg(long, value_name = "FILE")]
     spawner_config: Option<std::path::PathBuf>,
+    /// YAML configuration of the reaper.
+    #[arg(long, value_name = "FILE")]
+    reaper_config: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Subcommand)]
@@ -53,6 +56,16 @@ pub enum Service {
         )]
         args: Vec<String>,
     },
+    /// The reaper; `corral serve reaper -- --help` lists its flags.
+    Reaper {
+        /// Flags of corral-reaper.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
+        args: Vec<String>,
+    },
 }
 
 pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
@@ -68,11 +81,20 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         config: args.spawner_config,
         nats_url: Some(global.nats_url.clone()),
         subject_prefix: Some(global.prefix.clone()),
+        home: args.home.clone(),
+        ..Default::default()
+    }
+    .load(&env)?;
+    let reaper = corral_reaper::config::Flags {
+        config: args.reaper_config,
+        nats_url: Some(global.nats_url.clone()),
+        subject_prefix: Some(global.prefix.clone()),
         home: args.home,
         ..Default::default()
     }
     .load(&env)?;
     let telemetry = corral_common::telemetry::init("corral").map_err(anyhow::Error::msg)?;
+    corral_common::telemetry::metrics_from_env().map_err(anyhow::Error::msg)?;
     let shutdown = corral_common::shutdown::signal_token();
 
     // The tracker first: it creates the database and the spawner claims through it.
@@ -80,6 +102,7 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     let client = global.client().await?;
     wait_for_tracker(&client, &tracker_task).await?;
     let spawner_task = tokio::spawn(corral_spawner::run(spawner, shutdown.clone()));
+    let reaper_task = tokio::spawn(corral_reaper::run(reaper, shutdown.clone()));
     eprintln!("corral is up (prefix {}); stop with Ctrl-C", global.prefix);
 
     if args.demo {
@@ -96,8 +119,10 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         });
     }
 
-    let (tracker_result, spawner_result) = tokio::join!(tracker_task, spawner_task);
+    let (tracker_result, spawner_result, reaper_result) =
+        tokio::join!(tracker_task, spawner_task, reaper_task);
     telemetry.shutdown();
+    reaper_result.context("reaper panicked")??;
     spawner_result.context("spawner panicked")??;
     tracker_result.context("tracker panicked")??;
     Ok(ExitCode::SUCCESS)
@@ -175,6 +200,18 @@ pub async fn serve(_global: &Global, service: Service) -> anyhow::Result<ExitCod
             let telemetry =
                 corral_common::telemetry::init("corral-spawner").map_err(anyhow::Error::msg)?;
             let result = corral_spawner::run(config, corral_common::shutdown::signal_token()).await;
+            telemetry.shutdown();
+            result?;
+        }
+        Service::Reaper { args } => {
+            let cli = corral_reaper::Cli::parse_from(
+                std::iter::once("corral serve reaper".to_owned()).chain(args),
+            );
+            let config = cli.flags.load(&env)?;
+            let telemetry =
+                corral_common::telemetry::init("corral-reaper").map_err(anyhow::Error::msg)?;
+            corral_common::telemetry::metrics_from_env().map_err(anyhow::Error::msg)?;
+            let result = corral_reaper::run(config, corral_common::shutdown::signal_token()).await;
             telemetry.shutdown();
             result?;
         }

@@ -200,6 +200,13 @@ impl Subjects {
     pub fn dlq_stream(&self) -> String {
         format!("{}_DLQ", self.stream_prefix)
     }
+
+    // ---- key-value buckets ----
+
+    /// JetStream KV bucket holding the reaper's leader lease (key `leader`).
+    pub fn reaper_lease_bucket(&self) -> String {
+        format!("{}_REAPER", self.stream_prefix)
+    }
 }
 
 #[cfg(test)]

@@ -176,6 +176,55 @@ impl TestEnv {
         }
     }
 
+    pub fn reaper_config(&self) -> corral_reaper::Config {
+        corral_reaper::Config {
+            nats_url: self.nats_url.clone(),
+            subject_prefix: self.prefix.clone(),
+            home: self.home.clone(),
+            sweep_period_ms: 200,
+            lease_ttl_ms: 1500,
+            stop_grace_ms: 1000,
+            owner_timeout_ms: 2000,
+            boot_limit_ms: 5000,
+            backstop_grace_ms: 500,
+            ..Default::default()
+        }
+    }
+
+    pub async fn start_reaper_with(&self, config: corral_reaper::Config) -> InProcess {
+        let token = CancellationToken::new();
+        let cancel = token.clone();
+        let join = tokio::spawn(async move {
+            corral_reaper::run(config, cancel)
+                .await
+                .map_err(|e| e.to_string())
+        });
+        InProcess { token, join }
+    }
+
+    /// Starts `corral serve <service>` as a real process with this test's
+    /// prefix, database and sandbox directory, plus `extra` env.
+    pub fn spawn_service_process(
+        &self,
+        service: &str,
+        extra: &[(&str, &str)],
+    ) -> tokio::process::Child {
+        let mut command = tokio::process::Command::new(corral_bin());
+        command
+            .args(["serve", service])
+            .env("NATS_URL", &self.nats_url)
+            .env("DATABASE_URL", &self.database_url)
+            .env("CORRAL_SUBJECT_PREFIX", &self.prefix)
+            .env("CORRAL_HOME", &self.home)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        command.spawn().expect("corral serve should start")
+    }
+
     pub async fn client(&self) -> Client {
         Client::connect(&self.nats_url, &self.prefix, "corral-test")
             .await

@@ -8,10 +8,11 @@ use async_nats::jetstream;
 use corral_common::nats::{self, NatsError};
 use corral_proto::Subjects;
 use corral_proto::v1::{
-    AgentEvent, ClaimReply, ClaimRequest, GetRunRequest, HeartbeatReply, HeartbeatRequest,
-    LifecycleEvent, ListRunsReply, ListRunsRequest, RecordSandboxRequest, Run, RunCommand,
-    RunReply, RunState, StopCommand, StopReply, SubmitRequest, TrackerError, TransitionRequest,
-    claim_reply, stop_reply, tracker_error::Code,
+    ActivityReply, ActivityRequest, AgentEvent, ClaimReply, ClaimRequest, DueRun, GetRunRequest,
+    HeartbeatReply, HeartbeatRequest, LifecycleEvent, ListRunsReply, ListRunsRequest,
+    RecordSandboxRequest, Run, RunCommand, RunReply, RunState, StopCommand, StopReply,
+    SubmitRequest, SweepReply, SweepRequest, TrackerError, TransitionRequest, claim_reply,
+    stop_reply, tracker_error::Code,
 };
 use futures::StreamExt;
 use prost::Message;
@@ -288,6 +289,25 @@ impl Client {
         let outcome = stop_reply::Outcome::try_from(reply.outcome)
             .unwrap_or(stop_reply::Outcome::Unspecified);
         Ok((outcome, reply.run))
+    }
+
+    /// Reports progress of `run_ids` (resets their inactivity window).
+    pub async fn activity(&self, run_ids: Vec<String>) -> Result<(), ClientError> {
+        let reply: ActivityReply = self
+            .request("activity", &ActivityRequest { run_ids })
+            .await?;
+        check(reply.error)
+    }
+
+    /// The live runs the reaper must act on now and, with
+    /// `include_live`, every live run.
+    pub async fn sweep(
+        &self,
+        request: &SweepRequest,
+    ) -> Result<(Vec<DueRun>, Vec<Run>), ClientError> {
+        let reply: SweepReply = self.request("sweep", request).await?;
+        check(reply.error)?;
+        Ok((reply.due, reply.live))
     }
 
     pub async fn heartbeat(&self, spawner_id: &str, owned_runs: u32) -> Result<(), ClientError> {

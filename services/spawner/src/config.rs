@@ -35,6 +35,9 @@ pub struct Config {
     pub heartbeat_ms: u64,
     /// On shutdown, how long owned runs may go on before they are ended, ms.
     pub shutdown_grace_ms: u64,
+    /// How long a pulled command may stay unacknowledged before NATS
+    /// redelivers it to another spawner (one that died before claiming), ms.
+    pub command_ack_wait_ms: u64,
     /// Testing aid: a pause while booting, between recording the sandbox id
     /// and starting the agent, to exercise stops and crashes in that phase.
     /// Keep 0 in production.
@@ -56,6 +59,7 @@ impl Default for Config {
             max_deliver: 5,
             heartbeat_ms: 2000,
             shutdown_grace_ms: 10_000,
+            command_ack_wait_ms: 30_000,
             boot_delay_ms: 0,
         }
     }

@@ -22,12 +22,16 @@ use crate::{Error, Spawner, supervisor};
 /// The shared consumer's configuration. `max_deliver` leaves room above the
 /// spawner's own limit so that the spawner, not the server, decides when a
 /// command is dead-lettered.
-pub(crate) fn consumer_config(subjects: &Subjects, max_deliver: i64) -> consumer::pull::Config {
+pub(crate) fn consumer_config(
+    subjects: &Subjects,
+    max_deliver: i64,
+    ack_wait: Duration,
+) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(Subjects::SPAWNER_CONSUMER.into()),
         filter_subject: subjects.cmd_work(),
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
+        ack_wait,
         max_deliver: max_deliver + 3,
         max_ack_pending: 10_000,
         ..Default::default()
@@ -47,7 +51,11 @@ pub(crate) async fn consume(
     let consumer = stream
         .get_or_create_consumer(
             Subjects::SPAWNER_CONSUMER,
-            consumer_config(&subjects, spawner.config.max_deliver),
+            consumer_config(
+                &subjects,
+                spawner.config.max_deliver,
+                Duration::from_millis(spawner.config.command_ack_wait_ms.max(100)),
+            ),
         )
         .await
         .map_err(|e| Error::Consumer(e.to_string()))?;

@@ -202,6 +202,12 @@ impl Supervisor {
             Ending::Exited(status) if status.success() => {
                 self.end(RunEvent::Complete, "", Some(0)).await;
             }
+            // Killed by someone else (the reaper, an operator): let the
+            // record say why, if it knows.
+            Ending::Exited(ExitStatus::Signal(signal)) if signal == libc::SIGKILL => {
+                let err = ClientError::Invalid("the agent was killed with SIGKILL".into());
+                self.refused(err).await;
+            }
             ending => self.end_as(ending).await,
         }
     }
@@ -285,6 +291,7 @@ impl Supervisor {
                 line = output.recv(), if output_open => match line {
                     Some(line) => {
                         idle_at = Instant::now() + idle;
+                        self.spawner.note_activity(&self.run_id);
                         publisher.publish(line).await;
                     }
                     None => output_open = false,
@@ -301,6 +308,10 @@ impl Supervisor {
             _ => {
                 let started = std::time::Instant::now();
                 let (status, escalated) = process.terminate(grace).await;
+                let how = if escalated { "sigkill" } else { "sigterm" };
+                metrics::counter!("corral_agent_terminations_total", "how" => how).increment(1);
+                metrics::histogram!("corral_cancellation_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 tracing::info!(
                     status = %describe(status),
                     escalated,

@@ -6,9 +6,10 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use corral_common::nats::publish_durable;
 use corral_proto::v1::{
-    ClaimReply, ClaimRequest, GetRunRequest, HeartbeatReply, HeartbeatRequest, LifecycleEvent,
-    ListRunsReply, ListRunsRequest, RecordSandboxRequest, RunReply, StopCommand, StopReply,
-    SubmitRequest, TrackerError, TransitionRequest, stop_reply, tracker_error::Code,
+    ActivityReply, ActivityRequest, ClaimReply, ClaimRequest, GetRunRequest, HeartbeatReply,
+    HeartbeatRequest, LifecycleEvent, ListRunsReply, ListRunsRequest, RecordSandboxRequest,
+    RunReply, StopCommand, StopReply, SubmitRequest, SweepReply, SweepRequest, TrackerError,
+    TransitionRequest, stop_reply, tracker_error::Code,
 };
 use corral_proto::{Subjects, validate};
 use prost::Message;
@@ -63,6 +64,8 @@ impl Handlers {
             "list" => self.handle_list(payload).await.encode_to_vec(),
             "stop" => self.handle_stop(payload).await.encode_to_vec(),
             "heartbeat" => self.handle_heartbeat(payload).await.encode_to_vec(),
+            "activity" => self.handle_activity(payload).await.encode_to_vec(),
+            "sweep" => self.handle_sweep(payload).await.encode_to_vec(),
             other => RunReply {
                 run: None,
                 error: error(Code::Invalid, format!("unknown tracker op {other:?}")),
@@ -285,6 +288,47 @@ impl Handlers {
         }
     }
 
+    async fn handle_activity(&self, payload: &Bytes) -> ActivityReply {
+        let request: ActivityRequest = match decode(payload, "ActivityRequest") {
+            Ok(r) => r,
+            Err(error) => return ActivityReply { error },
+        };
+        match self.store.activity(&request.run_ids).await {
+            Ok(()) => ActivityReply { error: None },
+            Err(err) => ActivityReply {
+                error: store_error(&err),
+            },
+        }
+    }
+
+    async fn handle_sweep(&self, payload: &Bytes) -> SweepReply {
+        let request: SweepRequest = match decode(payload, "SweepRequest") {
+            Ok(r) => r,
+            Err(error) => {
+                return SweepReply {
+                    error,
+                    ..Default::default()
+                };
+            }
+        };
+        let live = if request.include_live {
+            self.store.live().await
+        } else {
+            Ok(Vec::new())
+        };
+        match (self.store.sweep(&request).await, live) {
+            (Ok(due), Ok(live)) => SweepReply {
+                due,
+                live,
+                error: None,
+            },
+            (Err(err), _) | (_, Err(err)) => SweepReply {
+                error: store_error(&err),
+                ..Default::default()
+            },
+        }
+    }
+
     /// Publishes a committed transition; a failure is logged, not returned:
     /// the database is the record, the lifecycle stream its announcement.
     pub async fn publish_lifecycle(&self, applied: &Applied) {
@@ -308,6 +352,7 @@ impl Handlers {
         {
             tracing::error!(run_id = %run.run_id, version = run.version, error = %err, "lifecycle publish failed");
         }
+        metrics::counter!("corral_transitions_total", "to" => run.state().name()).increment(1);
         tracing::info!(
             run_id = %run.run_id,
             from = applied.from.name(),

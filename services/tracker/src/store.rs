@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use corral_proto::v1::{
-    ClaimRequest, ListRunsRequest, RecordSandboxRequest, Run, RunCommand, RunEvent, RunSpec,
-    RunState, StopCommand, TransitionRequest, claim_reply, stop_reply,
+    ClaimRequest, DueRun, ListRunsRequest, RecordSandboxRequest, Run, RunCommand, RunEvent,
+    RunSpec, RunState, StopCommand, SweepRequest, TransitionRequest, claim_reply, due_run,
+    stop_reply,
 };
 use prost::Message;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -89,6 +90,13 @@ struct RunRow {
 #[derive(FromRow)]
 struct AppliedRow {
     prev_state: String,
+    #[sqlx(flatten)]
+    row: RunRow,
+}
+
+#[derive(FromRow)]
+struct DueRow {
+    due: String,
     #[sqlx(flatten)]
     row: RunRow,
 }
@@ -591,6 +599,84 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(RunRow::to_proto).collect())
+    }
+
+    /// Resets the inactivity window of live runs (no version bump: activity
+    /// is not a change of state).
+    pub async fn activity(&self, run_ids: &[String]) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE runs SET last_activity_at = now()
+             WHERE run_id = ANY($1) AND state NOT IN ('completed', 'failed', 'stopped', 'timed_out')",
+        )
+        .bind(run_ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Live runs the reaper must act on, each with the first reason that
+    /// applies. Scans the live-runs partial index only.
+    pub async fn live(&self) -> Result<Vec<Run>, StoreError> {
+        let rows = sqlx::query_as::<_, RunRow>(&format!(
+            "SELECT {COLUMNS} FROM runs WHERE state NOT IN ('completed', 'failed', 'stopped', 'timed_out')"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(RunRow::to_proto).collect())
+    }
+
+    pub async fn sweep(&self, request: &SweepRequest) -> Result<Vec<DueRun>, StoreError> {
+        let limit = if request.limit == 0 {
+            1000
+        } else {
+            request.limit
+        };
+        let rows = sqlx::query_as::<_, DueRow>(&format!(
+            "SELECT due, {COLUMNS} FROM (
+                SELECT CASE
+                    WHEN stop_requested_at < now() - make_interval(secs => $1 / 1000.0)
+                         AND state <> 'finalizing' THEN 'stop_ignored'
+                    WHEN deadline_at < now() - make_interval(secs => $4 / 1000.0) THEN 'deadline'
+                    WHEN state = 'running'
+                         AND last_activity_at < now() - make_interval(secs => idle_timeout_secs + $4 / 1000.0)
+                         THEN 'inactivity'
+                    WHEN state IN ('booting', 'running', 'finalizing') AND owner IS NOT NULL
+                         AND NOT EXISTS (SELECT 1 FROM spawners s WHERE s.spawner_id = runs.owner
+                                         AND s.heartbeat_at > now() - make_interval(secs => $2 / 1000.0))
+                         THEN 'owner_lost'
+                    WHEN state = 'booting' AND booting_at < now() - make_interval(secs => $3 / 1000.0)
+                         THEN 'stuck_boot'
+                END AS due, *
+                FROM runs
+                WHERE state NOT IN ('completed', 'failed', 'stopped', 'timed_out')
+            ) live
+            WHERE due IS NOT NULL
+            ORDER BY run_id
+            LIMIT $5"
+        ))
+        .bind(request.stop_grace_ms as f64)
+        .bind(request.owner_timeout_ms as f64)
+        .bind(request.boot_limit_ms as f64)
+        .bind(request.backstop_grace_ms as f64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|due| {
+                let why = match due.due.as_str() {
+                    "stop_ignored" => due_run::Why::StopIgnored,
+                    "deadline" => due_run::Why::Deadline,
+                    "inactivity" => due_run::Why::Inactivity,
+                    "owner_lost" => due_run::Why::OwnerLost,
+                    _ => due_run::Why::StuckBoot,
+                };
+                DueRun {
+                    why: why as i32,
+                    run: Some(due.row.to_proto()),
+                }
+            })
+            .collect())
     }
 
     pub async fn heartbeat(&self, spawner_id: &str, owned_runs: u32) -> Result<(), StoreError> {

@@ -1,0 +1,129 @@
+//! The reaper's configuration: defaults < YAML file < `CORRAL_*`
+//! environment < flags (see `corral_common::config`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS server (`NATS_URL`).
+    pub nats_url: String,
+    /// First token of every subject; lets deployments share one NATS.
+    pub subject_prefix: String,
+    /// The `corral.deployment` label of the sandboxes to reconcile ("" = the
+    /// subject prefix).
+    pub deployment: String,
+    /// Where local sandboxes live (`CORRAL_HOME`; "" = `$HOME/.corral`). The
+    /// local provider is node-local: run the reaper beside the spawners.
+    pub home: PathBuf,
+    /// This instance's id ("" = generated).
+    pub reaper_id: String,
+    /// Between sweeps, ms.
+    pub sweep_period_ms: u64,
+    /// The leader lease's time to live, ms; a standby takes over within it.
+    pub lease_ttl_ms: u64,
+    /// A stop the owner has not honoured this long after it was recorded is
+    /// carried out by the reaper, ms.
+    pub stop_grace_ms: u32,
+    /// An owner silent (no heartbeat) this long is lost, ms.
+    pub owner_timeout_ms: u32,
+    /// A run booting longer than this is stuck, ms.
+    pub boot_limit_ms: u32,
+    /// Deadlines and inactivity are enforced this long after they passed,
+    /// leaving the owner's timers the first move, ms.
+    pub backstop_grace_ms: u32,
+    /// Sandboxes killed at once.
+    pub max_parallel_kills: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            subject_prefix: corral_proto::Subjects::DEFAULT_PREFIX.into(),
+            deployment: String::new(),
+            home: PathBuf::new(),
+            reaper_id: String::new(),
+            sweep_period_ms: 5000,
+            lease_ttl_ms: 10_000,
+            stop_grace_ms: 5000,
+            owner_timeout_ms: 10_000,
+            boot_limit_ms: 60_000,
+            backstop_grace_ms: 2000,
+            max_parallel_kills: 32,
+        }
+    }
+}
+
+impl Config {
+    pub fn home_dir(&self) -> PathBuf {
+        if !self.home.as_os_str().is_empty() {
+            return self.home.clone();
+        }
+        let base = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        base.join(".corral")
+    }
+
+    pub fn deployment_label(&self) -> String {
+        if self.deployment.is_empty() {
+            self.subject_prefix.clone()
+        } else {
+            self.deployment.clone()
+        }
+    }
+
+    pub fn reaper_id(&self) -> String {
+        if !self.reaper_id.is_empty() {
+            return self.reaper_id.clone();
+        }
+        let random = uuid::Uuid::now_v7().simple().to_string();
+        format!(
+            "reaper-{}-{}",
+            std::process::id(),
+            &random[random.len() - 6..]
+        )
+    }
+}
+
+/// Command-line flags; each overrides the file and the environment.
+#[derive(Clone, Debug, Default, Serialize, clap::Args)]
+pub struct Flags {
+    /// YAML configuration file (keys as in the config struct, e.g. `sweep_period_ms: 2000`).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// NATS server URL [env: NATS_URL, CORRAL_NATS_URL; default nats://127.0.0.1:4222].
+    #[arg(long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// Subject prefix shared by every service of a deployment [env: CORRAL_SUBJECT_PREFIX; default corral].
+    #[arg(long, value_name = "PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject_prefix: Option<String>,
+    /// Directory of local sandboxes [env: CORRAL_HOME; default ~/.corral].
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub home: Option<PathBuf>,
+    /// Id of this reaper instance [env: CORRAL_REAPER_ID].
+    #[arg(long, value_name = "ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reaper_id: Option<String>,
+    /// Between sweeps, ms [env: CORRAL_SWEEP_PERIOD_MS; default 5000].
+    #[arg(long, value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sweep_period_ms: Option<u64>,
+}
+
+impl Flags {
+    pub fn load(
+        &self,
+        env: &HashMap<String, String>,
+    ) -> Result<Config, corral_common::config::ConfigError> {
+        corral_common::config::load(self.config.as_deref(), env, self)
+    }
+}

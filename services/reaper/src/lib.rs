@@ -1,0 +1,112 @@
+//! The reaper: the backstop that ends what its owner did not.
+//!
+//! One instance at a time is active ([`lease`]); the others stand by and take
+//! over within the lease's TTL. Every sweep period the leader asks the
+//! tracker for what is due — stops the owner did not honour, deadlines and
+//! inactivity past their backstop grace, runs of owners whose heartbeat
+//! lapsed, boots stuck past their limit — kills those sandboxes through the
+//! provider directly and ends the runs; then it reconciles the provider's
+//! list of this deployment's sandboxes against the live records: a sandbox no
+//! live run claims is killed, and a live run whose sandbox is gone fails
+//! with `sandbox_lost`.
+//!
+//! Every action is pinned to what was judged: it kills only the sandbox id
+//! it saw and applies the transition only at the run version it saw, so a
+//! brief second leader or a race with the owner never ends the wrong thing.
+
+pub mod config;
+pub mod lease;
+pub mod sweep;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use corral_client::Client;
+use corral_proto::Subjects;
+use corral_provider::LocalProvider;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// The command line of `corral-reaper` and `corral serve reaper`.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "corral-reaper",
+    version,
+    about = "corral's reaper: the backstop that ends what its owner did not",
+    long_about = "corral's reaper: the backstop that ends what its owner did not.\n\n\
+Configuration: defaults < YAML file (--config) < CORRAL_* environment (e.g. CORRAL_SWEEP_PERIOD_MS; \
+NATS_URL also works) < these flags."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub flags: config::Flags,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Prefix(#[from] corral_proto::PrefixError),
+    #[error(transparent)]
+    Nats(#[from] corral_common::nats::NatsError),
+    #[error("cannot use sandbox directory {path}: {source}")]
+    Home {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Lease(String),
+}
+
+/// Runs the reaper until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let subjects = Subjects::new(&config.subject_prefix)?;
+    let home = config.home_dir();
+    let provider = LocalProvider::new(&home).map_err(|source| Error::Home {
+        path: home.display().to_string(),
+        source,
+    })?;
+    let id = config.reaper_id();
+    let nats = corral_common::nats::connect(
+        &config.nats_url,
+        &format!("corral-reaper {id}"),
+        Duration::from_secs(5),
+    )
+    .await?;
+    let client = Client::from_parts(nats, subjects.clone());
+    corral_common::nats::ensure_streams(client.jetstream(), &subjects).await?;
+    let lease = lease::Lease::open(
+        client.jetstream(),
+        &subjects.reaper_lease_bucket(),
+        &id,
+        Duration::from_millis(config.lease_ttl_ms.max(300)),
+    )
+    .await
+    .map_err(Error::Lease)?;
+    let leader = lease.leader_flag();
+    let lease_task = tokio::spawn(lease.run(shutdown.clone()));
+    tracing::info!(reaper_id = %id, prefix = subjects.prefix(), "reaper started");
+
+    let reaper = sweep::Reaper::new(client.clone(), Arc::new(provider), &config, &id);
+    let mut tick = tokio::time::interval(Duration::from_millis(config.sweep_period_ms.max(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if !leader.load(Ordering::SeqCst) {
+            continue;
+        }
+        match reaper.sweep().await {
+            Ok(report) if report.acted() => tracing::info!(?report, "sweep acted"),
+            Ok(report) => tracing::debug!(?report, "sweep found nothing due"),
+            Err(err) => tracing::warn!(error = %err, "sweep failed"),
+        }
+    }
+    let _ = lease_task.await;
+    let _ = client.nats().flush().await;
+    tracing::info!(reaper_id = %id, "reaper stopped");
+    Ok(())
+}

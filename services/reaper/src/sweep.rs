@@ -1,0 +1,246 @@
+//! One sweep: act on what the tracker says is due, then reconcile the
+//! provider's sandboxes against the live records.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use corral_client::{Client, ClientError};
+use corral_proto::v1::{
+    DueRun, Run, RunEvent, RunState, SweepRequest, TransitionRequest, due_run::Why,
+};
+use corral_provider::{Health, LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, Provider, ProviderError};
+use futures::StreamExt;
+
+use crate::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("tracker: {0}")]
+    Tracker(#[from] ClientError),
+    #[error("provider: {0}")]
+    Provider(#[from] ProviderError),
+}
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    pub duration: Duration,
+    pub stops: usize,
+    pub deadlines: usize,
+    pub inactivity: usize,
+    pub owner_lost: usize,
+    pub stuck_boots: usize,
+    pub orphans_reaped: usize,
+    pub sandboxes_lost: usize,
+    /// Actions whose transition lost a race (the run had moved on).
+    pub raced: usize,
+}
+
+impl Report {
+    pub fn acted(&self) -> bool {
+        self.stops
+            + self.deadlines
+            + self.inactivity
+            + self.owner_lost
+            + self.stuck_boots
+            + self.orphans_reaped
+            + self.sandboxes_lost
+            > 0
+    }
+}
+
+pub struct Reaper {
+    client: Client,
+    provider: Arc<dyn Provider>,
+    request: SweepRequest,
+    deployment: String,
+    actor: String,
+    parallel: usize,
+}
+
+impl Reaper {
+    pub fn new(client: Client, provider: Arc<dyn Provider>, config: &Config, id: &str) -> Reaper {
+        Reaper {
+            client,
+            provider,
+            request: SweepRequest {
+                stop_grace_ms: config.stop_grace_ms,
+                owner_timeout_ms: config.owner_timeout_ms,
+                boot_limit_ms: config.boot_limit_ms,
+                backstop_grace_ms: config.backstop_grace_ms,
+                limit: 10_000,
+                include_live: true,
+            },
+            deployment: config.deployment_label(),
+            actor: format!("reaper:{id}"),
+            parallel: config.max_parallel_kills.max(1),
+        }
+    }
+
+    /// One sweep. The provider is listed before the records are read, so a
+    /// sandbox created after the listing is never judged an orphan.
+    pub async fn sweep(&self) -> Result<Report, SweepError> {
+        let started = Instant::now();
+        let mut labels = Labels::new();
+        labels.insert(LABEL_DEPLOYMENT.into(), self.deployment.clone());
+        let sandboxes = self.provider.list(&labels).await?;
+        let (due, live) = self.client.sweep(&self.request).await?;
+
+        let mut report = Report::default();
+        let outcomes: Vec<(Why, bool)> = futures::stream::iter(due)
+            .map(|due| async move {
+                let why = due.why();
+                (why, self.act(due).await)
+            })
+            .buffer_unordered(self.parallel)
+            .collect()
+            .await;
+        for (why, applied) in outcomes {
+            if !applied {
+                report.raced += 1;
+                continue;
+            }
+            match why {
+                Why::StopIgnored => report.stops += 1,
+                Why::Deadline => report.deadlines += 1,
+                Why::Inactivity => report.inactivity += 1,
+                Why::OwnerLost => report.owner_lost += 1,
+                Why::StuckBoot | Why::Unspecified => report.stuck_boots += 1,
+            }
+        }
+
+        let live: HashMap<&str, &Run> = live.iter().map(|run| (run.run_id.as_str(), run)).collect();
+        let mut listed = std::collections::HashSet::new();
+        for sandbox in &sandboxes {
+            listed.insert(sandbox.id.as_str());
+            let run_id = sandbox
+                .labels
+                .get(LABEL_RUN_ID)
+                .map(String::as_str)
+                .unwrap_or("");
+            let claimed = match live.get(run_id) {
+                Some(run) => {
+                    run.sandbox_id == sandbox.id
+                        || (run.state() == RunState::Booting && run.sandbox_id.is_empty())
+                }
+                None => false,
+            };
+            if claimed {
+                continue;
+            }
+            match self.provider.kill(&sandbox.id).await {
+                Ok(_) => {
+                    tracing::warn!(sandbox_id = %sandbox.id, run_id, reason = "orphan", "orphan sandbox killed");
+                    metrics::counter!("corral_orphans_reaped_total").increment(1);
+                    report.orphans_reaped += 1;
+                }
+                Err(err) => {
+                    tracing::warn!(sandbox_id = %sandbox.id, error = %err, "orphan kill failed")
+                }
+            }
+        }
+        for run in live.values() {
+            let holds_sandbox = matches!(
+                run.state(),
+                RunState::Running | RunState::Idle | RunState::Paused | RunState::Finalizing
+            );
+            if !holds_sandbox
+                || run.sandbox_id.is_empty()
+                || listed.contains(run.sandbox_id.as_str())
+            {
+                continue;
+            }
+            // Listed before the records were read: ask again before judging.
+            if let Ok(Health::Gone(why)) = self.provider.probe(&run.sandbox_id).await
+                && self.end(run, RunEvent::Fail, "sandbox_lost").await
+            {
+                tracing::warn!(run_id = %run.run_id, sandbox_id = %run.sandbox_id, detail = %why, reason = "sandbox_lost", "run failed");
+                metrics::counter!("corral_sandboxes_lost_total").increment(1);
+                report.sandboxes_lost += 1;
+            }
+        }
+        report.duration = started.elapsed();
+        metrics::histogram!("corral_reaper_sweep_seconds").record(report.duration.as_secs_f64());
+        Ok(report)
+    }
+
+    /// Kills the judged sandbox, then ends the run at the judged version.
+    /// Returns whether the transition applied.
+    async fn act(&self, due: DueRun) -> bool {
+        let why = due.why();
+        let Some(run) = due.run else { return false };
+        let (event, reason, metric) = match why {
+            Why::StopIgnored => {
+                let reason = if run.stop_reason.is_empty() {
+                    "stop requested"
+                } else {
+                    run.stop_reason.as_str()
+                };
+                (RunEvent::Stop, reason.to_owned(), "stop_ignored")
+            }
+            Why::Deadline => (RunEvent::TimeOut, "deadline".into(), "deadline"),
+            Why::Inactivity => (RunEvent::TimeOut, "inactivity".into(), "inactivity"),
+            Why::OwnerLost => (RunEvent::Fail, "owner_lost".into(), "owner_lost"),
+            Why::StuckBoot | Why::Unspecified => {
+                (RunEvent::Fail, "stuck_boot".into(), "stuck_boot")
+            }
+        };
+        self.kill_sandboxes_of(&run).await;
+        let applied = self.end(&run, event, &reason).await;
+        if applied {
+            tracing::warn!(run_id = %run.run_id, sandbox_id = %run.sandbox_id, reason = metric, owner = %run.owner, "reaper ended run");
+            match why {
+                Why::Deadline | Why::Inactivity => {
+                    metrics::counter!("corral_timeouts_total", "kind" => metric).increment(1)
+                }
+                Why::OwnerLost => metrics::counter!("corral_owner_lost_total").increment(1),
+                Why::StuckBoot => metrics::counter!("corral_stuck_boots_total").increment(1),
+                _ => metrics::counter!("corral_stops_enforced_total").increment(1),
+            }
+        }
+        applied
+    }
+
+    /// The judged sandbox, or — when no id was recorded — every sandbox
+    /// labelled with the run's id.
+    async fn kill_sandboxes_of(&self, run: &Run) {
+        let ids: Vec<String> = if run.sandbox_id.is_empty() {
+            let mut labels = Labels::new();
+            labels.insert(LABEL_RUN_ID.into(), run.run_id.clone());
+            labels.insert(LABEL_DEPLOYMENT.into(), self.deployment.clone());
+            match self.provider.list(&labels).await {
+                Ok(found) => found.into_iter().map(|s| s.id).collect(),
+                Err(err) => {
+                    tracing::warn!(run_id = %run.run_id, error = %err, "listing the run's sandboxes failed");
+                    Vec::new()
+                }
+            }
+        } else {
+            vec![run.sandbox_id.clone()]
+        };
+        for id in ids {
+            if let Err(err) = self.provider.kill(&id).await {
+                tracing::warn!(run_id = %run.run_id, sandbox_id = %id, error = %err, "sandbox kill failed");
+            }
+        }
+    }
+
+    async fn end(&self, run: &Run, event: RunEvent, reason: &str) -> bool {
+        let request = TransitionRequest {
+            run_id: run.run_id.clone(),
+            event: event as i32,
+            reason: reason.to_owned(),
+            actor: self.actor.clone(),
+            exit_code: None,
+            expected_version: run.version,
+        };
+        match self.client.transition(&request).await {
+            Ok(_) => true,
+            Err(err) => {
+                tracing::debug!(run_id = %run.run_id, error = %err, "reaper transition did not apply");
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! Deadlines, silent agents, dead owners, failover and orphan chaos: real
+//! processes, real NATS and PostgreSQL.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv;
+use corral_proto::v1::{RunCommand, RunState, StopCommand, stop_reply::Outcome};
+use corral_provider::{
+    CreateSpec, LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, Provider,
+};
+use corral_tests::{TestEnv, eventually};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn with_timeouts(mut command: RunCommand, timeout: i32, idle: i32) -> RunCommand {
+    let spec = command.spec.as_mut().expect("spec");
+    spec.timeout_secs = timeout;
+    spec.idle_timeout_secs = idle;
+    command
+}
+
+fn signal(pid: i32, signal: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, signal) };
+}
+
+fn assert_no_process(sandbox_id: &str) {
+    assert!(!sandbox_id.is_empty());
+    assert!(
+        LocalProvider::live_processes(sandbox_id).is_empty(),
+        "{sandbox_id} still has processes"
+    );
+}
+
+async fn last_actor(env: &TestEnv, run_id: &str) -> String {
+    let pool = env.pool().await;
+    let (actor,): (String,) = sqlx::query_as(
+        "SELECT actor FROM run_transitions WHERE run_id = $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(run_id)
+    .fetch_one(&pool)
+    .await
+    .expect("a transition");
+    pool.close().await;
+    actor
+}
+
+#[tokio::test]
+async fn the_owner_enforces_inactivity_and_absolute_timeouts() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner().await;
+    let client = env.client().await;
+
+    let silent = with_timeouts(env.command(&["sh", "-c", "echo once; sleep 300"]), 60, 2);
+    let chatty = with_timeouts(
+        env.command(&[
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8; do echo $i; sleep 0.5; done",
+        ]),
+        60,
+        2,
+    );
+    let endless = with_timeouts(
+        env.command(&["sh", "-c", "while true; do echo tick; sleep 0.2; done"]),
+        2,
+        60,
+    );
+    for command in [&silent, &chatty, &endless] {
+        client.start_run(command).await.expect("submit");
+    }
+
+    let run = env.wait_terminal(&client, &silent.run_id, LIMIT).await;
+    assert_eq!(
+        (run.state(), run.reason.as_str()),
+        (RunState::TimedOut, "inactivity")
+    );
+    let silent_for = run.finished_at_ms - run.running_at_ms;
+    assert!(
+        (2000..3500).contains(&silent_for),
+        "ended {silent_for} ms after start, window 2 s"
+    );
+    assert_no_process(&run.sandbox_id);
+
+    let run = env.wait_terminal(&client, &chatty.run_id, LIMIT).await;
+    assert_eq!(
+        run.state(),
+        RunState::Completed,
+        "output every 0.5 s keeps a 2 s window open: {}",
+        run.reason
+    );
+
+    let run = env.wait_terminal(&client, &endless.run_id, LIMIT).await;
+    assert_eq!(
+        (run.state(), run.reason.as_str()),
+        (RunState::TimedOut, "deadline")
+    );
+    let late = run.finished_at_ms - run.deadline_at_ms;
+    assert!(
+        late < 1000 + 1000,
+        "the owner kills within a second of the deadline (plus grace): {late} ms"
+    );
+    assert_no_process(&run.sandbox_id);
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_reaper_enforces_a_deadline_when_the_owner_is_frozen() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let mut spawner = env.spawn_spawner_process(&[]).await;
+    let mut config = env.reaper_config();
+    config.owner_timeout_ms = 60_000; // frozen, not lost: the deadline must do it
+    let reaper = env.start_reaper_with(config).await;
+    let client = env.client().await;
+
+    let command = with_timeouts(env.command(&["sleep", "300"]), 2, 60);
+    client.start_run(&command).await.expect("submit");
+    let running = env
+        .wait_state(&client, &command.run_id, RunState::Running)
+        .await;
+    signal(spawner.pid(), libc::SIGSTOP);
+
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    assert_eq!(
+        (run.state(), run.reason.as_str()),
+        (RunState::TimedOut, "deadline")
+    );
+    assert!(
+        last_actor(&env, &command.run_id)
+            .await
+            .starts_with("reaper:"),
+        "the reaper, not the frozen owner"
+    );
+    assert_no_process(&running.sandbox_id);
+
+    signal(spawner.pid(), libc::SIGCONT);
+    spawner.kill_hard().await;
+    reaper.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn runs_of_a_sigkilled_owner_end_owner_lost_and_a_stop_still_kills_its_sandbox() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let mut spawner = env.spawn_spawner_process(&[]).await;
+    let reaper = env.start_reaper_with(env.reaper_config()).await;
+    let client = env.client().await;
+
+    let lost = env.command(&["sleep", "300"]);
+    let stopped = env.command(&["sleep", "300"]);
+    client.start_run(&lost).await.expect("submit");
+    client.start_run(&stopped).await.expect("submit");
+    let lost_run = env
+        .wait_state(&client, &lost.run_id, RunState::Running)
+        .await;
+    let stopped_run = env
+        .wait_state(&client, &stopped.run_id, RunState::Running)
+        .await;
+    spawner.kill_hard().await;
+
+    let stop = StopCommand {
+        run_id: stopped.run_id.clone(),
+        reason: "owner is dead".into(),
+        requested_by: "test".into(),
+        requested_at_ms: corral_common::now_ms(),
+    };
+    let started = Instant::now();
+    let (outcome, _) = client.stop(&stop).await.expect("stop");
+    assert_eq!(
+        outcome,
+        Outcome::Accepted,
+        "the stop is recorded though nobody routes it"
+    );
+    let run = env.wait_terminal(&client, &stopped.run_id, LIMIT).await;
+    assert_eq!(
+        (run.state(), run.reason.as_str()),
+        (RunState::Stopped, "owner is dead")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "within the reaper's stop grace: {:?}",
+        started.elapsed()
+    );
+    assert_no_process(&stopped_run.sandbox_id);
+
+    let run = env.wait_terminal(&client, &lost.run_id, LIMIT).await;
+    assert_eq!(
+        (run.state(), run.reason.as_str()),
+        (RunState::Failed, "owner_lost")
+    );
+    assert_no_process(&lost_run.sandbox_id);
+
+    reaper.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_standby_reaper_takes_over_when_the_leader_dies() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let fast = [
+        ("CORRAL_SWEEP_PERIOD_MS", "200"),
+        ("CORRAL_LEASE_TTL_MS", "1500"),
+    ];
+    let mut reapers = vec![
+        env.spawn_service_process(
+            "reaper",
+            &[fast[0], fast[1], ("CORRAL_REAPER_ID", "reaper-a")],
+        ),
+        env.spawn_service_process(
+            "reaper",
+            &[fast[0], fast[1], ("CORRAL_REAPER_ID", "reaper-b")],
+        ),
+    ];
+    let client = env.client().await;
+    let bucket = env.subjects.reaper_lease_bucket();
+    let leader = eventually("a reaper takes the lease", LIMIT, || async {
+        let store: kv::Store = client.jetstream().get_key_value(&bucket).await.ok()?;
+        let value = store.get("leader").await.ok()??;
+        Some(String::from_utf8_lossy(&value).into_owned())
+    })
+    .await;
+    let (dead, standby) = if leader == "reaper-a" {
+        (0, "reaper-b")
+    } else {
+        (1, "reaper-a")
+    };
+    let pid = reapers[dead].id().expect("pid") as i32;
+    signal(pid, libc::SIGKILL);
+    let _ = reapers[dead].wait().await;
+    let killed_at = Instant::now();
+
+    // An orphan appears: only a sweeping reaper removes it.
+    let provider = LocalProvider::new(&env.home).expect("provider");
+    let mut labels = Labels::new();
+    labels.insert(LABEL_RUN_ID.into(), "no-such-run".into());
+    labels.insert(LABEL_DEPLOYMENT.into(), env.prefix.clone());
+    let orphan = provider
+        .create(&CreateSpec {
+            run_id: "no-such-run".into(),
+            labels,
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    eventually("the standby reaps the orphan", LIMIT, || async {
+        provider
+            .list(&Labels::new())
+            .await
+            .ok()?
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let took = killed_at.elapsed();
+    assert!(
+        took < Duration::from_millis(1500 + 1000),
+        "takeover within the lease TTL: {took:?}"
+    );
+    let store = client
+        .jetstream()
+        .get_key_value(&bucket)
+        .await
+        .expect("bucket");
+    let holder = store.get("leader").await.expect("get").expect("held");
+    assert_eq!(String::from_utf8_lossy(&holder), standby);
+    assert!(!env.home.join("sandboxes").join(&orphan.id).exists());
+
+    for mut reaper in reapers {
+        let _ = reaper.kill().await;
+    }
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn orphan_chaos_leaves_the_provider_and_the_records_in_exact_agreement() {
+    let env = TestEnv::new().await;
+    let mut tracker = env.spawn_service_process("tracker", &[]);
+    let client = env.client().await;
+    eventually("the tracker answers", LIMIT, || async {
+        client.get("probe").await.err()?.code().map(|_| ())
+    })
+    .await;
+    let reaper = env.start_reaper_with(env.reaper_config()).await;
+    let spawner_env = [
+        ("CORRAL_HEARTBEAT_MS", "300"),
+        ("CORRAL_COMMAND_ACK_WAIT_MS", "1500"),
+    ];
+    let mut spawner = env.spawn_service_process("spawner", &spawner_env);
+    let mut submitted = Vec::new();
+    let rounds = 12;
+    for round in 0..rounds {
+        for _ in 0..4 {
+            let command = env.command(&["sleep", "300"]);
+            // The tracker may be down: publish the command alone, as any client may.
+            client.publish_run(&command).await.expect("publish");
+            submitted.push(command.run_id);
+        }
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..250))).await;
+        // Faults: the spawner dies between command and running; every third
+        // round the tracker (so the database behind it) is gone while
+        // sandboxes are being created and recorded.
+        if round % 3 == 1 {
+            signal(tracker.id().expect("pid") as i32, libc::SIGKILL);
+            let _ = tracker.wait().await;
+            tokio::time::sleep(Duration::from_millis(rand::random_range(50..400))).await;
+        }
+        signal(spawner.id().expect("pid") as i32, libc::SIGKILL);
+        let _ = spawner.wait().await;
+        if round % 3 == 1 {
+            tracker = env.spawn_service_process("tracker", &[]);
+        }
+        spawner = env.spawn_service_process("spawner", &spawner_env);
+    }
+
+    // Quiet: after reconciliation every sandbox is claimed by a live run and
+    // every live run that should hold a sandbox holds a listed one.
+    let provider = LocalProvider::new(&env.home).expect("provider");
+    let mut labels = Labels::new();
+    labels.insert(LABEL_DEPLOYMENT.into(), env.prefix.clone());
+    let (sandboxes, live) = eventually(
+        "provider and records agree",
+        Duration::from_secs(90),
+        || async {
+            let sandboxes = provider.list(&labels).await.ok()?;
+            let (_, live) = client
+                .sweep(&corral_proto::v1::SweepRequest {
+                    include_live: true,
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            let listed: HashSet<&str> = sandboxes.iter().map(|s| s.id.as_str()).collect();
+            let claimed: HashSet<&str> = live.iter().map(|r| r.sandbox_id.as_str()).collect();
+            let orphans = sandboxes
+                .iter()
+                .filter(|s| !claimed.contains(s.id.as_str()))
+                .count();
+            let missing = live
+                .iter()
+                .filter(|r| r.state() != RunState::Pending)
+                .filter(|r| r.sandbox_id.is_empty() || !listed.contains(r.sandbox_id.as_str()))
+                .count();
+            (orphans == 0 && missing == 0).then_some((sandboxes, live))
+        },
+    )
+    .await;
+
+    let pool = env.pool().await;
+    let outcomes: Vec<(String, String)> = sqlx::query_as("SELECT state, reason FROM runs")
+        .fetch_all(&pool)
+        .await
+        .expect("runs");
+    pool.close().await;
+    let mut counts = BTreeMap::<String, usize>::new();
+    for (state, reason) in &outcomes {
+        *counts
+            .entry(if reason.is_empty() {
+                state.clone()
+            } else {
+                format!("{state} ({reason})")
+            })
+            .or_default() += 1;
+    }
+    println!(
+        "orphan chaos: {} runs submitted over {rounds} rounds; {} sandboxes listed, {} live runs, 0 orphans, 0 live runs without a sandbox; outcomes {counts:?}",
+        submitted.len(),
+        sandboxes.len(),
+        live.len()
+    );
+    assert_eq!(
+        sandboxes.len(),
+        live.iter()
+            .filter(|r| r.state() != RunState::Pending)
+            .count()
+    );
+
+    spawner.kill().await.ok();
+    reaper.stop().await;
+    tracker.kill().await.ok();
+    for sandbox in provider.list(&Labels::new()).await.expect("list") {
+        provider.kill(&sandbox.id).await.expect("kill");
+    }
+    env.cleanup().await;
+}
