@@ -14,10 +14,18 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::commands::Global;
 
+mod reaper;
+mod stack;
+mod stop;
+
 #[derive(clap::Subcommand)]
 pub enum Bench {
     /// Throughput and latency of whole runs (agent `true` by default) against the stack `corral up` runs.
     Runs(RunsArgs),
+    /// Stop latency and spawner memory per sandbox; starts its own tracker and spawner processes.
+    Stop(stop::StopArgs),
+    /// Sweep cost over a large history and deadline-to-kill with a frozen owner; self-contained.
+    Reaper(reaper::ReaperArgs),
 }
 
 #[derive(clap::Args)]
@@ -44,6 +52,8 @@ pub struct RunsArgs {
 pub async fn bench(global: &Global, bench: Bench) -> anyhow::Result<ExitCode> {
     match bench {
         Bench::Runs(args) => runs(global, args).await,
+        Bench::Stop(args) => stop::run(global, args).await,
+        Bench::Reaper(args) => reaper::run(global, args).await,
     }
 }
 
@@ -211,11 +221,11 @@ async fn runs(global: &Global, args: RunsArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn ms(duration: Duration) -> f64 {
+pub fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
-fn round(value: f64) -> f64 {
+pub fn round(value: f64) -> f64 {
     (value * 100.0).round() / 100.0
 }
 

@@ -1,0 +1,281 @@
+//! `corral bench stop`: N long-running sandboxes over S spawner processes,
+//! all stopped at once from this process; latency from each StopCommand's
+//! publish to its process group being gone, and to the `stopped` lifecycle
+//! event; spawner memory per owned sandbox.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use corral_proto::v1::{LifecycleEvent, RunCommand, RunSpec, RunState, StopCommand};
+use futures::StreamExt;
+use prost::Message;
+use tokio::sync::Semaphore;
+
+use super::stack::{Stack, exited, rss_kib};
+use super::{ms, percentile, round};
+use crate::commands::Global;
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Needs NATS_URL and DATABASE_URL; starts its own tracker and spawners under a \
+fresh subject prefix and removes them after.\n\nExample:\n  corral bench stop --sandboxes 1000 --spawners 2"
+)]
+pub struct StopArgs {
+    /// Sandboxes to start and stop.
+    #[arg(long, default_value_t = 1000)]
+    sandboxes: usize,
+    /// Spawner processes to spread them over.
+    #[arg(long, default_value_t = 2)]
+    spawners: usize,
+}
+
+#[derive(Default)]
+struct Seen {
+    running: HashMap<String, String>,
+    stopped: HashMap<String, Instant>,
+}
+
+pub async fn run(global: &Global, args: StopArgs) -> anyhow::Result<ExitCode> {
+    if args.sandboxes == 0 || args.spawners == 0 {
+        bail!("--sandboxes and --spawners must be positive");
+    }
+    let mut stack = Stack::new(&global.nats_url, "stop").await?;
+    let result = measure(&mut stack, &args).await;
+    stack.teardown().await;
+    result
+}
+
+async fn measure(stack: &mut Stack, args: &StopArgs) -> anyhow::Result<ExitCode> {
+    stack.spawn("tracker", &[])?;
+    stack.wait_for_tracker().await?;
+    let per_spawner = args.sandboxes.div_ceil(args.spawners);
+    let mut spawners = Vec::new();
+    for i in 0..args.spawners {
+        let env = [
+            ("CORRAL_SPAWNER_ID", format!("bench-spawner-{i}")),
+            ("CORRAL_MAX_RUNS", (per_spawner + 8).to_string()),
+        ];
+        spawners.push(stack.spawn("spawner", &env)?);
+    }
+    let client = stack.client.clone();
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let mut lifecycle = client
+        .nats()
+        .subscribe(client.subjects().lifecycle_all())
+        .await?;
+    client.nats().flush().await?;
+    let listener = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(message) = lifecycle.next().await {
+                let Ok(event) = LifecycleEvent::decode(message.payload) else {
+                    continue;
+                };
+                let Ok(mut seen) = seen.lock() else { return };
+                match RunState::try_from(event.to) {
+                    Ok(RunState::Running) => {
+                        seen.running.insert(event.run_id, event.sandbox_id);
+                    }
+                    Ok(RunState::Stopped) => {
+                        seen.stopped.insert(event.run_id, Instant::now());
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
+    // Let the spawners connect and settle before the memory baseline.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let baseline: Vec<u64> = spawners
+        .iter()
+        .map(|pid| rss_kib(*pid).unwrap_or(0))
+        .collect();
+
+    eprintln!(
+        "starting {} sandboxes over {} spawners",
+        args.sandboxes, args.spawners
+    );
+    let permits = Arc::new(Semaphore::new(64));
+    let mut submits = Vec::new();
+    for i in 0..args.sandboxes {
+        let permit = permits.clone().acquire_owned().await?;
+        let client = client.clone();
+        let command = RunCommand {
+            run_id: format!("{}-{i}", stack.prefix),
+            spec: Some(RunSpec {
+                argv: vec!["sleep".into(), "3600".into()],
+                timeout_secs: 3600,
+                idle_timeout_secs: 3600,
+                ..Default::default()
+            }),
+            requested_by: "bench".into(),
+            submitted_at_ms: corral_common::now_ms(),
+        };
+        submits.push(tokio::spawn(async move {
+            let result = client.start_run(&command).await;
+            drop(permit);
+            result
+        }));
+    }
+    for submit in submits {
+        submit.await?.context("submit failed")?;
+    }
+    let started = Instant::now();
+    loop {
+        let running = seen.lock().map(|s| s.running.len()).unwrap_or(0);
+        if running >= args.sandboxes {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            bail!(
+                "only {running} of {} sandboxes reached running",
+                args.sandboxes
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let loaded: Vec<u64> = spawners
+        .iter()
+        .map(|pid| rss_kib(*pid).unwrap_or(0))
+        .collect();
+    let grown: u64 = loaded
+        .iter()
+        .zip(&baseline)
+        .map(|(after, before)| after.saturating_sub(*before))
+        .sum();
+    let rss_per_sandbox = grown as f64 / args.sandboxes as f64;
+
+    // The agents' processes, found once by their sandbox marker.
+    let sandboxes: HashMap<String, String> =
+        seen.lock().map(|s| s.running.clone()).unwrap_or_default();
+    let pids = pids_by_sandbox();
+    let mut waits = Vec::new();
+    let gone: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    for (run_id, sandbox_id) in &sandboxes {
+        let Some(pids) = pids.get(sandbox_id) else {
+            bail!("no process found for sandbox {sandbox_id} of run {run_id}");
+        };
+        for pid in pids.clone() {
+            let gone = gone.clone();
+            let run_id = run_id.clone();
+            waits.push(tokio::spawn(async move {
+                let _ = exited(pid).await;
+                if let Ok(mut gone) = gone.lock() {
+                    gone.entry(run_id)
+                        .and_modify(|t| *t = (*t).max(Instant::now()))
+                        .or_insert_with(Instant::now);
+                }
+            }));
+        }
+    }
+    // pidfds are open before the first stop goes out.
+    tokio::task::yield_now().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    eprintln!("stopping {} sandboxes", sandboxes.len());
+    let js = client.jetstream();
+    let mut published = HashMap::new();
+    let mut acks = Vec::new();
+    for run_id in sandboxes.keys() {
+        let stop = StopCommand {
+            run_id: run_id.clone(),
+            reason: "bench".into(),
+            requested_by: "bench".into(),
+            requested_at_ms: corral_common::now_ms(),
+        };
+        published.insert(run_id.clone(), Instant::now());
+        acks.push(
+            js.publish(
+                client.subjects().cmd_stop(run_id),
+                stop.encode_to_vec().into(),
+            )
+            .await?,
+        );
+    }
+    for ack in acks {
+        ack.await.context("stop not acknowledged by JetStream")?;
+    }
+    for wait in waits {
+        let _ = tokio::time::timeout(Duration::from_secs(60), wait).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.lock().map(|s| s.stopped.len()).unwrap_or(0) < sandboxes.len()
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    listener.abort();
+
+    let gone = gone.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let seen = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut to_gone = Vec::new();
+    let mut to_event = Vec::new();
+    for (run_id, at) in &published {
+        if let Some(done) = gone.get(run_id) {
+            to_gone.push(ms(done.saturating_duration_since(*at)));
+        }
+        if let Some(done) = seen.stopped.get(run_id) {
+            to_event.push(ms(done.saturating_duration_since(*at)));
+        }
+    }
+    let max = to_gone.iter().cloned().fold(0.0, f64::max);
+    let figures = serde_json::json!({
+        "bench": "stop",
+        "sandboxes": args.sandboxes,
+        "spawners": args.spawners,
+        "gone": to_gone.len(),
+        "stopped_events": to_event.len(),
+        "stop_p50_ms": round(percentile(&mut to_gone, 0.50)),
+        "stop_p99_ms": round(percentile(&mut to_gone, 0.99)),
+        "stop_max_ms": round(max),
+        "stopped_event_p50_ms": round(percentile(&mut to_event, 0.50)),
+        "stopped_event_p99_ms": round(percentile(&mut to_event, 0.99)),
+        "spawner_rss_kib_per_sandbox": round(rss_per_sandbox),
+    });
+    println!(
+        "sandboxes stopped        {}/{}",
+        to_gone.len(),
+        args.sandboxes
+    );
+    println!(
+        "publish -> process gone  p50 {} ms, p99 {} ms, max {} ms",
+        figures["stop_p50_ms"], figures["stop_p99_ms"], figures["stop_max_ms"]
+    );
+    println!(
+        "publish -> stopped event p50 {} ms, p99 {} ms",
+        figures["stopped_event_p50_ms"], figures["stopped_event_p99_ms"]
+    );
+    println!("spawner memory           {rss_per_sandbox:.1} KiB per owned sandbox");
+    println!("{figures}");
+    Ok(if to_gone.len() == args.sandboxes {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Process ids by the `CORRAL_SANDBOX_ID` in their environment, in one
+/// pass over /proc.
+pub fn pids_by_sandbox() -> HashMap<String, Vec<i32>> {
+    let mut found: HashMap<String, Vec<i32>> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        for entry in environ.split(|b| *b == 0) {
+            if let Some(id) = entry.strip_prefix(b"CORRAL_SANDBOX_ID=") {
+                found
+                    .entry(String::from_utf8_lossy(id).into_owned())
+                    .or_default()
+                    .push(pid);
+            }
+        }
+    }
+    found
+}
