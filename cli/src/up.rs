@@ -180,41 +180,48 @@ async fn demo(global: &Global, shutdown: CancellationToken) -> anyhow::Result<()
 
 pub async fn serve(_global: &Global, service: Service) -> anyhow::Result<ExitCode> {
     let env = process_env();
-    match service {
+    let argv0 = |name: &str| std::iter::once(format!("corral serve {name}"));
+    // Parse first, so a bad flag or key fails before anything starts.
+    let (name, service): (
+        &'static str,
+        futures::future::BoxFuture<'static, anyhow::Result<()>>,
+    ) = match service {
         Service::Tracker { args } => {
-            let cli = corral_tracker::Cli::parse_from(
-                std::iter::once("corral serve tracker".to_owned()).chain(args),
-            );
-            let config = cli.flags.load(&env)?;
-            let telemetry =
-                corral_common::telemetry::init("corral-tracker").map_err(anyhow::Error::msg)?;
-            let result = corral_tracker::run(config, corral_common::shutdown::signal_token()).await;
-            telemetry.shutdown();
-            result?;
+            let config = corral_tracker::Cli::parse_from(argv0("tracker").chain(args))
+                .flags
+                .load(&env)?;
+            (
+                "corral-tracker",
+                Box::pin(async move { Ok(corral_tracker::run(config, signal()).await?) }),
+            )
         }
         Service::Spawner { args } => {
-            let cli = corral_spawner::Cli::parse_from(
-                std::iter::once("corral serve spawner".to_owned()).chain(args),
-            );
-            let config = cli.flags.load(&env)?;
-            let telemetry =
-                corral_common::telemetry::init("corral-spawner").map_err(anyhow::Error::msg)?;
-            let result = corral_spawner::run(config, corral_common::shutdown::signal_token()).await;
-            telemetry.shutdown();
-            result?;
+            let config = corral_spawner::Cli::parse_from(argv0("spawner").chain(args))
+                .flags
+                .load(&env)?;
+            (
+                "corral-spawner",
+                Box::pin(async move { Ok(corral_spawner::run(config, signal()).await?) }),
+            )
         }
         Service::Reaper { args } => {
-            let cli = corral_reaper::Cli::parse_from(
-                std::iter::once("corral serve reaper".to_owned()).chain(args),
-            );
-            let config = cli.flags.load(&env)?;
-            let telemetry =
-                corral_common::telemetry::init("corral-reaper").map_err(anyhow::Error::msg)?;
-            corral_common::telemetry::metrics_from_env().map_err(anyhow::Error::msg)?;
-            let result = corral_reaper::run(config, corral_common::shutdown::signal_token()).await;
-            telemetry.shutdown();
-            result?;
+            let config = corral_reaper::Cli::parse_from(argv0("reaper").chain(args))
+                .flags
+                .load(&env)?;
+            (
+                "corral-reaper",
+                Box::pin(async move { Ok(corral_reaper::run(config, signal()).await?) }),
+            )
         }
-    }
+    };
+    let telemetry = corral_common::telemetry::init(name).map_err(anyhow::Error::msg)?;
+    corral_common::telemetry::metrics_from_env().map_err(anyhow::Error::msg)?;
+    let result = service.await;
+    telemetry.shutdown();
+    result?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn signal() -> CancellationToken {
+    corral_common::shutdown::signal_token()
 }

@@ -14,6 +14,7 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/corral.v1.rs"));
 }
 
+pub mod kinds;
 mod states;
 mod subjects;
 pub mod validate;

@@ -393,3 +393,80 @@ async fn orphan_chaos_leaves_the_provider_and_the_records_in_exact_agreement() {
     }
     env.cleanup().await;
 }
+
+/// Publishes `kind` events for `run_id` every 300 ms until `stop` is cancelled.
+fn emit(
+    env: &TestEnv,
+    client: &corral_client::Client,
+    run_id: &str,
+    kind: &'static str,
+) -> tokio_util::sync::CancellationToken {
+    use prost::Message;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (client, subject, run_id, token) = (
+        client.clone(),
+        env.subjects.events(run_id, kind),
+        run_id.to_owned(),
+        stop.clone(),
+    );
+    tokio::spawn(async move {
+        let mut seq = 0;
+        while !token.is_cancelled() {
+            seq += 1;
+            let event = corral_proto::v1::AgentEvent {
+                event_id: corral_client::new_run_id(),
+                run_id: run_id.clone(),
+                seq,
+                at_ms: corral_common::now_ms(),
+                kind: kind.into(),
+                payload: None,
+            };
+            let _ = client
+                .jetstream()
+                .publish(subject.clone(), event.encode_to_vec().into())
+                .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    stop
+}
+
+#[tokio::test]
+async fn heartbeats_do_not_hold_off_the_inactivity_timeout_but_progress_events_do() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner().await;
+    let client = env.client().await;
+
+    let heartbeating = with_timeouts(env.command(&["sleep", "300"]), 60, 2);
+    let working = with_timeouts(env.command(&["sleep", "4"]), 60, 2);
+    for command in [&heartbeating, &working] {
+        client.start_run(command).await.expect("submit");
+        env.wait_state(&client, &command.run_id, RunState::Running)
+            .await;
+    }
+    let heartbeats = emit(&env, &client, &heartbeating.run_id, "agent.heartbeat");
+    let progress = emit(&env, &client, &working.run_id, "agent.tool_use");
+
+    let run = env
+        .wait_terminal(&client, &heartbeating.run_id, LIMIT)
+        .await;
+    assert_eq!(
+        (run.state(), run.reason.as_str()),
+        (RunState::TimedOut, "inactivity")
+    );
+    assert_no_process(&run.sandbox_id);
+    let run = env.wait_terminal(&client, &working.run_id, LIMIT).await;
+    assert_eq!(
+        run.state(),
+        RunState::Completed,
+        "tool use every 300 ms keeps a silent agent alive: {}",
+        run.reason
+    );
+    heartbeats.cancel();
+    progress.cancel();
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}

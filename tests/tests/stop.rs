@@ -393,3 +393,52 @@ async fn finalize_pushes_only_runs_that_completed_without_a_stop() {
     tracker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_stop_published_before_its_run_is_known_still_prevents_the_boot() {
+    use prost::Message;
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let client = env.client().await;
+    // A client that only publishes: the run command, then its stop, on the
+    // subjects, before any spawner runs and without asking the tracker.
+    let command = env.command(&["sleep", "300"]);
+    client.publish_run(&command).await.expect("publish run");
+    let stop = stop_command(&command.run_id, "published stop");
+    client
+        .jetstream()
+        .publish(
+            env.subjects.cmd_stop(&command.run_id),
+            stop.encode_to_vec().into(),
+        )
+        .await
+        .expect("publish stop")
+        .await
+        .expect("stop acknowledged");
+    let pool = env.pool().await;
+    eventually("the tracker keeps the early stop", LIMIT, || async {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT run_id FROM early_stops WHERE run_id = $1")
+                .bind(&command.run_id)
+                .fetch_optional(&pool)
+                .await
+                .ok()?;
+        row.map(|_| ())
+    })
+    .await;
+    pool.close().await;
+
+    let spawner = env.start_spawner().await;
+    let run = eventually("the run appears, stopped", LIMIT, || async {
+        let run = client.get(&command.run_id).await.ok()?;
+        run.state().is_terminal().then_some(run)
+    })
+    .await;
+    assert_eq!(run.state(), RunState::Stopped);
+    assert_eq!(run.reason, "published stop");
+    assert_eq!(run.booting_at_ms, 0, "never booted");
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}

@@ -34,7 +34,7 @@ pub use config::Config;
     version,
     about = "corral's spawner: owns sandboxes and the agents running in them",
     long_about = "corral's spawner: owns sandboxes and the agents running in them.\n\nConfiguration: defaults < YAML file (--config) < CORRAL_* environment \
-(e.g. CORRAL_SUBJECT_PREFIX; NATS_URL and DATABASE_URL also work) < these flags."
+(e.g. CORRAL_SUBJECT_PREFIX; NATS_URL also works; CORRAL_HOME names the sandbox directory) < these flags."
 )]
 pub struct Cli {
     #[command(flatten)]

@@ -62,6 +62,7 @@ pub(crate) async fn supervise(spawner: &Arc<Spawner>, start: Start) {
         run: start.run,
         run_id,
         sandbox_id: None,
+        seq: Default::default(),
     }
     .supervise()
     .instrument(span)
@@ -74,6 +75,8 @@ struct Supervisor {
     spec: RunSpec,
     run: Run,
     sandbox_id: Option<String>,
+    /// Sequence number of the last output event, across executions.
+    seq: std::sync::atomic::AtomicU64,
 }
 
 impl Supervisor {
@@ -265,10 +268,22 @@ impl Supervisor {
             mut output,
             process,
         } = execution;
+        // Events the agent (or a trusted service) publishes for this run:
+        // progress resets the inactivity window, heartbeats do not.
+        let events_subject = self.spawner.subjects().events_of_run(&self.run_id);
+        let kind_offset = events_subject.len() - 1;
+        let mut events = self
+            .spawner
+            .client
+            .nats()
+            .subscribe(events_subject)
+            .await
+            .ok();
         let mut publisher = Publisher::new(
             self.spawner.client.jetstream().clone(),
             self.spawner.subjects(),
             &self.run_id,
+            self.seq.load(std::sync::atomic::Ordering::Relaxed),
         );
         let deadline = instant_of(self.run.deadline_at_ms);
         let idle = Duration::from_secs(self.run.idle_timeout_secs.max(1) as u64);
@@ -296,6 +311,13 @@ impl Supervisor {
                     }
                     None => output_open = false,
                 },
+                Some(event) = next_event(&mut events) => {
+                    let kind = event.subject.get(kind_offset..).unwrap_or("");
+                    if kind != "agent.output" && corral_proto::kinds::is_progress(kind) {
+                        idle_at = Instant::now() + idle;
+                        self.spawner.note_activity(&self.run_id);
+                    }
+                }
                 status = process.wait() => break Ending::Exited(status),
             }
         };
@@ -331,6 +353,8 @@ impl Supervisor {
             let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
         }
         publisher.flush().await;
+        self.seq
+            .store(publisher.seq, std::sync::atomic::Ordering::Relaxed);
         ending
     }
 
@@ -426,6 +450,14 @@ impl Supervisor {
     }
 }
 
+/// The next message of an optional subscription (never, without one).
+async fn next_event(events: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match events {
+        Some(events) => events.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A stop already delivered to the subscription, if any.
 fn pending_stop(stops: &mut async_nats::Subscriber) -> Option<StopCommand> {
     use futures::FutureExt;
@@ -472,12 +504,17 @@ struct Publisher {
 }
 
 impl Publisher {
-    fn new(js: jetstream::Context, subjects: &corral_proto::Subjects, run_id: &str) -> Publisher {
+    fn new(
+        js: jetstream::Context,
+        subjects: &corral_proto::Subjects,
+        run_id: &str,
+        seq: u64,
+    ) -> Publisher {
         Publisher {
             js,
             subject: subjects.events(run_id, "agent.output"),
             run_id: run_id.to_owned(),
-            seq: 0,
+            seq,
             in_flight: FuturesUnordered::new(),
         }
     }

@@ -253,7 +253,15 @@ impl Handlers {
         stop: &StopCommand,
         route: bool,
     ) -> Result<(stop_reply::Outcome, Option<corral_proto::v1::Run>), StoreError> {
-        let (outcome, run, applied) = self.store.request_stop(stop).await?;
+        // A stop published on the subject (not routed by us) may precede the
+        // run's record: keep it for when the run appears.
+        let remember_unknown = !route;
+        let (mut outcome, mut run, mut applied) =
+            self.store.request_stop(stop, remember_unknown).await?;
+        if remember_unknown && outcome == stop_reply::Outcome::NotFound && run.is_some() {
+            // Created between the look-up and the note: record it normally.
+            (outcome, run, applied) = self.store.request_stop(stop, false).await?;
+        }
         if let Some(applied) = &applied {
             self.publish_lifecycle(applied).await;
         }

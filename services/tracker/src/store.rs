@@ -224,8 +224,10 @@ impl Store {
         let labels: BTreeMap<String, String> = spec.labels.clone().into_iter().collect();
         let inserted = sqlx::query_as::<_, RunRow>(&format!(
             "WITH i AS (
-                INSERT INTO runs (run_id, state, spec, labels, provider, requested_by, timeout_secs, idle_timeout_secs)
-                VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7)
+                INSERT INTO runs (run_id, state, spec, labels, provider, requested_by, timeout_secs,
+                                  idle_timeout_secs, stop_requested_at, stop_reason, stop_requested_by)
+                SELECT $1, 'pending', $2, $3, $4, $5, $6, $7, e.requested_at, e.reason, e.requested_by
+                FROM (SELECT 1) AS one LEFT JOIN early_stops e ON e.run_id = $1
                 ON CONFLICT (run_id) DO NOTHING
                 RETURNING {COLUMNS}
             ), t AS (
@@ -268,8 +270,9 @@ impl Store {
             .command
             .as_ref()
             .ok_or_else(|| StoreError::Invalid("claim without a command".into()))?;
+        let actor = format!("spawner:{}", request.owner);
         let claim = || Changes {
-            actor: &request.owner,
+            actor: &actor,
             owner: Some(&request.owner),
             ..Default::default()
         };
@@ -489,9 +492,12 @@ impl Store {
     /// Records a stop durably. A pending run is stopped at once (no owner has
     /// it yet); a live one keeps its state for the owner (or the reaper) to
     /// end, and its version changes, which closes the finalize fence.
+    /// With `remember_unknown`, a stop for a run not recorded yet is kept
+    /// and applies when the run appears (the outcome is still `NotFound`).
     pub async fn request_stop(
         &self,
         stop: &StopCommand,
+        remember_unknown: bool,
     ) -> Result<(stop_reply::Outcome, Option<Run>, Option<Applied>), StoreError> {
         use stop_reply::Outcome;
         let requested_by = if stop.requested_by.is_empty() {
@@ -502,7 +508,24 @@ impl Store {
         for _ in 0..CAS_ATTEMPTS {
             let row = match self.load(&stop.run_id).await {
                 Ok(row) => row,
-                Err(StoreError::NotFound(_)) => return Ok((Outcome::NotFound, None, None)),
+                Err(StoreError::NotFound(_)) => {
+                    if remember_unknown {
+                        sqlx::query(
+                            "INSERT INTO early_stops (run_id, reason, requested_by) VALUES ($1, $2, $3)
+                             ON CONFLICT (run_id) DO NOTHING",
+                        )
+                        .bind(&stop.run_id)
+                        .bind(&stop.reason)
+                        .bind(requested_by)
+                        .execute(&self.pool)
+                        .await?;
+                        // The run may have been created in between.
+                        if let Ok(run) = self.get(&stop.run_id).await {
+                            return Ok((Outcome::NotFound, Some(run), None));
+                        }
+                    }
+                    return Ok((Outcome::NotFound, None, None));
+                }
                 Err(err) => return Err(err),
             };
             let state = row.state();
