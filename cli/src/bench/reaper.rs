@@ -193,7 +193,14 @@ async fn measure(stack: &mut Stack, args: &ReaperArgs) -> anyhow::Result<ExitCod
     unsafe { libc::kill(spawner as i32, libc::SIGSTOP) };
     let shutdown = CancellationToken::new();
     let reaper_task = tokio::spawn(corral_reaper::run(config.clone(), shutdown.clone()));
-    let pids = pids_by_sandbox();
+    let mut pids = pids_by_sandbox();
+    let looking = Instant::now();
+    while runs.iter().any(|r| !pids.contains_key(&r.sandbox_id))
+        && looking.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pids = pids_by_sandbox();
+    }
     let mut waits = Vec::new();
     for run in &runs {
         let pid = *pids

@@ -151,7 +151,16 @@ async fn measure(stack: &mut Stack, args: &StopArgs) -> anyhow::Result<ExitCode>
     // The agents' processes, found once by their sandbox marker.
     let sandboxes: HashMap<String, String> =
         seen.lock().map(|s| s.running.clone()).unwrap_or_default();
-    let pids = pids_by_sandbox();
+    // `running` is announced just before the agent is started: look until
+    // every sandbox shows its process.
+    let mut pids = pids_by_sandbox();
+    let looking = Instant::now();
+    while sandboxes.values().any(|id| !pids.contains_key(id))
+        && looking.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pids = pids_by_sandbox();
+    }
     let mut waits = Vec::new();
     let gone: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     for (run_id, sandbox_id) in &sandboxes {

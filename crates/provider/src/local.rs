@@ -13,7 +13,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -31,12 +31,20 @@ const WORK_DIR: &str = "work";
 const MAX_LINE: usize = 64 * 1024;
 const ENV_MARKER: &str = "CORRAL_SANDBOX_ID";
 
-/// Sandboxes as process groups on this machine.
+/// Sandboxes as process groups on this machine. Cheap to clone.
+#[derive(Clone)]
 pub struct LocalProvider {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     root: PathBuf,
     path_env: String,
     /// Serializes this process's read-modify-write of state files.
     state_lock: Mutex<()>,
+    /// Bounds the blocking work in flight: a burst of kills must not become
+    /// hundreds of threads fighting the agents' signals for the CPU.
+    blocking_slots: tokio::sync::Semaphore,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -63,23 +71,51 @@ impl LocalProvider {
     pub fn new(home: &Path) -> io::Result<LocalProvider> {
         let root = home.join("sandboxes");
         std::fs::create_dir_all(&root)?;
-        Ok(LocalProvider {
+        let inner = Inner {
             root,
             path_env: std::env::var("PATH")
                 .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned()),
             state_lock: Mutex::new(()),
+            blocking_slots: tokio::sync::Semaphore::new(4),
+        };
+        Ok(LocalProvider {
+            inner: Arc::new(inner),
         })
     }
 
     /// The sandbox's working directory (the agent's `HOME` and cwd).
     pub fn work_dir(&self, sandbox_id: &str) -> PathBuf {
-        self.root.join(sandbox_id).join(WORK_DIR)
+        self.inner.work_dir(sandbox_id)
     }
 
     /// Process ids of every live (non-zombie) process of the sandbox, found
     /// by its environment marker. For tests and diagnostics: it scans /proc.
     pub fn live_processes(sandbox_id: &str) -> Vec<i32> {
         scan_proc(|_, _| true, Some(sandbox_id))
+    }
+
+    /// Runs blocking file and process work off the async workers, so a
+    /// burst of kills never delays the signals of other runs.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Inner) -> Result<T, ProviderError> + Send + 'static,
+    ) -> Result<T, ProviderError> {
+        let _slot = self
+            .inner
+            .blocking_slots
+            .acquire()
+            .await
+            .map_err(|err| ProviderError::Failed(err.to_string()))?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || work(&inner))
+            .await
+            .map_err(|err| ProviderError::Failed(format!("provider task failed: {err}")))?
+    }
+}
+
+impl Inner {
+    fn work_dir(&self, sandbox_id: &str) -> PathBuf {
+        self.root.join(sandbox_id).join(WORK_DIR)
     }
 
     fn dir(&self, sandbox_id: &str) -> Result<PathBuf, ProviderError> {
@@ -126,6 +162,62 @@ impl LocalProvider {
         change(&mut state);
         self.write_state(&state)?;
         Ok(state)
+    }
+
+    fn kill(&self, sandbox_id: &str) -> Result<KillOutcome, ProviderError> {
+        let dir = self.dir(sandbox_id)?;
+        let state = match self.read_state(sandbox_id) {
+            Ok(state) => state,
+            Err(ProviderError::NotFound(_)) => {
+                // No state file: either gone, or a create that crashed before
+                // writing it. Kill anything carrying the marker regardless.
+                let strays = scan_proc(|_, _| true, Some(sandbox_id));
+                for pid in &strays {
+                    killpg(*pid, libc::SIGKILL);
+                }
+                let existed = dir.exists();
+                let _ = std::fs::remove_dir_all(&dir);
+                return Ok(if existed || !strays.is_empty() {
+                    KillOutcome::Killed
+                } else {
+                    KillOutcome::AlreadyGone
+                });
+            }
+            Err(err) => return Err(err),
+        };
+        // Remove the state first so a concurrent exec notices and gives up.
+        let _ = std::fs::remove_file(dir.join(STATE_FILE));
+        self.signal_groups(&state, libc::SIGKILL);
+        // A paused group must be continued for SIGKILL to finish it promptly.
+        self.signal_groups(&state, libc::SIGCONT);
+        for group in &state.groups {
+            wait_group_gone(group.pgid, Duration::from_secs(1));
+        }
+        if state.groups.is_empty() {
+            for pid in scan_proc(|_, _| true, Some(sandbox_id)) {
+                killpg(pid, libc::SIGKILL);
+            }
+        }
+        std::fs::remove_dir_all(&dir).map_err(|err| io_failed(&dir, err))?;
+        Ok(KillOutcome::Killed)
+    }
+
+    fn create(&self, spec: &CreateSpec) -> Result<SandboxInfo, ProviderError> {
+        let id = format!("sbx-{}", uuid::Uuid::now_v7().simple());
+        let dir = self.dir(&id)?;
+        let work = dir.join(WORK_DIR);
+        std::fs::create_dir_all(&work).map_err(|err| io_failed(&work, err))?;
+        let state = SandboxState {
+            id: id.clone(),
+            labels: spec.labels.clone(),
+            created_at_ms: now_ms(),
+            memory_mib: spec.memory_mib,
+            cpu_secs: spec.cpu_secs,
+            paused: false,
+            groups: Vec::new(),
+        };
+        self.write_state(&state)?;
+        Ok(info(&state))
     }
 
     /// Signals every live group of the sandbox; returns how many it reached.
@@ -310,38 +402,25 @@ impl Provider for LocalProvider {
     }
 
     async fn create(&self, spec: &CreateSpec) -> Result<SandboxInfo, ProviderError> {
-        let id = format!("sbx-{}", uuid::Uuid::now_v7().simple());
-        let dir = self.dir(&id)?;
-        let work = dir.join(WORK_DIR);
-        std::fs::create_dir_all(&work).map_err(|err| io_failed(&work, err))?;
-        let state = SandboxState {
-            id: id.clone(),
-            labels: spec.labels.clone(),
-            created_at_ms: now_ms(),
-            memory_mib: spec.memory_mib,
-            cpu_secs: spec.cpu_secs,
-            paused: false,
-            groups: Vec::new(),
-        };
-        self.write_state(&state)?;
-        Ok(info(&state))
+        let spec = spec.clone();
+        self.blocking(move |inner| inner.create(&spec)).await
     }
 
     async fn exec(&self, sandbox_id: &str, spec: &ExecSpec) -> Result<Execution, ProviderError> {
-        let state = self.read_state(sandbox_id)?;
+        let state = self.inner.read_state(sandbox_id)?;
         let Some(program) = spec.argv.first() else {
             return Err(ProviderError::Invalid("empty argv".into()));
         };
         let work = self.work_dir(sandbox_id);
         // An absolute program path lets std use posix_spawn (a changed PATH
         // with a bare name forces fork, which copies this whole process).
-        let program = resolve(program, &self.path_env);
+        let program = resolve(program, &self.inner.path_env);
         let mut command = tokio::process::Command::new(&program);
         command
             .args(&spec.argv[1..])
             .current_dir(&work)
             .env_clear()
-            .env("PATH", &self.path_env)
+            .env("PATH", &self.inner.path_env)
             .env("HOME", &work)
             .env("LANG", "C.UTF-8")
             .envs(&spec.env)
@@ -367,7 +446,10 @@ impl Provider for LocalProvider {
             pgid,
             start_time: proc_stat(pgid).map(|(_, _, start)| start).unwrap_or(0),
         };
-        if let Err(err) = self.update_state(sandbox_id, |s| s.groups.push(group)) {
+        if let Err(err) = self
+            .inner
+            .update_state(sandbox_id, |s| s.groups.push(group))
+        {
             // The sandbox was killed while this command started: end it too.
             killpg(pgid, libc::SIGKILL);
             let _ = child.wait().await;
@@ -406,57 +488,24 @@ impl Provider for LocalProvider {
     }
 
     async fn kill(&self, sandbox_id: &str) -> Result<KillOutcome, ProviderError> {
-        let dir = self.dir(sandbox_id)?;
-        let state = match self.read_state(sandbox_id) {
-            Ok(state) => state,
-            Err(ProviderError::NotFound(_)) => {
-                // No state file: either gone, or a create that crashed before
-                // writing it. Kill anything carrying the marker regardless.
-                let strays = scan_proc(|_, _| true, Some(sandbox_id));
-                for pid in &strays {
-                    killpg(*pid, libc::SIGKILL);
-                }
-                let existed = dir.exists();
-                let _ = std::fs::remove_dir_all(&dir);
-                return Ok(if existed || !strays.is_empty() {
-                    KillOutcome::Killed
-                } else {
-                    KillOutcome::AlreadyGone
-                });
-            }
-            Err(err) => return Err(err),
-        };
-        // Remove the state first so a concurrent exec notices and gives up.
-        let _ = std::fs::remove_file(dir.join(STATE_FILE));
-        self.signal_groups(&state, libc::SIGKILL);
-        // A paused group must be continued for SIGKILL to finish it promptly.
-        self.signal_groups(&state, libc::SIGCONT);
-        for group in &state.groups {
-            wait_group_gone(group.pgid, Duration::from_secs(1));
-        }
-        if state.groups.is_empty() {
-            for pid in scan_proc(|_, _| true, Some(sandbox_id)) {
-                killpg(pid, libc::SIGKILL);
-            }
-        }
-        std::fs::remove_dir_all(&dir).map_err(|err| io_failed(&dir, err))?;
-        Ok(KillOutcome::Killed)
+        let sandbox_id = sandbox_id.to_owned();
+        self.blocking(move |inner| inner.kill(&sandbox_id)).await
     }
 
     async fn pause(&self, sandbox_id: &str) -> Result<(), ProviderError> {
-        let state = self.update_state(sandbox_id, |s| s.paused = true)?;
-        self.signal_groups(&state, libc::SIGSTOP);
+        let state = self.inner.update_state(sandbox_id, |s| s.paused = true)?;
+        self.inner.signal_groups(&state, libc::SIGSTOP);
         Ok(())
     }
 
     async fn resume(&self, sandbox_id: &str) -> Result<(), ProviderError> {
-        let state = self.update_state(sandbox_id, |s| s.paused = false)?;
-        self.signal_groups(&state, libc::SIGCONT);
+        let state = self.inner.update_state(sandbox_id, |s| s.paused = false)?;
+        self.inner.signal_groups(&state, libc::SIGCONT);
         Ok(())
     }
 
     async fn probe(&self, sandbox_id: &str) -> Result<Health, ProviderError> {
-        match self.read_state(sandbox_id) {
+        match self.inner.read_state(sandbox_id) {
             Ok(_) if self.work_dir(sandbox_id).is_dir() => Ok(Health::Healthy),
             Ok(_) => Ok(Health::Gone("sandbox directory is missing".into())),
             Err(ProviderError::NotFound(_)) => Ok(Health::Gone("sandbox does not exist".into())),
@@ -465,13 +514,14 @@ impl Provider for LocalProvider {
     }
 
     async fn list(&self, labels: &Labels) -> Result<Vec<SandboxInfo>, ProviderError> {
-        let entries = std::fs::read_dir(&self.root).map_err(|err| io_failed(&self.root, err))?;
+        let entries =
+            std::fs::read_dir(&self.inner.root).map_err(|err| io_failed(&self.inner.root, err))?;
         let mut found = Vec::new();
         for entry in entries.flatten() {
             let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
-            let state = match self.read_state(&id) {
+            let state = match self.inner.read_state(&id) {
                 Ok(state) => state,
                 // Being created or killed right now.
                 Err(ProviderError::NotFound(_)) => continue,

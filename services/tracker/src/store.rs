@@ -639,13 +639,27 @@ impl Store {
 
     /// Live runs the reaper must act on, each with the first reason that
     /// applies. Scans the live-runs partial index only.
+    /// Every live run, with only what reconciliation needs: run id, state,
+    /// owner, sandbox id and epoch, version.
     pub async fn live(&self) -> Result<Vec<Run>, StoreError> {
-        let rows = sqlx::query_as::<_, RunRow>(&format!(
-            "SELECT {COLUMNS} FROM runs WHERE state NOT IN ('completed', 'failed', 'stopped', 'timed_out')"
-        ))
+        let rows: Vec<(String, String, Option<String>, Option<String>, i32, i64)> = sqlx::query_as(
+            "SELECT run_id, state, owner, sandbox_id, sandbox_epoch, version FROM runs
+             WHERE state NOT IN ('completed', 'failed', 'stopped', 'timed_out')",
+        )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(RunRow::to_proto).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(run_id, state, owner, sandbox_id, epoch, version)| Run {
+                run_id,
+                state: RunState::from_name(&state).unwrap_or(RunState::Unspecified) as i32,
+                owner: owner.unwrap_or_default(),
+                sandbox_id: sandbox_id.unwrap_or_default(),
+                sandbox_epoch: epoch as u32,
+                version: version as u64,
+                ..Default::default()
+            })
+            .collect())
     }
 
     pub async fn sweep(&self, request: &SweepRequest) -> Result<Vec<DueRun>, StoreError> {
