@@ -94,6 +94,9 @@ struct AppliedRow {
     row: RunRow,
 }
 
+/// run_id, state, owner, sandbox_id, sandbox_epoch, version.
+type LiveRow = (String, String, Option<String>, Option<String>, i32, i64);
+
 #[derive(FromRow)]
 struct DueRow {
     due: String,
@@ -642,7 +645,7 @@ impl Store {
     /// Every live run, with only what reconciliation needs: run id, state,
     /// owner, sandbox id and epoch, version.
     pub async fn live(&self) -> Result<Vec<Run>, StoreError> {
-        let rows: Vec<(String, String, Option<String>, Option<String>, i32, i64)> = sqlx::query_as(
+        let rows: Vec<LiveRow> = sqlx::query_as(
             "SELECT run_id, state, owner, sandbox_id, sandbox_epoch, version FROM runs
              WHERE state NOT IN ('completed', 'failed', 'stopped', 'timed_out')",
         )
