@@ -140,6 +140,54 @@ impl Provider for EnvLayer {
     }
 }
 
+/// `home`, or `$HOME/.corral` when it is empty: where local sandboxes live.
+pub fn corral_home(home: &Path) -> std::path::PathBuf {
+    if !home.as_os_str().is_empty() {
+        return home.to_path_buf();
+    }
+    let base = std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    base.join(".corral")
+}
+
+/// `deployment`, or the subject prefix when it is empty: the value of the
+/// `corral.deployment` label.
+pub fn deployment_label(deployment: &str, subject_prefix: &str) -> String {
+    if deployment.is_empty() {
+        subject_prefix
+    } else {
+        deployment
+    }
+    .to_owned()
+}
+
+/// `configured`, or a fresh instance id `<host>-<pid>-<random>`.
+pub fn instance_id(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    let random = format!(
+        "{:08x}",
+        std::process::id().wrapping_mul(2_654_435_761) ^ now_nanos()
+    );
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        &random[random.len() - 6..]
+    )
+}
+
+fn now_nanos() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+}
+
 /// The process environment, for `main`s to hand to [`load`].
 pub fn process_env() -> HashMap<String, String> {
     std::env::vars().collect()

@@ -68,36 +68,18 @@ impl Default for Config {
 impl Config {
     /// `home`, or `$HOME/.corral` when unset.
     pub fn home_dir(&self) -> PathBuf {
-        if !self.home.as_os_str().is_empty() {
-            return self.home.clone();
-        }
-        let base = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        base.join(".corral")
+        corral_common::config::corral_home(&self.home)
     }
 
     pub fn deployment_label(&self) -> String {
-        if self.deployment.is_empty() {
-            self.subject_prefix.clone()
-        } else {
-            self.deployment.clone()
-        }
+        corral_common::config::deployment_label(&self.deployment, &self.subject_prefix)
     }
 
     pub fn spawner_id(&self) -> String {
         if !self.spawner_id.is_empty() {
             return self.spawner_id.clone();
         }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "host".into());
-        let random = uuid::Uuid::now_v7().simple().to_string();
-        format!(
-            "{host}-{}-{}",
-            std::process::id(),
-            &random[random.len() - 6..]
-        )
+        format!("{}", corral_common::config::instance_id(""))
     }
 }
 
