@@ -76,10 +76,7 @@ impl Config {
     }
 
     pub fn spawner_id(&self) -> String {
-        if !self.spawner_id.is_empty() {
-            return self.spawner_id.clone();
-        }
-        format!("{}", corral_common::config::instance_id(""))
+        corral_common::config::instance_id(&self.spawner_id)
     }
 }
 
