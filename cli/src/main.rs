@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod events;
 mod up;
 mod view;
 
@@ -57,6 +58,10 @@ enum Command {
     Ls(commands::LsArgs),
     /// Stop a run from anywhere: recorded durably, then routed to its owner.
     Stop(commands::StopArgs),
+    /// Show a run's agent events (output, messages, tool use, edits) from the stream.
+    Events(events::EventsArgs),
+    /// The reference agent: posts a realistic event sequence through event ingest (runs in a sandbox).
+    AgentDemo(events::AgentDemoArgs),
     /// Run every service in one process against NATS_URL and DATABASE_URL, with the local provider.
     Up(up::UpArgs),
     /// Run one service alone (as the corral-<service> binaries do).
@@ -104,6 +109,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => commands::status(&global, args).await,
         Command::Ls(args) => commands::ls(&global, args).await,
         Command::Stop(args) => commands::stop(&global, args).await,
+        Command::Events(args) => events::events(&global, args).await,
+        Command::AgentDemo(args) => events::agent_demo(args).await,
         Command::Up(args) => up::up(&global, args).await,
         Command::Serve { service } => up::serve(&global, service).await,
         Command::Bench { bench } => bench::bench(&global, bench).await,

@@ -12,7 +12,7 @@ use crate::commands::Global;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Services started: tracker, spawner (local provider), reaper. NATS with JetStream \
+    after_help = "Services started: tracker, spawner (local provider), reaper, event ingest (HTTP on 127.0.0.1:8470). NATS with JetStream \
 and PostgreSQL must be reachable (NATS_URL, DATABASE_URL); the database is created if missing.\n\n\
 Example:\n  DATABASE_URL=postgres://postgres@127.0.0.1/corral corral up --demo"
 )]
@@ -32,6 +32,9 @@ pub struct UpArgs {
     /// YAML configuration of the reaper.
     #[arg(long, value_name = "FILE")]
     reaper_config: Option<std::path::PathBuf>,
+    /// YAML configuration of event ingest.
+    #[arg(long, value_name = "FILE")]
+    ingest_config: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Subcommand)]
@@ -49,6 +52,16 @@ pub enum Service {
     /// The spawner; `corral serve spawner -- --help` lists its flags.
     Spawner {
         /// Flags of corral-spawner.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
+        args: Vec<String>,
+    },
+    /// Event ingest; `corral serve event-ingest -- --help` lists its flags.
+    EventIngest {
+        /// Flags of corral-event-ingest.
         #[arg(
             trailing_var_arg = true,
             allow_hyphen_values = true,
@@ -93,6 +106,23 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     }
     .load(&env)?;
+    let mut ingest = corral_event_ingest::config::Flags {
+        config: args.ingest_config,
+        nats_url: Some(global.nats_url.clone()),
+        subject_prefix: Some(global.prefix.clone()),
+        ..Default::default()
+    }
+    .load(&env)?;
+    // One token key for the spawner (which mints) and ingest (which checks):
+    // random for this process unless CORRAL_TOKEN_SECRET names one.
+    let secret = match (spawner.token_secret.expose(), ingest.token_secret.expose()) {
+        ("", "") => corral_common::Secret::new(format!("{:032x}", rand::random::<u128>())),
+        ("", given) | (given, _) => corral_common::Secret::new(given),
+    };
+    let mut spawner = spawner;
+    spawner.token_secret = secret.clone();
+    ingest.token_secret = secret;
+    spawner.events_url = format!("http://{}", ingest.listen);
     let telemetry = corral_common::telemetry::init("corral").map_err(anyhow::Error::msg)?;
     corral_common::telemetry::metrics_from_env().map_err(anyhow::Error::msg)?;
     let shutdown = corral_common::shutdown::signal_token();
@@ -103,6 +133,7 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     wait_for_tracker(&client, &tracker_task).await?;
     let spawner_task = tokio::spawn(corral_spawner::run(spawner, shutdown.clone()));
     let reaper_task = tokio::spawn(corral_reaper::run(reaper, shutdown.clone()));
+    let ingest_task = tokio::spawn(corral_event_ingest::run(ingest, shutdown.clone()));
     eprintln!("corral is up (prefix {}); stop with Ctrl-C", global.prefix);
 
     if args.demo {
@@ -119,9 +150,10 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         });
     }
 
-    let (tracker_result, spawner_result, reaper_result) =
-        tokio::join!(tracker_task, spawner_task, reaper_task);
+    let (tracker_result, spawner_result, reaper_result, ingest_result) =
+        tokio::join!(tracker_task, spawner_task, reaper_task, ingest_task);
     telemetry.shutdown();
+    ingest_result.context("event ingest panicked")??;
     reaper_result.context("reaper panicked")??;
     spawner_result.context("spawner panicked")??;
     tracker_result.context("tracker panicked")??;
@@ -149,29 +181,42 @@ async fn wait_for_tracker(
 }
 
 async fn demo(global: &Global, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let script = "echo \"hello from sandbox $CORRAL_SANDBOX_ID (run $CORRAL_RUN_ID)\"; \
-                  echo \"working in $(pwd)\"; for i in 1 2 3; do echo \"step $i\"; sleep 0.2; done; \
-                  echo 'done' >&2";
     let exe = std::env::current_exe().context("cannot find the corral binary")?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(["--nats-url", &global.nats_url, "--prefix", &global.prefix])
-        .args([
-            "run",
-            "--wait",
-            "--label",
-            "demo=true",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start the demo run")?;
+    let exe = exe.to_string_lossy().into_owned();
+    // The reference agent posts its events over HTTP; the shell lines are output.
+    let script = format!(
+        "echo \"hello from sandbox $CORRAL_SANDBOX_ID (run $CORRAL_RUN_ID)\"; echo \"working in $(pwd)\"; \
+         '{exe}' agent-demo"
+    );
+    let run_id = corral_client::new_run_id();
+    let corral = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(&exe);
+        command
+            .args(["--nats-url", &global.nats_url, "--prefix", &global.prefix])
+            .args(args)
+            .kill_on_drop(true);
+        command
+    };
+    let mut run = corral(&[
+        "run",
+        "--wait",
+        "--run-id",
+        &run_id,
+        "--label",
+        "demo=true",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ])
+    .spawn()
+    .context("cannot start the demo run")?;
     tokio::select! {
-        status = child.wait() => {
+        status = run.wait() => {
             let status = status?;
-            eprintln!("demo run finished ({status}); try `corral ls` and `corral status <run-id>` in another shell");
+            eprintln!("demo run finished ({status}); its agent events:");
+            corral(&["events", &run_id]).status().await?;
+            eprintln!("try `corral ls`, `corral status {run_id}` and `corral events {run_id}` in another shell");
         }
         _ = shutdown.cancelled() => {}
     }
@@ -202,6 +247,15 @@ pub async fn serve(_global: &Global, service: Service) -> anyhow::Result<ExitCod
             (
                 "corral-spawner",
                 Box::pin(async move { Ok(corral_spawner::run(config, signal()).await?) }),
+            )
+        }
+        Service::EventIngest { args } => {
+            let config = corral_event_ingest::Cli::parse_from(argv0("event-ingest").chain(args))
+                .flags
+                .load(&env)?;
+            (
+                "corral-event-ingest",
+                Box::pin(async move { Ok(corral_event_ingest::run(config, signal()).await?) }),
             )
         }
         Service::Reaper { args } => {

@@ -69,6 +69,55 @@ fn run_of(reply: RunReply) -> Result<Run, ClientError> {
     })
 }
 
+/// Coalesces progress reports: [`ActivityReporter::note`] is cheap and may
+/// be called per event; the reporter tells the tracker once a second about
+/// every run noted since, so a run costs at most one update per second.
+pub struct ActivityReporter {
+    pending: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl ActivityReporter {
+    /// Starts the reporter; it stops when `shutdown` is cancelled.
+    pub fn start(
+        client: Client,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> std::sync::Arc<ActivityReporter> {
+        let reporter = std::sync::Arc::new(ActivityReporter {
+            pending: Default::default(),
+        });
+        let flushing = reporter.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let run_ids: Vec<String> = match flushing.pending.lock() {
+                    Ok(mut pending) => pending.drain().collect(),
+                    Err(_) => return,
+                };
+                if !run_ids.is_empty()
+                    && let Err(err) = client.activity(run_ids).await
+                {
+                    tracing::warn!(error = %err, "activity report failed");
+                }
+            }
+        });
+        reporter
+    }
+
+    /// Notes progress of `run_id`.
+    pub fn note(&self, run_id: &str) {
+        if let Ok(mut pending) = self.pending.lock()
+            && !pending.contains(run_id)
+        {
+            pending.insert(run_id.to_owned());
+        }
+    }
+}
+
 /// A fresh, time-ordered run id.
 pub fn new_run_id() -> String {
     uuid::Uuid::now_v7().to_string()

@@ -6,6 +6,7 @@ pub mod config;
 pub mod nats;
 pub mod shutdown;
 pub mod telemetry;
+pub mod token;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {

@@ -38,6 +38,12 @@ pub struct Config {
     /// How long a pulled command may stay unacknowledged before NATS
     /// redelivers it to another spawner (one that died before claiming), ms.
     pub command_ack_wait_ms: u64,
+    /// Key of the run tokens handed to agents as `CORRAL_TOKEN` (shared with
+    /// event-ingest; `CORRAL_TOKEN_SECRET`). Empty: agents get no token.
+    pub token_secret: corral_common::Secret,
+    /// Event-ingest's base URL as agents reach it, handed to them as
+    /// `CORRAL_EVENTS_URL`.
+    pub events_url: String,
     /// Testing aid: a pause while booting, between recording the sandbox id
     /// and starting the agent, to exercise stops and crashes in that phase.
     /// Keep 0 in production.
@@ -60,6 +66,8 @@ impl Default for Config {
             heartbeat_ms: 2000,
             shutdown_grace_ms: 10_000,
             command_ack_wait_ms: 30_000,
+            token_secret: corral_common::Secret::default(),
+            events_url: "http://127.0.0.1:8470".into(),
             boot_delay_ms: 0,
         }
     }

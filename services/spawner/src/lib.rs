@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use corral_client::Client;
+use corral_client::{ActivityReporter, Client};
 use corral_common::nats::NatsError;
 use corral_proto::Subjects;
 use corral_provider::{LocalProvider, Provider};
@@ -74,8 +74,8 @@ pub(crate) struct Spawner {
     pub runs: TaskTracker,
     /// Cancelled when owned runs must end (shutdown grace over).
     pub end_runs: CancellationToken,
-    /// Runs that made progress since the last activity report.
-    pub activity: Mutex<HashSet<String>>,
+    /// Progress reports to the tracker, coalesced.
+    pub activity: Arc<ActivityReporter>,
 }
 
 impl Spawner {
@@ -85,11 +85,7 @@ impl Spawner {
 
     /// Notes progress of a run; reported to the tracker about once a second.
     pub fn note_activity(&self, run_id: &str) {
-        if let Ok(mut activity) = self.activity.lock()
-            && !activity.contains(run_id)
-        {
-            activity.insert(run_id.to_owned());
-        }
+        self.activity.note(run_id);
     }
 
     pub fn owned(&self) -> usize {
@@ -124,7 +120,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         active: Mutex::new(HashSet::new()),
         runs: TaskTracker::new(),
         end_runs: CancellationToken::new(),
-        activity: Mutex::new(HashSet::new()),
+        activity: ActivityReporter::start(client.clone(), shutdown.clone()),
         client,
         config,
         id,
@@ -132,7 +128,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     tracing::info!(spawner_id = %spawner.id, home = %home.display(), prefix = subjects.prefix(), "spawner started");
 
     let heartbeat = tokio::spawn(heartbeat(spawner.clone(), shutdown.clone()));
-    let activity = tokio::spawn(report_activity(spawner.clone()));
     let consumed = consumer::consume(spawner.clone(), shutdown.clone()).await;
 
     spawner.runs.close();
@@ -146,7 +141,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         spawner.runs.wait().await;
     }
     heartbeat.abort();
-    activity.abort();
     let _ = spawner.client.nats().flush().await;
     tracing::info!(spawner_id = %spawner.id, "spawner stopped");
     consumed
@@ -167,26 +161,6 @@ async fn heartbeat(spawner: Arc<Spawner>, shutdown: CancellationToken) {
             .await
         {
             tracing::warn!(error = %err, "heartbeat failed");
-        }
-    }
-}
-
-/// Reports coalesced progress (at most one update per run per second) so the
-/// reaper's inactivity backstop sees what the owner's own timer sees.
-async fn report_activity(spawner: Arc<Spawner>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let run_ids: Vec<String> = match spawner.activity.lock() {
-            Ok(mut activity) => activity.drain().collect(),
-            Err(_) => return,
-        };
-        if run_ids.is_empty() {
-            continue;
-        }
-        if let Err(err) = spawner.client.activity(run_ids).await {
-            tracing::warn!(error = %err, "activity report failed");
         }
     }
 }

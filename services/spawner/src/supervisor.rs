@@ -182,6 +182,17 @@ impl Supervisor {
         let mut env: std::collections::BTreeMap<String, String> =
             self.spec.env.clone().into_iter().collect();
         env.insert("CORRAL_RUN_ID".into(), self.run_id.clone());
+        let secret = self.spawner.config.token_secret.expose();
+        if !secret.is_empty() {
+            // Valid until a minute past the deadline: the run is over by then.
+            let expires = self.run.deadline_at_ms.max(corral_common::now_ms()) + 60_000;
+            let token = corral_common::token::mint(secret.as_bytes(), &self.run_id, expires);
+            env.insert("CORRAL_TOKEN".into(), token);
+            env.insert(
+                "CORRAL_EVENTS_URL".into(),
+                self.spawner.config.events_url.clone(),
+            );
+        }
         let exec = ExecSpec {
             argv: self.spec.argv.clone(),
             env: env.clone(),

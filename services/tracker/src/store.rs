@@ -189,7 +189,10 @@ impl Store {
             }
             other => other?,
         };
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        // Event ingest keeps its own migrations in the same table.
+        let mut migrator = sqlx::migrate!("./migrations");
+        migrator.set_ignore_missing(true);
+        migrator.run(&pool).await?;
         Ok(Store { pool, defaults })
     }
 

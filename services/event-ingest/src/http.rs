@@ -1,0 +1,249 @@
+//! The HTTP API: agents post their run's events with the run token; anyone
+//! on the internal network reads them (paged, or as a live Server-Sent
+//! Events tail that continues a cursor with no gap and no duplicate).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use axum::Json;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use corral_proto::Subjects;
+use corral_proto::v1::AgentEvent;
+use futures::{Stream, StreamExt};
+use prost::Message;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::{store, wire};
+
+pub struct AppState {
+    pub js: jetstream::Context,
+    pub nats: async_nats::Client,
+    pub subjects: Subjects,
+    pub pool: PgPool,
+    pub secret: Vec<u8>,
+    pub max_diff: usize,
+}
+
+pub fn router(state: Arc<AppState>, max_body: usize) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/v1/runs/{run_id}/events",
+            post(post_events).get(list_events),
+        )
+        .route("/v1/runs/{run_id}/events/stream", get(stream_events))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// 202 once JetStream acknowledged every event; 401 without a valid token,
+/// 403 for another run's token, 422 naming the bad field, 413 over the size
+/// limit (axum's body limit).
+async fn post_events(
+    State(state): State<Arc<AppState>>,
+    Path(run_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = token else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token (use CORRAL_TOKEN)",
+        );
+    };
+    let token_run =
+        match corral_common::token::verify(&state.secret, token, corral_common::now_ms()) {
+            Ok(run) => run,
+            Err(err) => return error(StatusCode::UNAUTHORIZED, err.to_string()),
+        };
+    if token_run != run_id {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("the token is for run {token_run}, not {run_id}"),
+        );
+    }
+    let parsed: Value = match serde_json::from_slice(&body) {
+        Ok(value) => value,
+        Err(err) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("body: not JSON: {err}"),
+            );
+        }
+    };
+    let (items, batch) = match parsed {
+        Value::Array(items) => (items, true),
+        item => (vec![item], false),
+    };
+    let mut events = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = if batch {
+            format!("[{i}].")
+        } else {
+            String::new()
+        };
+        let incoming: wire::Incoming = match serde_json::from_value(item) {
+            Ok(incoming) => incoming,
+            Err(err) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("{at}{err}")),
+        };
+        match wire::to_proto(&run_id, incoming) {
+            Ok(event) => events.push(event),
+            Err(err) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("{at}{err}")),
+        }
+    }
+    let mut acks = Vec::with_capacity(events.len());
+    for event in &events {
+        let mut headers = corral_common::nats::traced_headers();
+        headers.insert(corral_proto::headers::MSG_ID, event.event_id.as_str());
+        let subject = state.subjects.events(&run_id, &event.kind);
+        match state
+            .js
+            .publish_with_headers(subject, headers, event.encode_to_vec().into())
+            .await
+        {
+            Ok(ack) => acks.push(ack),
+            Err(err) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("events not accepted: {err}"),
+                );
+            }
+        }
+    }
+    for ack in acks {
+        if let Err(err) = ack.await {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("events not accepted: {err}"),
+            );
+        }
+    }
+    let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "accepted": ids.len(), "event_ids": ids })),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    #[serde(default)]
+    after: i64,
+    kind: Option<String>,
+    limit: Option<i64>,
+}
+
+/// `?after=<cursor>&kind=<k>&limit=<n>`: stored events, oldest first, and
+/// the cursor to continue from.
+async fn list_events(
+    State(state): State<Arc<AppState>>,
+    Path(run_id): Path<String>,
+    Query(query): Query<PageQuery>,
+) -> Response {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    match store::page(
+        &state.pool,
+        &run_id,
+        query.after,
+        query.kind.as_deref(),
+        limit,
+    )
+    .await
+    {
+        Ok(events) => {
+            let next = events
+                .last()
+                .and_then(|e| e["cursor"].as_i64())
+                .unwrap_or(query.after);
+            Json(json!({ "events": events, "next_after": next })).into_response()
+        }
+        Err(err) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("events unavailable: {err}"),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct TailQuery {
+    #[serde(default)]
+    after: u64,
+}
+
+/// The live tail: every event of the run after `after` (a cursor) from the
+/// stream itself, in order, then live; each SSE event's id is its cursor.
+async fn stream_events(
+    State(state): State<Arc<AppState>>,
+    Path(run_id): Path<String>,
+    Query(query): Query<TailQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
+    let stream = state
+        .js
+        .get_stream(state.subjects.events_stream())
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let deliver_policy = if query.after == 0 {
+        consumer::DeliverPolicy::All
+    } else {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: query.after + 1,
+        }
+    };
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: state.subjects.events_of_run(&run_id),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let max_diff = state.max_diff;
+    let events = messages.filter_map(move |message| async move {
+        let message = message.ok()?;
+        let cursor = message.info().ok()?.stream_sequence;
+        let event = AgentEvent::decode(message.payload.clone()).ok()?;
+        let (data, truncated) = wire::data_json(&event, max_diff);
+        let body = json!({
+            "cursor": cursor, "event_id": event.event_id, "run_id": event.run_id, "seq": event.seq,
+            "kind": event.kind, "at_ms": event.at_ms, "data": data, "truncated": truncated,
+        });
+        Some(Ok(Event::default()
+            .id(cursor.to_string())
+            .event(event.kind)
+            .data(body.to_string())))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if let Err(err) = sqlx::query("SELECT 1").execute(&state.pool).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, format!("database: {err}"));
+    }
+    if state.nats.connection_state() != async_nats::connection::State::Connected {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "nats: not connected");
+    }
+    "ready".into_response()
+}

@@ -1,0 +1,149 @@
+//! Event ingest: agent events stored exactly once, served live.
+//!
+//! Two ways in: agents post JSON over HTTP with their run's token (answered
+//! 202 only after JetStream acknowledged), trusted services publish
+//! `AgentEvent` on `<prefix>.events.<run_id>.<kind>`. Both land on the events
+//! stream, from which the persisting consumer stores them in
+//! `sandbox_events` exactly once and reports progress as activity. Reads:
+//! pages from PostgreSQL and a live tail from the stream. Any number of
+//! analytics consumers read the same stream with durable consumers of their
+//! own (see `examples/analytics-consumer`).
+
+pub mod config;
+pub mod http;
+pub mod persister;
+pub mod store;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_client::{ActivityReporter, Client};
+use corral_proto::Subjects;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// The command line of `corral-event-ingest` and `corral serve event-ingest`.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "corral-event-ingest",
+    version,
+    about = "corral's event ingest: agent events over HTTP and NATS, stored exactly once, served live",
+    long_about = "corral's event ingest: agent events over HTTP and NATS, stored exactly once, served live.\n\n\
+Configuration: defaults < YAML file (--config) < CORRAL_* environment (e.g. CORRAL_TOKEN_SECRET, \
+CORRAL_LISTEN; NATS_URL and DATABASE_URL also work) < these flags."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub flags: config::Flags,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Prefix(#[from] corral_proto::PrefixError),
+    #[error("nats: {0}")]
+    Nats(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("token_secret is empty: set CORRAL_TOKEN_SECRET (the spawners need the same value)")]
+    NoSecret,
+}
+
+/// A bound HTTP listener; `port()` tells where tests must connect.
+pub struct Bound {
+    listener: tokio::net::TcpListener,
+    config: Config,
+}
+
+impl Bound {
+    pub async fn bind(config: Config) -> Result<Bound, Error> {
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: config.listen.clone(),
+                source,
+            })?;
+        Ok(Bound { listener, config })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let config = self.config;
+        if config.token_secret.expose().is_empty() {
+            return Err(Error::NoSecret);
+        }
+        let subjects = Subjects::new(&config.subject_prefix)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.db_pool_size)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(config.database_url.expose())
+            .await?;
+        let mut migrator = sqlx::migrate!("./migrations");
+        migrator.set_ignore_missing(true);
+        migrator.run(&pool).await?;
+        let nats = corral_common::nats::connect(
+            &config.nats_url,
+            "corral-event-ingest",
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
+        let client = Client::from_parts(nats.clone(), subjects.clone());
+        let js = client.jetstream().clone();
+        corral_common::nats::ensure_streams(&js, &subjects)
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        let activity = ActivityReporter::start(client.clone(), shutdown.clone());
+        let state = Arc::new(http::AppState {
+            js: js.clone(),
+            nats: nats.clone(),
+            subjects: subjects.clone(),
+            pool: pool.clone(),
+            secret: config.token_secret.expose().as_bytes().to_vec(),
+            max_diff: config.max_diff_bytes,
+        });
+        tracing::info!(listen = %config.listen, prefix = subjects.prefix(), "event ingest started");
+        let persist = persister::run(
+            js,
+            subjects,
+            pool.clone(),
+            activity,
+            config.batch_max,
+            config.max_diff_bytes,
+            shutdown.clone(),
+        );
+        let serve = async {
+            axum::serve(self.listener, http::router(state, config.max_body_bytes))
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .await
+                .map_err(|source| Error::Listen {
+                    addr: config.listen.clone(),
+                    source,
+                })
+        };
+        let result = tokio::try_join!(persist, serve);
+        shutdown.cancel();
+        pool.close().await;
+        let _ = nats.flush().await;
+        result.map(|_| ())
+    }
+}
+
+/// Binds and serves until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    Bound::bind(config).await?.run(shutdown).await
+}

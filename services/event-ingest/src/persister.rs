@@ -1,0 +1,156 @@
+//! The persisting consumer: pulls batches from the durable consumer
+//! `event-ingest` on the events stream, stores each batch in one bulk insert
+//! (`ON CONFLICT (event_id) DO NOTHING`), and acks only after the commit, so
+//! redelivery, duplicate posts and restarts never create a second row and
+//! nothing acknowledged is lost. Progress events are reported as activity.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use corral_client::ActivityReporter;
+use corral_proto::Subjects;
+use corral_proto::v1::AgentEvent;
+use futures::StreamExt;
+use prost::Message;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{self, Row};
+use crate::{Error, wire};
+
+pub const CONSUMER: &str = "event-ingest";
+
+pub async fn run(
+    js: jetstream::Context,
+    subjects: Subjects,
+    pool: PgPool,
+    activity: Arc<ActivityReporter>,
+    batch_max: usize,
+    max_diff: usize,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let stream = js
+        .get_stream(subjects.events_stream())
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                filter_subject: subjects.events_all(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: (batch_max * 4) as i64,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let fetched = consumer
+            .fetch()
+            .max_messages(batch_max.max(1))
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await;
+        let mut messages = match fetched {
+            Ok(messages) => messages,
+            Err(err) => {
+                tracing::warn!(error = %err, "event fetch failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut batch = Vec::new();
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(message) => batch.push(message),
+                Err(err) => tracing::warn!(error = %err, "event delivery error"),
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut good = Vec::with_capacity(batch.len());
+        for message in batch {
+            let stream_seq = message
+                .info()
+                .map(|i| i.stream_sequence as i64)
+                .unwrap_or(0);
+            match AgentEvent::decode(message.payload.clone()) {
+                Ok(event) if !event.event_id.is_empty() && !event.run_id.is_empty() => {
+                    let (data, truncated) = wire::data_json(&event, max_diff);
+                    if corral_proto::kinds::is_progress(&event.kind) {
+                        activity.note(&event.run_id);
+                    }
+                    rows.push(Row {
+                        event_id: event.event_id,
+                        run_id: event.run_id,
+                        stream_seq,
+                        seq: event.seq as i64,
+                        kind: event.kind,
+                        at_ms: event.at_ms,
+                        data,
+                        truncated,
+                    });
+                    good.push(message);
+                }
+                Ok(_) => {
+                    dead_letter(
+                        &js,
+                        &subjects,
+                        &message,
+                        "AgentEvent needs event_id and run_id",
+                    )
+                    .await
+                }
+                Err(err) => {
+                    let reason = format!("payload did not decode as AgentEvent: {err}");
+                    dead_letter(&js, &subjects, &message, &reason).await;
+                }
+            }
+        }
+        match store::insert(&pool, &rows).await {
+            Ok(new) => {
+                metrics::counter!("corral_events_ingested_total").increment(new);
+                let now = corral_common::now_ms();
+                for row in &rows {
+                    metrics::histogram!("corral_ingest_lag_seconds")
+                        .record((now - row.at_ms).max(0) as f64 / 1000.0);
+                }
+                for message in good {
+                    let _ = message.ack().await;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, events = rows.len(), "event batch not stored, will retry");
+                for message in good {
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn dead_letter(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    message: &jetstream::Message,
+    reason: &str,
+) {
+    tracing::warn!(subject = %message.subject, reason, "dead-lettering event");
+    if let Err(err) =
+        corral_common::nats::dead_letter(js, subjects, "events", message, reason).await
+    {
+        tracing::error!(error = %err, "dead-letter publish failed; the event will be redelivered");
+    }
+}

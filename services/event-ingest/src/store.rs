@@ -1,0 +1,85 @@
+//! All of event-ingest's SQL: bulk, idempotent inserts and cursor reads.
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// A decoded event ready to store.
+pub struct Row {
+    pub event_id: String,
+    pub run_id: String,
+    pub stream_seq: i64,
+    pub seq: i64,
+    pub kind: String,
+    pub at_ms: i64,
+    pub data: Value,
+    pub truncated: bool,
+}
+
+/// Inserts `rows` in one statement; an event already stored (same
+/// event_id) is skipped. Returns how many rows were new.
+pub async fn insert(pool: &PgPool, rows: &[Row]) -> Result<u64, sqlx::Error> {
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut runs = Vec::with_capacity(rows.len());
+    let mut stream_seqs = Vec::with_capacity(rows.len());
+    let mut seqs = Vec::with_capacity(rows.len());
+    let mut kinds = Vec::with_capacity(rows.len());
+    let mut ats = Vec::with_capacity(rows.len());
+    let mut datas = Vec::with_capacity(rows.len());
+    let mut truncated = Vec::with_capacity(rows.len());
+    for row in rows {
+        ids.push(row.event_id.as_str());
+        runs.push(row.run_id.as_str());
+        stream_seqs.push(row.stream_seq);
+        seqs.push(row.seq);
+        kinds.push(row.kind.as_str());
+        // Seconds since the epoch, as `to_timestamp` takes them.
+        ats.push(row.at_ms as f64 / 1000.0);
+        datas.push(row.data.to_string());
+        truncated.push(row.truncated);
+    }
+    let done = sqlx::query(
+        "INSERT INTO sandbox_events (event_id, run_id, stream_seq, seq, kind, at, payload, truncated)
+         SELECT id, run, sseq, seq, kind, to_timestamp(at), data::jsonb, cut
+         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::float8[], $7::text[], $8::bool[])
+              AS t(id, run, sseq, seq, kind, at, data, cut)
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&runs)
+    .bind(&stream_seqs)
+    .bind(&seqs)
+    .bind(&kinds)
+    .bind(&ats)
+    .bind(&datas)
+    .bind(&truncated)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Events of a run after `after` (a stream sequence), oldest first, as the
+/// JSON the HTTP API serves.
+pub async fn page(
+    pool: &PgPool,
+    run_id: &str,
+    after: i64,
+    kind: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Value>, sqlx::Error> {
+    let rows: Vec<(Value,)> = sqlx::query_as(
+        "SELECT jsonb_build_object(
+                    'cursor', stream_seq, 'event_id', event_id, 'run_id', run_id, 'seq', seq, 'kind', kind,
+                    'at_ms', (extract(epoch FROM at) * 1000)::bigint, 'data', payload, 'truncated', truncated)
+         FROM sandbox_events
+         WHERE run_id = $1 AND stream_seq > $2 AND ($3::text IS NULL OR kind = $3)
+         ORDER BY stream_seq
+         LIMIT $4",
+    )
+    .bind(run_id)
+    .bind(after)
+    .bind(kind)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(v,)| v).collect())
+}
