@@ -28,6 +28,9 @@ pub fn admin_database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// The run-token key of every test deployment.
+pub const TOKEN_SECRET: &str = "test-token-secret";
+
 fn random_suffix() -> String {
     let id = uuid::Uuid::now_v7().simple().to_string();
     id[id.len() - 10..].to_owned()
@@ -223,6 +226,44 @@ impl TestEnv {
             command.env(key, value);
         }
         command.spawn().expect("corral serve should start")
+    }
+
+    pub fn ingest_config(&self, listen: &str) -> corral_event_ingest::Config {
+        corral_event_ingest::Config {
+            nats_url: self.nats_url.clone(),
+            database_url: Secret::new(self.database_url.clone()),
+            subject_prefix: self.prefix.clone(),
+            listen: listen.to_owned(),
+            token_secret: Secret::new(TOKEN_SECRET),
+            ..Default::default()
+        }
+    }
+
+    /// Starts event ingest in this process on a free port; returns its base URL.
+    pub async fn start_ingest(&self) -> (InProcess, String) {
+        let bound = corral_event_ingest::Bound::bind(self.ingest_config("127.0.0.1:0"))
+            .await
+            .expect("ingest should bind");
+        let url = format!("http://127.0.0.1:{}", bound.port());
+        let token = CancellationToken::new();
+        let cancel = token.clone();
+        let join = tokio::spawn(async move { bound.run(cancel).await.map_err(|e| e.to_string()) });
+        let http = reqwest::Client::new();
+        eventually("event ingest is ready", Duration::from_secs(30), || async {
+            let response = http.get(format!("{url}/readyz")).send().await.ok()?;
+            response.status().is_success().then_some(())
+        })
+        .await;
+        (InProcess { token, join }, url)
+    }
+
+    /// A run token for `run_id`, valid for an hour.
+    pub fn token(&self, run_id: &str) -> String {
+        corral_common::token::mint(
+            TOKEN_SECRET.as_bytes(),
+            run_id,
+            corral_common::now_ms() + 3_600_000,
+        )
     }
 
     pub async fn client(&self) -> Client {

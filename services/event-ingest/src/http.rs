@@ -31,6 +31,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub secret: Vec<u8>,
     pub max_diff: usize,
+    /// Ends live tails, so a graceful shutdown does not wait on them.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(state: Arc<AppState>, max_body: usize) -> axum::Router {

@@ -115,6 +115,7 @@ impl Bound {
             pool: pool.clone(),
             secret: config.token_secret.expose().as_bytes().to_vec(),
             max_diff: config.max_diff_bytes,
+            shutdown: shutdown.clone(),
         });
         tracing::info!(listen = %config.listen, prefix = subjects.prefix(), "event ingest started");
         let persist = persister::run(
@@ -127,13 +128,24 @@ impl Bound {
             shutdown.clone(),
         );
         let serve = async {
-            axum::serve(self.listener, http::router(state, config.max_body_bytes))
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                .await
-                .map_err(|source| Error::Listen {
+            let server = axum::serve(self.listener, http::router(state, config.max_body_bytes))
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+            // Graceful, but bounded: a client holding a live tail open must
+            // not hold the shutdown forever.
+            let grace = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            };
+            tokio::select! {
+                served = server => served.map_err(|source| Error::Listen {
                     addr: config.listen.clone(),
                     source,
-                })
+                }),
+                _ = grace => {
+                    tracing::warn!("connections still open 5 s after shutdown; leaving them");
+                    Ok(())
+                }
+            }
         };
         let result = tokio::try_join!(persist, serve);
         shutdown.cancel();

@@ -1,0 +1,429 @@
+//! Event ingest: real HTTP, real NATS and PostgreSQL.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use corral_tests::{TestEnv, eventually};
+use futures::StreamExt;
+use prost::Message;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn post(url: &str, run_id: &str, token: Option<&str>, body: String) -> (StatusCode, Value) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{url}/v1/runs/{run_id}/events"))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("ingest answers");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn stored(env: &TestEnv, run_id: &str) -> Vec<(String, i64)> {
+    let pool = env.pool().await;
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT event_id, stream_seq FROM sandbox_events WHERE run_id = $1 ORDER BY stream_seq",
+    )
+    .bind(run_id)
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_default();
+    pool.close().await;
+    rows
+}
+
+fn tool_use(i: usize) -> Value {
+    json!({ "kind": "agent.tool_use", "seq": i, "event_id": format!("e-{i}"), "data": { "tool": "Bash", "input": { "i": i } } })
+}
+
+#[tokio::test]
+async fn tokens_are_scoped_to_their_run_and_bad_input_is_refused_with_the_field() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let (ingest, url) = env.start_ingest().await;
+    let token = env.token("run-a");
+    let good = tool_use(1).to_string();
+
+    assert_eq!(
+        post(&url, "run-a", None, good.clone()).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        post(
+            &url,
+            "run-a",
+            Some("v1.run-a.9999999999999.00"),
+            good.clone()
+        )
+        .await
+        .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, body) = post(&url, "run-b", Some(&token), good.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) = post(&url, "run-a", Some(&token), good.clone()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["event_ids"], json!(["e-1"]));
+
+    let cases = [
+        ("{not json".to_owned(), "body"),
+        (json!({ "kind": "agent.nope" }).to_string(), "kind"),
+        (
+            json!({ "kind": "agent.tool_use", "data": {} }).to_string(),
+            "tool",
+        ),
+        (
+            json!([tool_use(2), { "kind": "agent.file_edited", "data": { "diff": 1 } }])
+                .to_string(),
+            "[1].",
+        ),
+        (
+            json!({ "kind": "agent.message", "colour": "red" }).to_string(),
+            "colour",
+        ),
+    ];
+    for (body, field) in cases {
+        let (status, answer) = post(&url, "run-a", Some(&token), body.clone()).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body} -> {answer}"
+        );
+        let message = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(field),
+            "{body}: {message:?} should name {field:?}"
+        );
+    }
+    let huge = json!({ "kind": "agent.message", "data": { "text": "x".repeat(2 * 1024 * 1024) } })
+        .to_string();
+    assert_eq!(
+        post(&url, "run-a", Some(&token), huge).await.0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+
+    // Refused requests stored nothing; the accepted one is stored.
+    let rows = eventually("the accepted event is stored", LIMIT, || async {
+        let rows = stored(&env, "run-a").await;
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(
+        rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        ["e-1"]
+    );
+
+    ingest.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn duplicates_over_http_and_nats_are_stored_once_and_read_back_in_pages() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let (ingest, url) = env.start_ingest().await;
+    let token = env.token("run-d");
+    let client = env.client().await;
+
+    let batch: Vec<Value> = (1..=10).map(tool_use).collect();
+    assert_eq!(
+        post(
+            &url,
+            "run-d",
+            Some(&token),
+            Value::Array(batch.clone()).to_string()
+        )
+        .await
+        .0,
+        StatusCode::ACCEPTED
+    );
+    // The same events again, over HTTP and as a trusted service on NATS
+    // (outside the stream's de-duplication window's help: a new message id).
+    assert_eq!(
+        post(&url, "run-d", Some(&token), Value::Array(batch).to_string())
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
+    let again = corral_proto::v1::AgentEvent {
+        event_id: "e-3".into(),
+        run_id: "run-d".into(),
+        seq: 3,
+        at_ms: corral_common::now_ms(),
+        kind: "agent.tool_use".into(),
+        payload: None,
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "different-id");
+    client
+        .jetstream()
+        .publish_with_headers(
+            env.subjects.events("run-d", "agent.tool_use"),
+            headers,
+            again.encode_to_vec().into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    // A poison event on the same subject goes to the dead letters.
+    client
+        .jetstream()
+        .publish(
+            env.subjects.events("run-d", "agent.tool_use"),
+            "garbage \u{1}".into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+
+    let rows = eventually("ten distinct events stored", LIMIT, || async {
+        let rows = stored(&env, "run-d").await;
+        (rows.len() >= 10).then_some(rows)
+    })
+    .await;
+    let ids: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(
+        (rows.len(), ids.len()),
+        (10, 10),
+        "each event stored exactly once"
+    );
+    eventually("the poison event is dead-lettered", LIMIT, || async {
+        let dead = env
+            .stream_messages(&env.subjects.dlq_stream(), &env.subjects.dlq("events"))
+            .await;
+        (dead.len() == 1).then_some(())
+    })
+    .await;
+
+    // Cursor pages: 4 + 4 + 2, no gap, no duplicate.
+    let http = reqwest::Client::new();
+    let mut after = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page: Value = http
+            .get(format!("{url}/v1/runs/run-d/events?after={after}&limit=4"))
+            .send()
+            .await
+            .expect("page")
+            .json()
+            .await
+            .expect("json");
+        let events = page["events"].as_array().cloned().unwrap_or_default();
+        if events.is_empty() {
+            break;
+        }
+        seen.extend(
+            events
+                .iter()
+                .map(|e| e["event_id"].as_str().unwrap_or_default().to_owned()),
+        );
+        after = page["next_after"].as_i64().expect("cursor");
+    }
+    assert_eq!(seen, (1..=10).map(|i| format!("e-{i}")).collect::<Vec<_>>());
+
+    ingest.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_live_tail_continues_a_cursor_with_no_gap_and_no_duplicate() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let (ingest, url) = env.start_ingest().await;
+    let token = env.token("run-t");
+    for i in 1..=5 {
+        assert_eq!(
+            post(&url, "run-t", Some(&token), tool_use(i).to_string())
+                .await
+                .0,
+            StatusCode::ACCEPTED
+        );
+    }
+    let rows = eventually("five stored", LIMIT, || async {
+        let rows = stored(&env, "run-t").await;
+        (rows.len() == 5).then_some(rows)
+    })
+    .await;
+    let cursor = rows[1].1; // after the second event
+
+    let response = reqwest::Client::new()
+        .get(format!("{url}/v1/runs/run-t/events/stream?after={cursor}"))
+        .send()
+        .await
+        .expect("tail");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.bytes_stream();
+    let poster = {
+        let (url, token) = (url.clone(), token.clone());
+        tokio::spawn(async move {
+            for i in 6..=10 {
+                post(&url, "run-t", Some(&token), tool_use(i).to_string()).await;
+            }
+        })
+    };
+    let mut ids = Vec::new();
+    let mut buffer = String::new();
+    tokio::time::timeout(LIMIT, async {
+        while ids.len() < 8 {
+            let chunk = body.next().await.expect("stream open").expect("chunk");
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let frame: String = buffer.drain(..end + 2).collect();
+                if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data:")) {
+                    let event: Value = serde_json::from_str(data.trim()).expect("event json");
+                    ids.push(event["event_id"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+        }
+    })
+    .await
+    .expect("eight events on the tail");
+    poster.await.expect("poster");
+    assert_eq!(ids, (3..=10).map(|i| format!("e-{i}")).collect::<Vec<_>>());
+    drop(body);
+    ingest.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_analytics_consumers_each_receive_every_event() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let (ingest, url) = env.start_ingest().await;
+    let client = env.client().await;
+    let stream = client
+        .jetstream()
+        .get_stream(env.subjects.events_stream())
+        .await
+        .expect("stream");
+    let mut consumers = Vec::new();
+    for name in ["analytics-a", "analytics-b"] {
+        consumers.push(
+            stream
+                .get_or_create_consumer(
+                    name,
+                    consumer::pull::Config {
+                        durable_name: Some(name.into()),
+                        filter_subject: env.subjects.events_all(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("consumer"),
+        );
+    }
+    let token = env.token("run-x");
+    let batch: Vec<Value> = (1..=20).map(tool_use).collect();
+    assert_eq!(
+        post(&url, "run-x", Some(&token), Value::Array(batch).to_string())
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
+
+    for consumer in consumers {
+        let mut messages = consumer.messages().await.expect("messages");
+        let mut ids = HashSet::new();
+        tokio::time::timeout(LIMIT, async {
+            while ids.len() < 20 {
+                let message = messages.next().await.expect("open").expect("message");
+                let event =
+                    corral_proto::v1::AgentEvent::decode(message.payload.clone()).expect("event");
+                ids.insert(event.event_id);
+                message.ack().await.expect("ack");
+            }
+        })
+        .await
+        .expect("every event reaches each consumer");
+        assert_eq!(ids.len(), 20);
+    }
+
+    ingest.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn every_accepted_event_is_stored_exactly_once_across_a_sigkilled_ingest() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        listener.local_addr().expect("addr").port()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let start = || {
+        env.spawn_service_process(
+            "event-ingest",
+            &[
+                ("CORRAL_LISTEN", listen.as_str()),
+                ("CORRAL_TOKEN_SECRET", corral_tests::TOKEN_SECRET),
+                ("CORRAL_BATCH_MAX", "50"),
+            ],
+        )
+    };
+    let mut ingest = start();
+    let token = env.token("run-k");
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for round in 0..30 {
+        let batch: Vec<Value> = (0..10).map(|j| tool_use(round * 10 + j)).collect();
+        let ids: Vec<String> = batch
+            .iter()
+            .map(|e| e["event_id"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        let response = reqwest::Client::new()
+            .post(format!("{url}/v1/runs/run-k/events"))
+            .bearer_auth(&token)
+            .json(&batch)
+            .send()
+            .await;
+        match response {
+            Ok(response) if response.status() == StatusCode::ACCEPTED => accepted.extend(ids),
+            _ => refused += 1,
+        }
+        if round == 12 {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(ingest.id().expect("pid") as i32, libc::SIGKILL) };
+            let _ = ingest.wait().await;
+            ingest = start();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        accepted.len() >= 200,
+        "most posts should be accepted ({refused} refused)"
+    );
+    let rows = eventually("every accepted event stored", LIMIT, || async {
+        let rows = stored(&env, "run-k").await;
+        let ids: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        accepted
+            .iter()
+            .all(|id| ids.contains(id.as_str()))
+            .then_some(rows)
+    })
+    .await;
+    let distinct: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(rows.len(), distinct.len(), "no event stored twice");
+    println!(
+        "sigkilled ingest: {} events accepted, {refused} posts refused while it restarted, {} rows",
+        accepted.len(),
+        rows.len()
+    );
+
+    let _ = ingest.kill().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
