@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::commands::Global;
 
+mod ingest;
 mod reaper;
 mod stack;
 mod stop;
@@ -24,6 +25,8 @@ pub enum Bench {
     Runs(RunsArgs),
     /// Stop latency and spawner memory per sandbox; starts its own tracker and spawner processes.
     Stop(stop::StopArgs),
+    /// Events/s and lag of event ingest against a plain COPY; self-contained.
+    Ingest(ingest::IngestArgs),
     /// Sweep cost over a large history and deadline-to-kill with a frozen owner; self-contained.
     Reaper(reaper::ReaperArgs),
 }
@@ -54,6 +57,7 @@ pub async fn bench(global: &Global, bench: Bench) -> anyhow::Result<ExitCode> {
         Bench::Runs(args) => runs(global, args).await,
         Bench::Stop(args) => stop::run(global, args).await,
         Bench::Reaper(args) => reaper::run(global, args).await,
+        Bench::Ingest(args) => ingest::run(global, args).await,
     }
 }
 

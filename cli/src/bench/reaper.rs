@@ -64,7 +64,7 @@ pub async fn run(global: &Global, args: ReaperArgs) -> anyhow::Result<ExitCode> 
     result
 }
 
-fn replace_database(url: &str, name: &str) -> String {
+pub fn replace_database(url: &str, name: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, format!("?{query}")),
         None => (url, String::new()),

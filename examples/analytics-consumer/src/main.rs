@@ -54,9 +54,14 @@ struct RunStats {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let subjects = Subjects::new(&args.prefix)?;
-    let nats = async_nats::connect(&args.nats_url).await.context("cannot reach NATS")?;
+    let nats = async_nats::connect(&args.nats_url)
+        .await
+        .context("cannot reach NATS")?;
     let js = jetstream::new(nats);
-    let stream = js.get_stream(subjects.events_stream()).await.context("no events stream: is corral running?")?;
+    let stream = js
+        .get_stream(subjects.events_stream())
+        .await
+        .context("no events stream: is corral running?")?;
     let deliver_policy = match args.since {
         Some(since) => consumer::DeliverPolicy::ByStartTime {
             start_time: time::OffsetDateTime::from_unix_timestamp_nanos(
@@ -116,7 +121,15 @@ async fn main() -> anyhow::Result<()> {
 fn print(stats: &BTreeMap<String, RunStats>, count: u64) {
     println!("{count} events");
     for (run_id, run) in stats {
-        let tools: Vec<String> = run.tools.iter().map(|(tool, n)| format!("{tool}={n}")).collect();
-        println!("  {run_id}: tool use [{}], {} files edited", tools.join(" "), run.files.len());
+        let tools: Vec<String> = run
+            .tools
+            .iter()
+            .map(|(tool, n)| format!("{tool}={n}"))
+            .collect();
+        println!(
+            "  {run_id}: tool use [{}], {} files edited",
+            tools.join(" "),
+            run.files.len()
+        );
     }
 }

@@ -48,8 +48,11 @@ pub async fn run(
         )
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(3));
     loop {
         if shutdown.is_cancelled() {
+            // Let the batches in hand finish (their acks follow their commits).
+            let _ = in_flight.acquire_many(3).await;
             return Ok(());
         }
         let fetched = consumer
@@ -116,27 +119,34 @@ pub async fn run(
                 }
             }
         }
-        match store::insert(&pool, &rows).await {
-            Ok(new) => {
-                metrics::counter!("corral_events_ingested_total").increment(new);
-                let now = corral_common::now_ms();
-                for row in &rows {
-                    metrics::histogram!("corral_ingest_lag_seconds")
-                        .record((now - row.at_ms).max(0) as f64 / 1000.0);
-                }
-                for message in good {
-                    let _ = message.ack().await;
-                }
+        // Store while the next batch is fetched; a few batches in flight.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            store_batch(&pool, rows, good).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Stores one batch, then acks its messages (or naks them for redelivery).
+async fn store_batch(pool: &PgPool, rows: Vec<Row>, messages: Vec<jetstream::Message>) {
+    match store::insert(pool, &rows).await {
+        Ok(new) => {
+            metrics::counter!("corral_events_ingested_total").increment(new);
+            let now = corral_common::now_ms();
+            for row in &rows {
+                metrics::histogram!("corral_ingest_lag_seconds")
+                    .record((now - row.at_ms).max(0) as f64 / 1000.0);
             }
-            Err(err) => {
-                tracing::warn!(error = %err, events = rows.len(), "event batch not stored, will retry");
-                for message in good {
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+            futures::future::join_all(messages.iter().map(|m| m.ack())).await;
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, events = rows.len(), "event batch not stored, will retry");
+            let nak = AckKind::Nak(Some(Duration::from_secs(1)));
+            futures::future::join_all(messages.iter().map(|m| m.ack_with(nak))).await;
         }
     }
 }

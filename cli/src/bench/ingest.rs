@@ -1,0 +1,264 @@
+//! `corral bench ingest`: sustained events/s from first publish to last row
+//! committed, ingest lag (accepted -> committed), and, on the same machine in
+//! the same run, the rate of a plain COPY of the same rows.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use corral_proto::v1::{AgentEvent, ToolUse, agent_event::Payload};
+use prost::Message;
+use sqlx::Connection;
+use tokio::sync::Semaphore;
+
+use super::stack::Stack;
+use super::{ms, round};
+use crate::commands::Global;
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Via {
+    Http,
+    Nats,
+}
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Needs NATS_URL and DATABASE_URL (a role that may create databases): it starts its \
+own tracker and event ingest on a scratch database and removes them after.\n\nExample:\n  corral bench ingest --events 100000 --runs 100 --via nats"
+)]
+pub struct IngestArgs {
+    /// Events to send.
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Runs they are spread over.
+    #[arg(long, default_value_t = 100)]
+    runs: usize,
+    /// Through event ingest's HTTP API (batches of --batch) or straight onto the stream.
+    #[arg(long, value_enum, default_value_t = Via::Nats)]
+    via: Via,
+    /// Events per HTTP request.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+}
+
+const SECRET: &str = "bench-ingest-secret";
+
+pub async fn run(global: &Global, args: IngestArgs) -> anyhow::Result<ExitCode> {
+    if args.events == 0 || args.runs == 0 || args.batch == 0 {
+        bail!("--events, --runs and --batch must be positive");
+    }
+    let mut stack = Stack::new(&global.nats_url, "ingest").await?;
+    let admin = stack.database_url.clone();
+    let scratch = format!("corral_bench_{}", stack.prefix.replace('-', "_"));
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .context("cannot connect to DATABASE_URL")?;
+    sqlx::query(&format!("CREATE DATABASE {scratch}"))
+        .execute(&mut conn)
+        .await?;
+    stack.database_url = super::reaper::replace_database(&admin, &scratch);
+    let result = measure(&mut stack, &args).await;
+    stack.teardown().await;
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {scratch} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await;
+    result
+}
+
+fn event(i: usize, runs: usize) -> AgentEvent {
+    AgentEvent {
+        event_id: format!("bench-{i}"),
+        run_id: format!("run-{}", i % runs),
+        seq: (i / runs) as u64 + 1,
+        at_ms: corral_common::now_ms(),
+        kind: "agent.tool_use".into(),
+        payload: Some(Payload::ToolUse(ToolUse {
+            tool_use_id: format!("t{i}"),
+            tool: "Bash".into(),
+            input_json: r#"{"command":"cargo test --workspace"}"#.into(),
+        })),
+    }
+}
+
+async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCode> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    stack.spawn("tracker", &[])?;
+    stack.wait_for_tracker().await?;
+    stack.spawn(
+        "event-ingest",
+        &[
+            ("CORRAL_LISTEN", format!("127.0.0.1:{port}")),
+            ("CORRAL_TOKEN_SECRET", SECRET.to_owned()),
+        ],
+    )?;
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    for _ in 0..300 {
+        if http
+            .get(format!("{url}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pool = sqlx::PgPool::connect(&stack.database_url).await?;
+
+    eprintln!(
+        "sending {} events over {} runs via {:?}",
+        args.events, args.runs, args.via
+    );
+    let started = Instant::now();
+    match args.via {
+        Via::Nats => {
+            let js = stack.client.jetstream().clone();
+            let subjects = stack.client.subjects().clone();
+            let mut acks = std::collections::VecDeque::new();
+            for i in 0..args.events {
+                let event = event(i, args.runs);
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(corral_proto::headers::MSG_ID, event.event_id.as_str());
+                let subject = subjects.events(&event.run_id, &event.kind);
+                acks.push_back(
+                    js.publish_with_headers(subject, headers, event.encode_to_vec().into())
+                        .await?,
+                );
+                if acks.len() >= 2000
+                    && let Some(ack) = acks.pop_front()
+                {
+                    ack.await?;
+                }
+            }
+            for ack in acks {
+                ack.await?;
+            }
+        }
+        Via::Http => {
+            let permits = Arc::new(Semaphore::new(16));
+            let mut posts = Vec::new();
+            for start in (0..args.events).step_by(args.batch * args.runs) {
+                for run in 0..args.runs {
+                    let ids: Vec<usize> = (start
+                        ..(start + args.batch * args.runs).min(args.events))
+                        .filter(|i| i % args.runs == run)
+                        .collect();
+                    if ids.is_empty() {
+                        continue;
+                    }
+                    let body: Vec<serde_json::Value> = ids
+                        .iter()
+                        .map(|i| {
+                            serde_json::json!({ "kind": "agent.tool_use", "event_id": format!("bench-{i}"),
+                                "seq": i / args.runs + 1, "data": { "tool": "Bash", "input": { "command": "cargo test --workspace" } } })
+                        })
+                        .collect();
+                    let run_id = format!("run-{run}");
+                    let token = corral_common::token::mint(
+                        SECRET.as_bytes(),
+                        &run_id,
+                        corral_common::now_ms() + 3_600_000,
+                    );
+                    let permit = permits.clone().acquire_owned().await?;
+                    let (http, endpoint) = (http.clone(), format!("{url}/v1/runs/{run_id}/events"));
+                    posts.push(tokio::spawn(async move {
+                        let answer = http
+                            .post(endpoint)
+                            .bearer_auth(token)
+                            .json(&body)
+                            .send()
+                            .await;
+                        drop(permit);
+                        answer.map(|r| r.status().as_u16())
+                    }));
+                }
+            }
+            for post in posts {
+                let status = post.await??;
+                if status != 202 {
+                    bail!("ingest answered {status}");
+                }
+            }
+        }
+    }
+    let sent = started.elapsed();
+    loop {
+        let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM sandbox_events")
+            .fetch_one(&pool)
+            .await?;
+        if stored as usize >= args.events {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "only {stored} of {} events stored after 10 minutes",
+                args.events
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = started.elapsed();
+    let events_per_sec = args.events as f64 / elapsed.as_secs_f64();
+    let (lag_p50, lag_p99): (f64, f64) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY lag), percentile_cont(0.99) WITHIN GROUP (ORDER BY lag)
+         FROM (SELECT extract(epoch FROM ingested_at - at) * 1000 AS lag FROM sandbox_events) l",
+    )
+    .fetch_one(&pool)
+    .await?;
+
+    // The same rows, COPYed into a scratch table of the same shape.
+    sqlx::query("CREATE TABLE copy_bench (LIKE sandbox_events INCLUDING ALL)")
+        .execute(&pool)
+        .await?;
+    let mut text = String::with_capacity(args.events * 160);
+    let at = chrono::Utc::now().to_rfc3339();
+    for i in 0..args.events {
+        text.push_str(&format!(
+            "bench-{i}\trun-{}\t{}\t{}\tagent.tool_use\t{at}\t{{\"tool\": \"Bash\", \"input\": {{\"command\": \"cargo test --workspace\"}}, \"tool_use_id\": \"t{i}\"}}\tf\t{at}\n",
+            i % args.runs,
+            i + 1,
+            i / args.runs + 1
+        ));
+    }
+    let copy_started = Instant::now();
+    let mut conn = pool.acquire().await?;
+    let mut copy = conn
+        .copy_in_raw("COPY copy_bench (event_id, run_id, stream_seq, seq, kind, at, payload, truncated, ingested_at) FROM STDIN")
+        .await?;
+    copy.send(text.as_bytes()).await?;
+    copy.finish().await?;
+    let copy_rows_per_sec = args.events as f64 / copy_started.elapsed().as_secs_f64();
+    drop(conn);
+    pool.close().await;
+
+    let figures = serde_json::json!({
+        "bench": "ingest",
+        "via": format!("{:?}", args.via).to_lowercase(),
+        "events": args.events,
+        "runs": args.runs,
+        "send_s": round(sent.as_secs_f64()),
+        "elapsed_s": round(elapsed.as_secs_f64()),
+        "events_per_sec": round(events_per_sec),
+        "lag_p50_ms": round(lag_p50),
+        "lag_p99_ms": round(lag_p99),
+        "copy_rows_per_sec": round(copy_rows_per_sec),
+        "ratio_to_copy": round(events_per_sec / copy_rows_per_sec),
+    });
+    println!(
+        "{} events via {:?}: {events_per_sec:.0} events/s first publish -> last commit ({} ms)",
+        args.events,
+        args.via,
+        round(ms(elapsed))
+    );
+    println!("ingest lag (accepted -> committed): p50 {lag_p50:.1} ms, p99 {lag_p99:.1} ms");
+    println!(
+        "plain COPY of the same rows: {copy_rows_per_sec:.0} rows/s; ratio {:.2}",
+        events_per_sec / copy_rows_per_sec
+    );
+    println!("{figures}");
+    Ok(ExitCode::SUCCESS)
+}
