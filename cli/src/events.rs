@@ -150,6 +150,27 @@ pub async fn agent_demo(args: AgentDemoArgs) -> anyhow::Result<ExitCode> {
         Ok(())
     };
     let step = Duration::from_millis(args.step_ms);
+    // Heartbeats prove liveness (not progress) every `heartbeat_secs` while the agent works.
+    let heartbeat = {
+        let (http, endpoint, token) = (http.clone(), endpoint.clone(), token.clone());
+        let period = Duration::from_secs(args.heartbeat_secs.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                tick.tick().await;
+                let beat = json!({ "kind": "agent.heartbeat", "data": {} });
+                if let Err(err) = http
+                    .post(&endpoint)
+                    .bearer_auth(&token)
+                    .json(&beat)
+                    .send()
+                    .await
+                {
+                    eprintln!("heartbeat failed: {err}");
+                }
+            }
+        })
+    };
     let session = format!("demo-{}", &run_id[..run_id.len().min(8)]);
     post(
         "agent.started",
@@ -187,16 +208,12 @@ pub async fn agent_demo(args: AgentDemoArgs) -> anyhow::Result<ExitCode> {
         json!({ "tool_use_id": "t2", "result": result, "duration_ms": started.elapsed().as_millis() as u64, "is_error": !output.status.success() }),
     )
     .await?;
-    // Working a while longer proves liveness without progress.
-    let heartbeats = (args.step_ms * 3 / 1000) / args.heartbeat_secs.max(1);
-    for _ in 0..heartbeats {
-        post("agent.heartbeat", json!({})).await?;
-    }
     tokio::time::sleep(step).await;
     post(
         "agent.completed",
         json!({ "summary": "wrote hello.txt and counted its bytes", "session_id": session }),
     )
     .await?;
+    heartbeat.abort();
     Ok(ExitCode::SUCCESS)
 }
