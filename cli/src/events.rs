@@ -76,10 +76,12 @@ pub async fn events(global: &Global, args: EventsArgs) -> anyhow::Result<ExitCod
             continue;
         };
         if global.json {
-            println!(
-                "{}",
-                json!({ "cursor": cursor, "event_id": event.event_id, "seq": event.seq, "kind": event.kind, "at_ms": event.at_ms, "payload": format!("{:?}", event.payload) })
-            );
+            let (data, truncated) = corral_event_ingest::wire::data_json(&event, usize::MAX);
+            let line = json!({
+                "cursor": cursor, "event_id": event.event_id, "run_id": event.run_id, "seq": event.seq,
+                "kind": event.kind, "at_ms": event.at_ms, "data": data, "truncated": truncated,
+            });
+            println!("{line}");
         } else {
             println!("{:>8}  {:<24}  {}", cursor, event.kind, summary(&event));
         }

@@ -122,7 +122,10 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     let mut spawner = spawner;
     spawner.token_secret = secret.clone();
     ingest.token_secret = secret;
-    spawner.events_url = format!("http://{}", ingest.listen);
+    // Agents reach the ingest this process runs, unless told otherwise.
+    if spawner.events_url == corral_spawner::Config::default().events_url {
+        spawner.events_url = format!("http://{}", ingest.listen.replace("0.0.0.0", "127.0.0.1"));
+    }
     let telemetry = corral_common::telemetry::init("corral").map_err(anyhow::Error::msg)?;
     corral_common::telemetry::metrics_from_env().map_err(anyhow::Error::msg)?;
     let shutdown = corral_common::shutdown::signal_token();

@@ -191,13 +191,23 @@ struct TailQuery {
     after: u64,
 }
 
-/// The live tail: every event of the run after `after` (a cursor) from the
-/// stream itself, in order, then live; each SSE event's id is its cursor.
+/// The live tail: every event of the run after `after` (a cursor, or the
+/// `Last-Event-ID` of a reconnecting client) from the stream itself, in
+/// order, then live; each SSE event's id is its cursor.
 async fn stream_events(
     State(state): State<Arc<AppState>>,
     Path(run_id): Path<String>,
-    Query(query): Query<TailQuery>,
+    Query(mut query): Query<TailQuery>,
+    headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
+    // A reconnecting EventSource resumes from the last id it saw.
+    if query.after == 0
+        && let Some(last) = headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+    {
+        query.after = last;
+    }
     let stream = state
         .js
         .get_stream(state.subjects.events_stream())

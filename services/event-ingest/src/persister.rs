@@ -48,11 +48,11 @@ pub async fn run(
         )
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(3));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(1));
     loop {
         if shutdown.is_cancelled() {
             // Let the batches in hand finish (their acks follow their commits).
-            let _ = in_flight.acquire_many(3).await;
+            let _ = in_flight.acquire().await;
             return Ok(());
         }
         let fetched = consumer
@@ -119,7 +119,8 @@ pub async fn run(
                 }
             }
         }
-        // Store while the next batch is fetched; a few batches in flight.
+        // Store while the next batch is fetched, one batch at a time so that
+        // commits follow the stream order (pages by cursor never skip).
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return Ok(());
         };
