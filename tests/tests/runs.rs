@@ -334,3 +334,23 @@ async fn a_spawner_restarted_after_sigkill_can_list_and_kill_the_sandboxes_the_k
     tracker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_tracker_answers_a_malformed_request_or_an_unknown_op_with_an_error_that_says_so() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let client = env.client().await;
+    for (op, expected) in [("get", "did not decode as GetRunRequest"), ("nonsense", "unknown tracker op")] {
+        let reply = client
+            .nats()
+            .request(env.subjects.tracker(op), "\u{1}\u{2}garbage".into())
+            .await
+            .expect("the tracker answers");
+        let reply = corral_proto::v1::RunReply::decode(reply.payload).expect("a RunReply");
+        let error = reply.error.expect("an error");
+        assert_eq!(error.code, corral_proto::v1::tracker_error::Code::Invalid as i32);
+        assert!(error.message.contains(expected), "{}", error.message);
+    }
+    tracker.stop().await;
+    env.cleanup().await;
+}

@@ -43,12 +43,64 @@ fn store_error(err: &StoreError) -> Option<TrackerError> {
     error(code, err.to_string())
 }
 
-fn decode<M: Message + Default>(payload: &Bytes, name: &str) -> Result<M, Option<TrackerError>> {
-    M::decode(payload.clone()).map_err(|err| {
-        error(
-            Code::Invalid,
-            format!("request did not decode as {name}: {err}"),
-        )
+/// A reply message: every one carries an optional error.
+trait Reply: Message + Default {
+    fn failed(error: Option<TrackerError>) -> Self;
+}
+
+macro_rules! replies {
+    ($($reply:ty),*) => {
+        $(impl Reply for $reply {
+            // Some replies carry nothing but the error.
+            #[allow(clippy::needless_update)]
+            fn failed(error: Option<TrackerError>) -> Self {
+                Self { error, ..Default::default() }
+            }
+        })*
+    };
+}
+
+replies!(
+    RunReply,
+    ClaimReply,
+    ListRunsReply,
+    StopReply,
+    HeartbeatReply,
+    ActivityReply,
+    SweepReply
+);
+
+type Answer<R> = Result<R, Option<TrackerError>>;
+
+/// Decodes the request, runs `handle`, and encodes its reply or its error.
+async fn answer<Rq: Message + Default, Rp: Reply>(
+    payload: &Bytes,
+    handle: impl AsyncFnOnce(Rq) -> Answer<Rp>,
+) -> Vec<u8> {
+    let reply = match Rq::decode(payload.clone()) {
+        Ok(request) => handle(request).await.unwrap_or_else(Rp::failed),
+        Err(err) => {
+            let name = std::any::type_name::<Rq>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("request");
+            Rp::failed(error(
+                Code::Invalid,
+                format!("request did not decode as {name}: {err}"),
+            ))
+        }
+    };
+    reply.encode_to_vec()
+}
+
+fn stored<T>(result: Result<T, StoreError>) -> Answer<T> {
+    result.map_err(|err| store_error(&err))
+}
+
+fn run_reply(run: corral_proto::v1::Run) -> Answer<RunReply> {
+    Ok(RunReply {
+        run: Some(run),
+        error: None,
     })
 }
 
@@ -56,194 +108,109 @@ impl Handlers {
     /// Answers one request on `<prefix>.tracker.<op>`; returns the reply.
     pub async fn handle(&self, op: &str, payload: &Bytes) -> Vec<u8> {
         match op {
-            "submit" => self.handle_submit(payload).await.encode_to_vec(),
-            "claim" => self.handle_claim(payload).await.encode_to_vec(),
-            "record_sandbox" => self.handle_record_sandbox(payload).await.encode_to_vec(),
-            "transition" => self.handle_transition(payload).await.encode_to_vec(),
-            "get" => self.handle_get(payload).await.encode_to_vec(),
-            "list" => self.handle_list(payload).await.encode_to_vec(),
-            "stop" => self.handle_stop(payload).await.encode_to_vec(),
-            "heartbeat" => self.handle_heartbeat(payload).await.encode_to_vec(),
-            "activity" => self.handle_activity(payload).await.encode_to_vec(),
-            "sweep" => self.handle_sweep(payload).await.encode_to_vec(),
-            other => RunReply {
-                run: None,
-                error: error(Code::Invalid, format!("unknown tracker op {other:?}")),
+            "submit" => answer(payload, async |r| self.handle_submit(r).await).await,
+            "claim" => answer(payload, async |r| self.handle_claim(r).await).await,
+            "record_sandbox" => {
+                answer(payload, async |r: RecordSandboxRequest| {
+                    run_reply(stored(self.store.record_sandbox(&r).await)?)
+                })
+                .await
             }
+            "transition" => answer(payload, async |r| self.handle_transition(r).await).await,
+            "get" => {
+                answer(payload, async |r: GetRunRequest| {
+                    run_reply(stored(self.store.get(&r.run_id).await)?)
+                })
+                .await
+            }
+            "list" => {
+                answer(payload, async |r: ListRunsRequest| {
+                    Ok(ListRunsReply {
+                        runs: stored(self.store.list(&r).await)?,
+                        error: None,
+                    })
+                })
+                .await
+            }
+            "stop" => answer(payload, async |r| self.handle_stop(r).await).await,
+            "heartbeat" => {
+                answer(payload, async |r: HeartbeatRequest| {
+                    stored(self.store.heartbeat(&r.spawner_id, r.owned_runs).await)?;
+                    Ok(HeartbeatReply { error: None })
+                })
+                .await
+            }
+            "activity" => {
+                answer(payload, async |r: ActivityRequest| {
+                    stored(self.store.activity(&r.run_ids).await)?;
+                    Ok(ActivityReply { error: None })
+                })
+                .await
+            }
+            "sweep" => answer(payload, async |r| self.handle_sweep(r).await).await,
+            other => RunReply::failed(error(
+                Code::Invalid,
+                format!("unknown tracker op {other:?}"),
+            ))
             .encode_to_vec(),
         }
     }
 
-    async fn handle_submit(&self, payload: &Bytes) -> RunReply {
-        let request: SubmitRequest = match decode(payload, "SubmitRequest") {
-            Ok(r) => r,
-            Err(error) => return RunReply { run: None, error },
-        };
-        let Some(command) = request.command else {
-            return RunReply {
-                run: None,
-                error: error(Code::Invalid, "submit without a command"),
-            };
-        };
-        if let Err(message) = validate::run_command(&command) {
-            return RunReply {
-                run: None,
-                error: error(Code::Invalid, message),
-            };
+    async fn handle_submit(&self, request: SubmitRequest) -> Answer<RunReply> {
+        let command = request
+            .command
+            .ok_or_else(|| error(Code::Invalid, "submit without a command"))?;
+        validate::run_command(&command).map_err(|message| error(Code::Invalid, message))?;
+        let (run, created) = stored(self.store.submit(&command).await)?;
+        if let Some(applied) = created {
+            self.publish_lifecycle(&applied).await;
         }
-        match self.store.submit(&command).await {
-            Ok((run, created)) => {
-                if let Some(applied) = created {
-                    self.publish_lifecycle(&applied).await;
-                }
-                RunReply {
-                    run: Some(run),
-                    error: None,
-                }
-            }
-            Err(err) => RunReply {
-                run: None,
-                error: store_error(&err),
-            },
-        }
+        run_reply(run)
     }
 
-    async fn handle_claim(&self, payload: &Bytes) -> ClaimReply {
-        let request: ClaimRequest = match decode(payload, "ClaimRequest") {
-            Ok(r) => r,
-            Err(error) => {
-                return ClaimReply {
-                    error,
-                    ..Default::default()
-                };
-            }
-        };
-        if let Some(command) = &request.command
-            && let Err(message) = validate::run_command(command)
-        {
-            return ClaimReply {
-                error: error(Code::Invalid, message),
-                ..Default::default()
-            };
+    async fn handle_claim(&self, request: ClaimRequest) -> Answer<ClaimReply> {
+        if let Some(command) = &request.command {
+            validate::run_command(command).map_err(|message| error(Code::Invalid, message))?;
         }
-        match self.store.claim(&request).await {
-            Ok((outcome, run, applied)) => {
-                for applied in &applied {
-                    self.publish_lifecycle(applied).await;
-                }
-                ClaimReply {
-                    outcome: outcome as i32,
-                    run: Some(run),
-                    error: None,
-                }
-            }
-            Err(err) => ClaimReply {
-                error: store_error(&err),
-                ..Default::default()
-            },
+        let (outcome, run, applied) = stored(self.store.claim(&request).await)?;
+        for applied in &applied {
+            self.publish_lifecycle(applied).await;
         }
+        Ok(ClaimReply {
+            outcome: outcome as i32,
+            run: Some(run),
+            error: None,
+        })
     }
 
-    async fn handle_record_sandbox(&self, payload: &Bytes) -> RunReply {
-        let request: RecordSandboxRequest = match decode(payload, "RecordSandboxRequest") {
-            Ok(r) => r,
-            Err(error) => return RunReply { run: None, error },
-        };
-        match self.store.record_sandbox(&request).await {
-            Ok(run) => RunReply {
-                run: Some(run),
-                error: None,
-            },
-            Err(err) => RunReply {
-                run: None,
-                error: store_error(&err),
-            },
-        }
+    async fn handle_transition(&self, request: TransitionRequest) -> Answer<RunReply> {
+        let applied = stored(self.store.transition(&request).await)?;
+        self.publish_lifecycle(&applied).await;
+        run_reply(applied.run)
     }
 
-    async fn handle_transition(&self, payload: &Bytes) -> RunReply {
-        let request: TransitionRequest = match decode(payload, "TransitionRequest") {
-            Ok(r) => r,
-            Err(error) => return RunReply { run: None, error },
-        };
-        match self.store.transition(&request).await {
-            Ok(applied) => {
-                self.publish_lifecycle(&applied).await;
-                RunReply {
-                    run: Some(applied.run),
-                    error: None,
-                }
-            }
-            Err(err) => RunReply {
-                run: None,
-                error: store_error(&err),
-            },
-        }
+    async fn handle_stop(&self, stop: StopCommand) -> Answer<StopReply> {
+        validate::stop_command(&stop).map_err(|message| error(Code::Invalid, message))?;
+        let (outcome, run) = stored(self.record_stop(&stop, true).await)?;
+        Ok(StopReply {
+            outcome: outcome as i32,
+            run,
+            error: None,
+        })
     }
 
-    async fn handle_get(&self, payload: &Bytes) -> RunReply {
-        let request: GetRunRequest = match decode(payload, "GetRunRequest") {
-            Ok(r) => r,
-            Err(error) => return RunReply { run: None, error },
+    async fn handle_sweep(&self, request: SweepRequest) -> Answer<SweepReply> {
+        let due = stored(self.store.sweep(&request).await)?;
+        let live = if request.include_live {
+            stored(self.store.live().await)?
+        } else {
+            Vec::new()
         };
-        match self.store.get(&request.run_id).await {
-            Ok(run) => RunReply {
-                run: Some(run),
-                error: None,
-            },
-            Err(err) => RunReply {
-                run: None,
-                error: store_error(&err),
-            },
-        }
-    }
-
-    async fn handle_list(&self, payload: &Bytes) -> ListRunsReply {
-        let request: ListRunsRequest = match decode(payload, "ListRunsRequest") {
-            Ok(r) => r,
-            Err(error) => {
-                return ListRunsReply {
-                    runs: vec![],
-                    error,
-                };
-            }
-        };
-        match self.store.list(&request).await {
-            Ok(runs) => ListRunsReply { runs, error: None },
-            Err(err) => ListRunsReply {
-                runs: vec![],
-                error: store_error(&err),
-            },
-        }
-    }
-
-    async fn handle_stop(&self, payload: &Bytes) -> StopReply {
-        let stop: StopCommand = match decode(payload, "StopCommand") {
-            Ok(r) => r,
-            Err(error) => {
-                return StopReply {
-                    error,
-                    ..Default::default()
-                };
-            }
-        };
-        if let Err(message) = validate::stop_command(&stop) {
-            return StopReply {
-                error: error(Code::Invalid, message),
-                ..Default::default()
-            };
-        }
-        match self.record_stop(&stop, true).await {
-            Ok((outcome, run)) => StopReply {
-                outcome: outcome as i32,
-                run,
-                error: None,
-            },
-            Err(err) => StopReply {
-                error: store_error(&err),
-                ..Default::default()
-            },
-        }
+        Ok(SweepReply {
+            due,
+            live,
+            error: None,
+        })
     }
 
     /// Records a stop, publishes what it applied, and (when `route` and the
@@ -277,64 +244,6 @@ impl Handlers {
             }
         }
         Ok((outcome, run))
-    }
-
-    async fn handle_heartbeat(&self, payload: &Bytes) -> HeartbeatReply {
-        let request: HeartbeatRequest = match decode(payload, "HeartbeatRequest") {
-            Ok(r) => r,
-            Err(error) => return HeartbeatReply { error },
-        };
-        match self
-            .store
-            .heartbeat(&request.spawner_id, request.owned_runs)
-            .await
-        {
-            Ok(()) => HeartbeatReply { error: None },
-            Err(err) => HeartbeatReply {
-                error: store_error(&err),
-            },
-        }
-    }
-
-    async fn handle_activity(&self, payload: &Bytes) -> ActivityReply {
-        let request: ActivityRequest = match decode(payload, "ActivityRequest") {
-            Ok(r) => r,
-            Err(error) => return ActivityReply { error },
-        };
-        match self.store.activity(&request.run_ids).await {
-            Ok(()) => ActivityReply { error: None },
-            Err(err) => ActivityReply {
-                error: store_error(&err),
-            },
-        }
-    }
-
-    async fn handle_sweep(&self, payload: &Bytes) -> SweepReply {
-        let request: SweepRequest = match decode(payload, "SweepRequest") {
-            Ok(r) => r,
-            Err(error) => {
-                return SweepReply {
-                    error,
-                    ..Default::default()
-                };
-            }
-        };
-        let live = if request.include_live {
-            self.store.live().await
-        } else {
-            Ok(Vec::new())
-        };
-        match (self.store.sweep(&request).await, live) {
-            (Ok(due), Ok(live)) => SweepReply {
-                due,
-                live,
-                error: None,
-            },
-            (Err(err), _) | (_, Err(err)) => SweepReply {
-                error: store_error(&err),
-                ..Default::default()
-            },
-        }
     }
 
     /// Publishes a committed transition; a failure is logged, not returned:
