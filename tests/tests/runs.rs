@@ -340,7 +340,10 @@ async fn the_tracker_answers_a_malformed_request_or_an_unknown_op_with_an_error_
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
     let client = env.client().await;
-    for (op, expected) in [("get", "did not decode as GetRunRequest"), ("nonsense", "unknown tracker op")] {
+    for (op, expected) in [
+        ("get", "did not decode as GetRunRequest"),
+        ("nonsense", "unknown tracker op"),
+    ] {
         let reply = client
             .nats()
             .request(env.subjects.tracker(op), "\u{1}\u{2}garbage".into())
@@ -348,7 +351,10 @@ async fn the_tracker_answers_a_malformed_request_or_an_unknown_op_with_an_error_
             .expect("the tracker answers");
         let reply = corral_proto::v1::RunReply::decode(reply.payload).expect("a RunReply");
         let error = reply.error.expect("an error");
-        assert_eq!(error.code, corral_proto::v1::tracker_error::Code::Invalid as i32);
+        assert_eq!(
+            error.code,
+            corral_proto::v1::tracker_error::Code::Invalid as i32
+        );
         assert!(error.message.contains(expected), "{}", error.message);
     }
     tracker.stop().await;
