@@ -427,3 +427,79 @@ async fn every_accepted_event_is_stored_exactly_once_across_a_sigkilled_ingest()
     tracker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn every_accepted_event_is_stored_exactly_once_across_a_postgres_restart() {
+    let env = TestEnv::new().await;
+    let postgres = corral_tests::PrivatePostgres::start();
+    let mut config = env.ingest_config("127.0.0.1:0");
+    config.database_url = corral_common::Secret::new(postgres.url());
+    let bound = corral_event_ingest::Bound::bind(config)
+        .await
+        .expect("bind");
+    let url = format!("http://127.0.0.1:{}", bound.port());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let ingest = tokio::spawn(bound.run(shutdown.clone()));
+    let http = reqwest::Client::new();
+    eventually("ingest is ready", LIMIT, || async {
+        http.get(format!("{url}/readyz"))
+            .send()
+            .await
+            .ok()?
+            .status()
+            .is_success()
+            .then_some(())
+    })
+    .await;
+
+    let token = env.token("run-p");
+    let mut accepted = Vec::new();
+    for round in 0..30 {
+        if round == 10 {
+            postgres.stop();
+        }
+        if round == 20 {
+            postgres.start_again();
+        }
+        let batch: Vec<Value> = (0..10).map(|j| tool_use(round * 10 + j)).collect();
+        let (status, body) =
+            post(&url, "run-p", Some(&token), Value::Array(batch).to_string()).await;
+        assert_eq!(
+            status,
+            StatusCode::ACCEPTED,
+            "posts are accepted while the database is down: {body}"
+        );
+        accepted.extend(body["event_ids"].as_array().cloned().unwrap_or_default());
+    }
+    let pool = sqlx::PgPool::connect(&postgres.url())
+        .await
+        .expect("private database");
+    let rows: Vec<(String,)> = eventually(
+        "every accepted event stored after the restart",
+        LIMIT,
+        || async {
+            let rows: Vec<(String,)> =
+                sqlx::query_as("SELECT event_id FROM sandbox_events WHERE run_id = 'run-p'")
+                    .fetch_all(&pool)
+                    .await
+                    .ok()?;
+            (rows.len() >= accepted.len()).then_some(rows)
+        },
+    )
+    .await;
+    let stored: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(rows.len(), 300, "no event stored twice");
+    assert!(
+        accepted
+            .iter()
+            .all(|id| stored.contains(id.as_str().unwrap_or_default()))
+    );
+    pool.close().await;
+
+    shutdown.cancel();
+    ingest
+        .await
+        .expect("ingest task")
+        .expect("ingest returns Ok");
+    env.cleanup().await;
+}
