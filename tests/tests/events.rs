@@ -503,3 +503,52 @@ async fn every_accepted_event_is_stored_exactly_once_across_a_postgres_restart()
         .expect("ingest returns Ok");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_run_token_stops_working_when_the_run_ends() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner().await;
+    let (ingest, url) = env.start_ingest().await;
+    let client = env.client().await;
+    let command = env.command(&["sleep", "300"]);
+    client.start_run(&command).await.expect("submit");
+    env.wait_state(
+        &client,
+        &command.run_id,
+        corral_proto::v1::RunState::Running,
+    )
+    .await;
+    let token = env.token(&command.run_id);
+    let (status, body) = post(&url, &command.run_id, Some(&token), tool_use(1).to_string()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+
+    let stop = corral_proto::v1::StopCommand {
+        run_id: command.run_id.clone(),
+        reason: "done".into(),
+        requested_by: "test".into(),
+        requested_at_ms: corral_common::now_ms(),
+    };
+    client.stop(&stop).await.expect("stop");
+    env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    // The liveness answer is cached for up to two seconds.
+    let (status, body) = eventually("the token is refused", LIMIT, || async {
+        let (status, body) =
+            post(&url, &command.run_id, Some(&token), tool_use(2).to_string()).await;
+        (status != StatusCode::ACCEPTED).then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("has ended"),
+        "{body}"
+    );
+
+    ingest.stop().await;
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}

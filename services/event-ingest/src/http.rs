@@ -33,6 +33,36 @@ pub struct AppState {
     pub max_diff: usize,
     /// Ends live tails, so a graceful shutdown does not wait on them.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Asks the tracker whether a run is still live.
+    pub client: corral_client::Client,
+    /// Recent answers: run id -> (live, when asked).
+    pub liveness: std::sync::Mutex<std::collections::HashMap<String, (bool, std::time::Instant)>>,
+}
+
+impl AppState {
+    /// Whether `run_id` has not ended, as the tracker said within the last
+    /// two seconds. A tracker that cannot answer (or does not know the run
+    /// yet) never makes an event get lost: the run counts as live.
+    async fn run_is_live(&self, run_id: &str) -> bool {
+        let fresh = Duration::from_secs(2);
+        if let Ok(cache) = self.liveness.lock()
+            && let Some((live, asked)) = cache.get(run_id)
+            && (!live || asked.elapsed() < fresh)
+        {
+            return *live;
+        }
+        let live = match self.client.get(run_id).await {
+            Ok(run) => !run.state().is_terminal(),
+            Err(_) => return true,
+        };
+        if let Ok(mut cache) = self.liveness.lock() {
+            if cache.len() > 100_000 {
+                cache.clear();
+            }
+            cache.insert(run_id.to_owned(), (live, std::time::Instant::now()));
+        }
+        live
+    }
 }
 
 pub fn router(state: Arc<AppState>, max_body: usize) -> axum::Router {
@@ -80,6 +110,13 @@ async fn post_events(
         return error(
             StatusCode::FORBIDDEN,
             format!("the token is for run {token_run}, not {run_id}"),
+        );
+    }
+    // A run's token expires when the run ends.
+    if !state.run_is_live(&run_id).await {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            format!("run {run_id} has ended: its token is no longer valid"),
         );
     }
     let parsed: Value = match serde_json::from_slice(&body) {

@@ -116,6 +116,8 @@ impl Bound {
             secret: config.token_secret.expose().as_bytes().to_vec(),
             max_diff: config.max_diff_bytes,
             shutdown: shutdown.clone(),
+            client: client.clone(),
+            liveness: Default::default(),
         });
         tracing::info!(listen = %config.listen, prefix = subjects.prefix(), "event ingest started");
         let persist = persister::run(
