@@ -81,35 +81,39 @@ pub enum Service {
     },
 }
 
+/// Every service `corral up` runs talks to the same NATS and prefix.
+fn common(
+    global: &Global,
+    config: Option<std::path::PathBuf>,
+) -> corral_common::config::CommonFlags {
+    corral_common::config::CommonFlags {
+        config,
+        nats_url: Some(global.nats_url.clone()),
+        subject_prefix: Some(global.prefix.clone()),
+    }
+}
+
 pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     let env = process_env();
     let tracker = corral_tracker::config::Flags {
-        config: args.tracker_config,
-        nats_url: Some(global.nats_url.clone()),
-        subject_prefix: Some(global.prefix.clone()),
+        common: common(global, args.tracker_config),
         ..Default::default()
     }
     .load(&env)?;
     let spawner = corral_spawner::config::Flags {
-        config: args.spawner_config,
-        nats_url: Some(global.nats_url.clone()),
-        subject_prefix: Some(global.prefix.clone()),
+        common: common(global, args.spawner_config),
         home: args.home.clone(),
         ..Default::default()
     }
     .load(&env)?;
     let reaper = corral_reaper::config::Flags {
-        config: args.reaper_config,
-        nats_url: Some(global.nats_url.clone()),
-        subject_prefix: Some(global.prefix.clone()),
+        common: common(global, args.reaper_config),
         home: args.home,
         ..Default::default()
     }
     .load(&env)?;
     let mut ingest = corral_event_ingest::config::Flags {
-        config: args.ingest_config,
-        nats_url: Some(global.nats_url.clone()),
-        subject_prefix: Some(global.prefix.clone()),
+        common: common(global, args.ingest_config),
         ..Default::default()
     }
     .load(&env)?;

@@ -188,6 +188,36 @@ fn now_nanos() -> u32 {
         .unwrap_or(0)
 }
 
+/// The flags every service takes: its YAML file, NATS and the subject prefix.
+/// Each service's `Flags` flattens these and adds its own.
+#[derive(Clone, Debug, Default, Serialize, clap::Args)]
+pub struct CommonFlags {
+    /// YAML configuration file (keys as in the service's config struct).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<std::path::PathBuf>,
+    /// NATS server URL [env: NATS_URL, CORRAL_NATS_URL; default nats://127.0.0.1:4222].
+    #[arg(long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// Subject prefix shared by every service of a deployment [env: CORRAL_SUBJECT_PREFIX; default corral].
+    #[arg(long, value_name = "PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject_prefix: Option<String>,
+}
+
+impl CommonFlags {
+    /// Layers defaults, the file, `env` and `flags` (a service's whole
+    /// `Flags`, these included) into the service's config.
+    pub fn load<T, F>(&self, env: &HashMap<String, String>, flags: &F) -> Result<T, ConfigError>
+    where
+        T: Default + Serialize + DeserializeOwned,
+        F: Serialize,
+    {
+        load(self.config.as_deref(), env, flags)
+    }
+}
+
 /// The process environment, for `main`s to hand to [`load`].
 pub fn process_env() -> HashMap<String, String> {
     std::env::vars().collect()

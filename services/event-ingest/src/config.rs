@@ -2,7 +2,6 @@
 //! environment < flags (see `corral_common::config`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use corral_common::Secret;
 use serde::{Deserialize, Serialize};
@@ -49,22 +48,13 @@ impl Default for Config {
 /// Command-line flags; each overrides the file and the environment.
 #[derive(Clone, Debug, Default, Serialize, clap::Args)]
 pub struct Flags {
-    /// YAML configuration file (keys as in the config struct, e.g. `listen: 0.0.0.0:8470`).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// NATS server URL [env: NATS_URL, CORRAL_NATS_URL; default nats://127.0.0.1:4222].
-    #[arg(long, value_name = "URL")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nats_url: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: corral_common::config::CommonFlags,
     /// PostgreSQL URL [env: DATABASE_URL, CORRAL_DATABASE_URL].
     #[arg(long, value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
-    /// Subject prefix shared by every service of a deployment [env: CORRAL_SUBJECT_PREFIX; default corral].
-    #[arg(long, value_name = "PREFIX")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub subject_prefix: Option<String>,
     /// HTTP listen address [env: CORRAL_LISTEN; default 127.0.0.1:8470].
     #[arg(long, value_name = "HOST:PORT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -76,6 +66,6 @@ impl Flags {
         &self,
         env: &HashMap<String, String>,
     ) -> Result<Config, corral_common::config::ConfigError> {
-        corral_common::config::load(self.config.as_deref(), env, self)
+        self.common.load(env, self)
     }
 }

@@ -79,18 +79,9 @@ impl Config {
 /// Command-line flags; each overrides the file and the environment.
 #[derive(Clone, Debug, Default, Serialize, clap::Args)]
 pub struct Flags {
-    /// YAML configuration file (keys as in the config struct, e.g. `sweep_period_ms: 2000`).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// NATS server URL [env: NATS_URL, CORRAL_NATS_URL; default nats://127.0.0.1:4222].
-    #[arg(long, value_name = "URL")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nats_url: Option<String>,
-    /// Subject prefix shared by every service of a deployment [env: CORRAL_SUBJECT_PREFIX; default corral].
-    #[arg(long, value_name = "PREFIX")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub subject_prefix: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: corral_common::config::CommonFlags,
     /// Directory of local sandboxes [env: CORRAL_HOME; default ~/.corral].
     #[arg(long, value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -110,6 +101,6 @@ impl Flags {
         &self,
         env: &HashMap<String, String>,
     ) -> Result<Config, corral_common::config::ConfigError> {
-        corral_common::config::load(self.config.as_deref(), env, self)
+        self.common.load(env, self)
     }
 }

@@ -40,22 +40,13 @@ impl Default for Config {
 /// Command-line flags; each overrides the file and the environment.
 #[derive(Clone, Debug, Default, Serialize, clap::Args)]
 pub struct Flags {
-    /// YAML configuration file (keys as in this struct, e.g. `db_pool_size: 8`).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<std::path::PathBuf>,
-    /// NATS server URL [env: NATS_URL, CORRAL_NATS_URL; default nats://127.0.0.1:4222].
-    #[arg(long, value_name = "URL")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nats_url: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: corral_common::config::CommonFlags,
     /// PostgreSQL URL [env: DATABASE_URL, CORRAL_DATABASE_URL].
     #[arg(long, value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
-    /// Subject prefix shared by every service of a deployment [env: CORRAL_SUBJECT_PREFIX; default corral].
-    #[arg(long, value_name = "PREFIX")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub subject_prefix: Option<String>,
     /// Database connections [env: CORRAL_DB_POOL_SIZE; default 16].
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -68,6 +59,6 @@ impl Flags {
         &self,
         env: &std::collections::HashMap<String, String>,
     ) -> Result<Config, corral_common::config::ConfigError> {
-        corral_common::config::load(self.config.as_deref(), env, self)
+        self.common.load(env, self)
     }
 }
