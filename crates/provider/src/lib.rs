@@ -33,6 +33,13 @@ pub struct CreateSpec {
     pub memory_mib: u64,
     /// CPU-time limit per process, seconds.
     pub cpu_secs: u64,
+    /// How long the provider itself may keep the sandbox before it expires
+    /// it (a remote provider's timeout; 0 = the provider's default). A
+    /// sandbox corral lost track of dies by itself after this.
+    pub lifetime_secs: u64,
+    /// Resource class (`default`, `large`, ...): the size a remote provider
+    /// creates and the row of the price table the run is billed at.
+    pub resource_class: String,
 }
 
 /// A sandbox as the provider knows it.

@@ -574,6 +574,7 @@ mod tests {
             labels,
             memory_mib: 1024,
             cpu_secs: 60,
+            ..Default::default()
         }
     }
 

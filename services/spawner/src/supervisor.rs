@@ -113,6 +113,8 @@ impl Supervisor {
                     self.run.timeout_secs.max(1) as u64,
                 ),
             ),
+            lifetime_secs: 0,
+            resource_class: String::new(),
         };
         let provider = self.spawner.provider.clone();
         let created = (|| provider.create(&create))
