@@ -27,12 +27,12 @@ impl Global {
     }
 }
 
-fn who() -> String {
+pub fn who() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     format!("cli:{user}")
 }
 
-fn parse_pair(text: &str) -> Result<(String, String), String> {
+pub fn parse_pair(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
         _ => Err(format!("{text:?} is not KEY=VALUE")),
@@ -82,6 +82,20 @@ pub struct RunArgs {
     /// Address-space limit per sandbox process, MiB (0 = the spawner's default).
     #[arg(long, default_value_t = 0, value_name = "MIB")]
     memory_mib: u64,
+    /// Keep the sandbox after the agent exits: the run goes idle, and `corral continue` runs the
+    /// next turn in the same sandbox (files and background processes kept).
+    #[arg(long)]
+    keep_alive: bool,
+    /// With --keep-alive: pause the sandbox after this long idle (billed at the paused rate), e.g.
+    /// 10m, 90s [default 10m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "keep_alive")]
+    idle_pause: Option<i32>,
+    /// With --keep-alive: the session's whole lifetime, e.g. 24h [default 24h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "keep_alive")]
+    max_lifetime: Option<i32>,
+    /// Resource class: the sandbox size and the price-table row (default: default).
+    #[arg(long, value_name = "CLASS")]
+    resource_class: Option<String>,
     /// With --wait, give up waiting after this many seconds (the run goes on).
     #[arg(long, value_name = "SECS")]
     wait_timeout: Option<u64>,
@@ -100,10 +114,13 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<ExitCode> {
             timeout_secs: args.timeout,
             idle_timeout_secs: args.idle_timeout,
             provider: args.provider.unwrap_or_default(),
-            keep_alive: false,
+            keep_alive: args.keep_alive,
             finalize: args.finalize.unwrap_or_default(),
             memory_mib: args.memory_mib,
             cpu_secs: 0,
+            idle_pause_secs: args.idle_pause.unwrap_or(0),
+            max_lifetime_secs: args.max_lifetime.unwrap_or(0),
+            resource_class: args.resource_class.unwrap_or_default(),
         }),
         requested_by: who(),
         submitted_at_ms: corral_common::now_ms(),
@@ -123,12 +140,31 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    let mut watch = client.watch(&run_id).await?;
+    let watch = client.watch(&run_id).await?;
     client.start_run(&command).await.context("submit failed")?;
     if !global.json {
         println!("{run_id}");
     }
     let limit = args.wait_timeout.map(Duration::from_secs);
+    // A kept run's turn ends when it goes idle.
+    let run = follow(global, &client, watch, &run_id, limit, |run| {
+        run.state().is_terminal() || run.state() == RunState::Idle
+    })
+    .await?;
+    report_end(global, &run);
+    Ok(outcome_code(&run))
+}
+
+/// Streams the run's output until `done` holds for the run (checked on each
+/// lifecycle event, and every second in case one was missed).
+pub async fn follow(
+    global: &Global,
+    client: &Client,
+    mut watch: corral_client::RunWatch,
+    run_id: &str,
+    limit: Option<Duration>,
+    done: impl Fn(&Run) -> bool,
+) -> anyhow::Result<Run> {
     let started = Instant::now();
     loop {
         let remaining = match limit {
@@ -150,27 +186,31 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            Ok(Some(RunUpdate::Lifecycle(event))) => {
-                if RunState::try_from(event.to).is_ok_and(|s| s.is_terminal()) {
-                    break;
+            Ok(Some(RunUpdate::Lifecycle(_))) | Err(_) => {
+                // A transition, or no news for a second: ask the record.
+                let run = client.get(run_id).await?;
+                if done(&run) {
+                    return Ok(run);
                 }
             }
             Ok(Some(_)) => {}
             Ok(None) => bail!("lost the connection to NATS while waiting"),
-            // No news for a second: make sure nothing was missed.
-            Err(_) => {
-                if client.get(&run_id).await?.state().is_terminal() {
-                    break;
-                }
-            }
         }
     }
-    let run = client.get(&run_id).await?;
-    report_end(global, &run);
-    Ok(outcome_code(&run))
 }
 
-fn report_end(global: &Global, run: &Run) {
+/// Parses `90s`, `10m`, `24h`, `1h30m` (or plain seconds) into seconds.
+pub fn parse_duration(text: &str) -> Result<i32, String> {
+    let secs = match text.parse::<u64>() {
+        Ok(secs) => secs,
+        Err(_) => humantime::parse_duration(text)
+            .map_err(|err| format!("{text:?} is not a duration like 90s, 10m or 24h: {err}"))?
+            .as_secs(),
+    };
+    i32::try_from(secs).map_err(|_| format!("{text:?} is too long"))
+}
+
+pub fn report_end(global: &Global, run: &Run) {
     if global.json {
         println!(
             "{}",
@@ -188,10 +228,12 @@ fn report_end(global: &Global, run: &Run) {
     eprintln!("{line}");
 }
 
-/// 0 completed; the agent's code (or 1) failed; 124 timed out; 130 stopped.
-fn outcome_code(run: &Run) -> ExitCode {
+/// 0 completed (or a kept run's turn exited 0); the agent's code (or 1)
+/// failed; 124 timed out; 130 stopped.
+pub fn outcome_code(run: &Run) -> ExitCode {
     match run.state() {
         RunState::Completed => ExitCode::SUCCESS,
+        RunState::Idle | RunState::Paused if run.exit_code.unwrap_or(0) == 0 => ExitCode::SUCCESS,
         RunState::TimedOut => ExitCode::from(124),
         RunState::Stopped => ExitCode::from(130),
         _ => match run.exit_code {

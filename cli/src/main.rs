@@ -3,12 +3,14 @@
 mod bench;
 mod commands;
 mod events;
+mod session;
 mod up;
 mod view;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use corral_proto::v1::session_command;
 
 #[derive(Parser)]
 #[command(
@@ -20,7 +22,7 @@ process (with the local process-group provider); `corral run` submits a run; `co
 from anywhere; `corral status` and `corral ls` show what the tracker recorded.\n\n\
 Every command finds NATS through NATS_URL (default nats://127.0.0.1:4222); the services find \
 PostgreSQL through DATABASE_URL and keep local sandboxes under CORRAL_HOME (default ~/.corral).",
-    after_help = "Examples:\n  corral up --demo\n  corral run --wait -- sh -c 'echo hello; exit 0'\n  corral run --timeout 300 --idle-timeout 60 --label team=infra -- python3 agent.py\n  corral status <run-id>\n  corral ls --status running --label team=infra --json\n  corral stop <run-id> --reason 'user pressed stop' --wait"
+    after_help = "Examples:\n  corral up --demo\n  corral run --wait -- sh -c 'echo hello; exit 0'\n  corral run --timeout 300 --idle-timeout 60 --label team=infra -- python3 agent.py\n  corral status <run-id>\n  corral ls --status running --label team=infra --json\n  corral stop <run-id> --reason 'user pressed stop' --wait\n  corral run --keep-alive --idle-pause 10m --max-lifetime 24h -- ./agent.sh \"first prompt\"\n  corral continue <run-id> --wait -- ./agent.sh --resume \"second prompt\"\n  corral pause <run-id>; corral resume <run-id>\n  corral cost --label team=infra --since 24h"
 )]
 struct Cli {
     /// NATS server URL.
@@ -58,6 +60,14 @@ enum Command {
     Ls(commands::LsArgs),
     /// Stop a run from anywhere: recorded durably, then routed to its owner.
     Stop(commands::StopArgs),
+    /// Run the next turn of a kept run (`run --keep-alive`) in its sandbox.
+    Continue(session::ContinueArgs),
+    /// Pause a kept run's sandbox between turns (billed at the paused rate).
+    Pause(session::SessionArgs),
+    /// Resume a paused kept run's sandbox without running a turn.
+    Resume(session::SessionArgs),
+    /// Sum the cost of runs by label and period.
+    Cost(session::CostArgs),
     /// Show a run's agent events (output, messages, tool use, edits) from the stream.
     Events(events::EventsArgs),
     /// The reference agent: posts a realistic event sequence through event ingest (runs in a sandbox).
@@ -109,6 +119,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => commands::status(&global, args).await,
         Command::Ls(args) => commands::ls(&global, args).await,
         Command::Stop(args) => commands::stop(&global, args).await,
+        Command::Continue(args) => session::continue_run(&global, args).await,
+        Command::Pause(args) => {
+            session::pause_or_resume(&global, args, session_command::Action::Pause).await
+        }
+        Command::Resume(args) => {
+            session::pause_or_resume(&global, args, session_command::Action::Resume).await
+        }
+        Command::Cost(args) => session::cost(&global, args).await,
         Command::Events(args) => events::events(&global, args).await,
         Command::AgentDemo(args) => events::agent_demo(args).await,
         Command::Up(args) => up::up(&global, args).await,

@@ -33,6 +33,16 @@ pub struct RunView {
     pub last_activity_at: Option<String>,
     pub updated_at: Option<String>,
     pub version: u64,
+    pub keep_alive: bool,
+    pub turn: u32,
+    pub session_id: String,
+    pub idle_pause_secs: i32,
+    pub idle_at: Option<String>,
+    pub paused_at: Option<String>,
+    pub resource_class: String,
+    pub cost_usd: f64,
+    pub billed_running_ms: i64,
+    pub billed_paused_ms: i64,
 }
 
 pub fn time(ms: i64) -> Option<String> {
@@ -55,6 +65,7 @@ impl From<&Run> for RunView {
             sandbox_id: run.sandbox_id.clone(),
             sandbox_epoch: run.sandbox_epoch,
             provider: run.provider.clone(),
+            keep_alive: spec.keep_alive,
             argv: spec.argv,
             labels: spec.labels.into_iter().collect(),
             timeout_secs: run.timeout_secs,
@@ -72,6 +83,15 @@ impl From<&Run> for RunView {
             last_activity_at: time(run.last_activity_at_ms),
             updated_at: time(run.updated_at_ms),
             version: run.version,
+            turn: run.turn,
+            session_id: run.session_id.clone(),
+            idle_pause_secs: run.idle_pause_secs,
+            idle_at: time(run.idle_at_ms),
+            paused_at: time(run.paused_at_ms),
+            resource_class: run.resource_class.clone(),
+            cost_usd: run.cost_usd,
+            billed_running_ms: run.billed_running_ms,
+            billed_paused_ms: run.billed_paused_ms,
         }
     }
 }
@@ -104,7 +124,20 @@ pub fn describe(run: &Run) -> String {
     );
     push("owner", view.owner.clone());
     push("sandbox", view.sandbox_id.clone());
-    push("provider", view.provider.clone());
+    push(
+        "provider",
+        format!("{} ({})", view.provider, view.resource_class),
+    );
+    if view.keep_alive {
+        push(
+            "session",
+            format!(
+                "kept: turn {}, pause after {}s idle, lifetime {}s",
+                view.turn, view.idle_pause_secs, view.timeout_secs
+            ),
+        );
+        push("session id", view.session_id.clone());
+    }
     push(
         "timeouts",
         format!(
@@ -112,11 +145,22 @@ pub fn describe(run: &Run) -> String {
             view.timeout_secs, view.idle_timeout_secs
         ),
     );
+    push(
+        "cost",
+        format!(
+            "${:.6} ({} running, {} paused)",
+            view.cost_usd,
+            hms(view.billed_running_ms),
+            hms(view.billed_paused_ms)
+        ),
+    );
     for (name, value) in [
         ("created", &view.created_at),
         ("booting", &view.booting_at),
         ("running", &view.running_at),
         ("finalizing", &view.finalizing_at),
+        ("idle since", &view.idle_at),
+        ("paused", &view.paused_at),
         ("finished", &view.finished_at),
         ("deadline", &view.deadline_at),
         ("stop asked", &view.stop_requested_at),
@@ -130,6 +174,18 @@ pub fn describe(run: &Run) -> String {
         );
     }
     lines.join("\n")
+}
+
+/// Milliseconds as `1h02m03.004s`.
+pub fn hms(ms: i64) -> String {
+    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (m, rest) = (rest / 60_000, rest % 60_000);
+    let secs = rest as f64 / 1000.0;
+    match (h, m) {
+        (0, 0) => format!("{secs:.3}s"),
+        (0, m) => format!("{m}m{secs:06.3}s"),
+        (h, m) => format!("{h}h{m:02}m{secs:06.3}s"),
+    }
 }
 
 /// One line of `corral ls`.

@@ -62,11 +62,12 @@ impl RunEvent {
             RunEvent::TurnEnd => "turn_end",
             RunEvent::Pause => "pause",
             RunEvent::Continue => "continue",
+            RunEvent::Resume => "resume",
         }
     }
 
     /// Every event but `unspecified`.
-    pub const ALL: [RunEvent; 10] = [
+    pub const ALL: [RunEvent; 11] = [
         RunEvent::Claim,
         RunEvent::Start,
         RunEvent::BeginFinalize,
@@ -77,5 +78,6 @@ impl RunEvent {
         RunEvent::TurnEnd,
         RunEvent::Pause,
         RunEvent::Continue,
+        RunEvent::Resume,
     ];
 }

@@ -105,6 +105,11 @@ impl Subjects {
         format!("{}.cmd.continue", self.prefix)
     }
 
+    /// `<p>.cmd.session`: `SessionCommand` (pause, resume, end a kept run).
+    pub fn cmd_session(&self) -> String {
+        format!("{}.cmd.session", self.prefix)
+    }
+
     /// `<p>.cmd.stop.<run_id>`: `StopCommand`.
     pub fn cmd_stop(&self, run_id: &str) -> String {
         format!("{}.cmd.stop.{run_id}", self.prefix)
@@ -115,7 +120,7 @@ impl Subjects {
         format!("{}.cmd.stop.>", self.prefix)
     }
 
-    /// `<p>.cmd.*`: run and continue (the spawners' shared consumer); does
+    /// `<p>.cmd.*`: run, continue and session (the spawners' shared consumer); does
     /// not overlap the stop subjects, as a work-queue stream requires.
     pub fn cmd_work(&self) -> String {
         format!("{}.cmd.*", self.prefix)
@@ -218,6 +223,8 @@ mod tests {
         let s = Subjects::default();
         assert_eq!(s.cmd_run(), "corral.cmd.run");
         assert_eq!(s.cmd_stop("r1"), "corral.cmd.stop.r1");
+        assert_eq!(s.cmd_continue(), "corral.cmd.continue");
+        assert_eq!(s.cmd_session(), "corral.cmd.session");
         assert_eq!(s.lifecycle("r1"), "corral.lifecycle.r1");
         assert_eq!(
             s.events("r1", "agent.output"),

@@ -2,12 +2,12 @@
 //! before publishing; the spawner checks again (other clients publish too)
 //! and dead-letters what fails, with the message returned here.
 
-use crate::v1::{RunCommand, StopCommand};
+use crate::v1::{ContinueCommand, RunCommand, SessionCommand, StopCommand, session_command};
 use crate::validate_run_id;
 
 /// Providers corral knows by name. Whether a spawner has one configured is
 /// the spawner's question.
-pub const KNOWN_PROVIDERS: [&str; 1] = ["local"];
+pub const KNOWN_PROVIDERS: [&str; 3] = ["local", "e2b", "daytona"];
 
 /// Longest absolute timeout accepted: 7 days.
 pub const MAX_TIMEOUT_SECS: i32 = 7 * 24 * 3600;
@@ -28,6 +28,8 @@ pub fn run_command(command: &RunCommand) -> Result<(), String> {
     for (field, value) in [
         ("spec.timeout_secs", spec.timeout_secs),
         ("spec.idle_timeout_secs", spec.idle_timeout_secs),
+        ("spec.idle_pause_secs", spec.idle_pause_secs),
+        ("spec.max_lifetime_secs", spec.max_lifetime_secs),
     ] {
         if value < 0 {
             return Err(format!(
@@ -47,6 +49,24 @@ pub fn run_command(command: &RunCommand) -> Result<(), String> {
             KNOWN_PROVIDERS.join(", ")
         ));
     }
+    if spec.keep_alive && !spec.finalize.is_empty() {
+        return Err(
+            "spec.finalize cannot be combined with spec.keep_alive: a kept run has no last turn to finalize after"
+                .into(),
+        );
+    }
+    if !spec.keep_alive && (spec.idle_pause_secs != 0 || spec.max_lifetime_secs != 0) {
+        return Err(
+            "spec.idle_pause_secs and spec.max_lifetime_secs apply only with spec.keep_alive"
+                .into(),
+        );
+    }
+    if !spec.resource_class.is_empty() && !is_token(&spec.resource_class) {
+        return Err(format!(
+            "spec.resource_class {:?} is invalid: use 1 to 64 of a-z, 0-9, '_' or '-'",
+            spec.resource_class
+        ));
+    }
     for key in spec.env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
             return Err(format!("spec.env has an invalid variable name {key:?}"));
@@ -64,6 +84,35 @@ pub fn stop_command(command: &StopCommand) -> Result<(), String> {
     validate_run_id(&command.run_id).map_err(|e| e.to_string())
 }
 
+pub fn continue_command(command: &ContinueCommand) -> Result<(), String> {
+    validate_run_id(&command.run_id).map_err(|e| e.to_string())?;
+    if command.argv.first().is_some_and(String::is_empty) {
+        return Err(
+            "argv[0] is empty: give the turn's program, or no argv to rerun the run's own".into(),
+        );
+    }
+    Ok(())
+}
+
+pub fn session_command(command: &SessionCommand) -> Result<(), String> {
+    validate_run_id(&command.run_id).map_err(|e| e.to_string())?;
+    match command.action() {
+        session_command::Action::Unspecified => Err(format!(
+            "action {} is not pause, resume or end",
+            command.action
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn is_token(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +127,37 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    fn with(change: impl FnOnce(&mut RunSpec)) -> RunCommand {
+        let mut c = command(&["true"]);
+        if let Some(spec) = c.spec.as_mut() {
+            change(spec);
+        }
+        c
+    }
+
+    #[test]
+    fn session_and_continue_commands_are_checked() {
+        let bad = SessionCommand {
+            run_id: "r1".into(),
+            ..Default::default()
+        };
+        assert!(
+            session_command(&bad)
+                .expect_err("no action")
+                .contains("not pause")
+        );
+        let empty = ContinueCommand {
+            run_id: "r1".into(),
+            argv: vec![String::new()],
+            ..Default::default()
+        };
+        assert!(
+            continue_command(&empty)
+                .expect_err("empty")
+                .contains("argv[0] is empty")
+        );
     }
 
     #[test]
@@ -123,6 +203,28 @@ mod tests {
                     c
                 },
                 "spec.provider \"nope\" is unknown",
+            ),
+            (
+                with(|s| {
+                    s.keep_alive = true;
+                    s.finalize = "git push".into();
+                }),
+                "spec.finalize cannot be combined with spec.keep_alive",
+            ),
+            (
+                with(|s| s.idle_pause_secs = 60),
+                "apply only with spec.keep_alive",
+            ),
+            (
+                with(|s| {
+                    s.keep_alive = true;
+                    s.max_lifetime_secs = -1;
+                }),
+                "spec.max_lifetime_secs is -1",
+            ),
+            (
+                with(|s| s.resource_class = "Big!".into()),
+                "spec.resource_class",
             ),
         ];
         for (command, expected) in cases {

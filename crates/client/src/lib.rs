@@ -8,11 +8,12 @@ use async_nats::jetstream;
 use corral_common::nats::{self, NatsError};
 use corral_proto::Subjects;
 use corral_proto::v1::{
-    ActivityReply, ActivityRequest, AgentEvent, ClaimReply, ClaimRequest, DueRun, GetRunRequest,
-    HeartbeatReply, HeartbeatRequest, LifecycleEvent, ListRunsReply, ListRunsRequest,
-    RecordSandboxRequest, Run, RunCommand, RunReply, RunState, StopCommand, StopReply,
-    SubmitRequest, SweepReply, SweepRequest, TrackerError, TransitionRequest, claim_reply,
-    stop_reply, tracker_error::Code,
+    ActivityReply, ActivityRequest, AgentEvent, ClaimReply, ClaimRequest, ContinueCommand,
+    CostReply, CostRequest, DueRun, GetRunRequest, HeartbeatReply, HeartbeatRequest,
+    LifecycleEvent, ListRunsReply, ListRunsRequest, RecordSandboxRequest, ReleaseRequest, Run,
+    RunCommand, RunReply, RunState, SessionCommand, StopCommand, StopReply, SubmitRequest,
+    SweepReply, SweepRequest, TrackerError, TransitionRequest, claim_reply, stop_reply,
+    tracker_error::Code,
 };
 use futures::StreamExt;
 use prost::Message;
@@ -226,6 +227,40 @@ impl Client {
         Ok(())
     }
 
+    /// Publishes a `ContinueCommand`: the next turn of a kept run. A
+    /// republished command (same run and `submitted_at_ms`) runs once.
+    pub async fn continue_run(&self, command: &ContinueCommand) -> Result<(), ClientError> {
+        corral_proto::validate::continue_command(command).map_err(ClientError::Invalid)?;
+        let msg_id = format!("continue-{}-{}", command.run_id, command.submitted_at_ms);
+        nats::publish_durable(
+            &self.js,
+            self.subjects.cmd_continue(),
+            &msg_id,
+            command.encode_to_vec().into(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Publishes a `SessionCommand` (pause, resume, end) for a kept run.
+    pub async fn session(&self, command: &SessionCommand) -> Result<(), ClientError> {
+        corral_proto::validate::session_command(command).map_err(ClientError::Invalid)?;
+        let msg_id = format!(
+            "{}-{}-{}",
+            command.action().as_str_name(),
+            command.run_id,
+            command.requested_at_ms
+        );
+        nats::publish_durable(
+            &self.js,
+            self.subjects.cmd_session(),
+            &msg_id,
+            command.encode_to_vec().into(),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Subscribes to a run's lifecycle and agent events. Subscribe before
     /// starting the run to see everything.
     pub async fn watch(&self, run_id: &str) -> Result<RunWatch, ClientError> {
@@ -310,7 +345,33 @@ impl Client {
     }
 
     pub async fn transition(&self, request: &TransitionRequest) -> Result<Run, ClientError> {
-        run_of(self.request("transition", request).await?)
+        Ok(self.transition_from(request).await?.0)
+    }
+
+    /// Like [`Client::transition`], also returning the state the run left.
+    pub async fn transition_from(
+        &self,
+        request: &TransitionRequest,
+    ) -> Result<(Run, RunState), ClientError> {
+        let reply: RunReply = self.request("transition", request).await?;
+        let from = RunState::try_from(reply.from).unwrap_or(RunState::Unspecified);
+        Ok((run_of(reply)?, from))
+    }
+
+    /// Lets go of a kept run this instance paused or resumed.
+    pub async fn release(&self, run_id: &str, owner: &str) -> Result<Run, ClientError> {
+        let request = ReleaseRequest {
+            run_id: run_id.to_owned(),
+            owner: owner.to_owned(),
+        };
+        run_of(self.request("release", &request).await?)
+    }
+
+    /// Cost of the runs matching `request`.
+    pub async fn cost(&self, request: &CostRequest) -> Result<CostReply, ClientError> {
+        let reply: CostReply = self.request("cost", request).await?;
+        check(reply.error.clone())?;
+        Ok(reply)
     }
 
     pub async fn get(&self, run_id: &str) -> Result<Run, ClientError> {

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use corral_client::{Client, ClientError};
 use corral_proto::v1::{
-    DueRun, Run, RunEvent, RunState, SweepRequest, TransitionRequest, due_run::Why,
+    DueRun, Run, RunEvent, RunState, SessionCommand, SweepRequest, TransitionRequest, due_run::Why,
+    session_command,
 };
 use corral_provider::{Health, LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, Provider, ProviderError};
 use futures::StreamExt;
@@ -33,6 +34,8 @@ pub struct Report {
     pub stuck_boots: usize,
     pub orphans_reaped: usize,
     pub sandboxes_lost: usize,
+    /// Kept runs idle past their window, handed to the spawners to pause.
+    pub idle_pauses: usize,
     /// Actions whose transition lost a race (the run had moved on).
     pub raced: usize,
 }
@@ -46,6 +49,7 @@ impl Report {
             + self.stuck_boots
             + self.orphans_reaped
             + self.sandboxes_lost
+            + self.idle_pauses
             > 0
     }
 }
@@ -106,6 +110,7 @@ impl Reaper {
                 Why::Deadline => report.deadlines += 1,
                 Why::Inactivity => report.inactivity += 1,
                 Why::OwnerLost => report.owner_lost += 1,
+                Why::IdlePause => report.idle_pauses += 1,
                 Why::StuckBoot | Why::Unspecified => report.stuck_boots += 1,
             }
         }
@@ -170,6 +175,9 @@ impl Reaper {
     async fn act(&self, due: DueRun) -> bool {
         let why = due.why();
         let Some(run) = due.run else { return false };
+        if why == Why::IdlePause {
+            return self.request_pause(&run).await;
+        }
         let (event, reason, metric) = match why {
             Why::StopIgnored => {
                 let reason = if run.stop_reason.is_empty() {
@@ -182,6 +190,7 @@ impl Reaper {
             Why::Deadline => (RunEvent::TimeOut, "deadline".into(), "deadline"),
             Why::Inactivity => (RunEvent::TimeOut, "inactivity".into(), "inactivity"),
             Why::OwnerLost => (RunEvent::Fail, "owner_lost".into(), "owner_lost"),
+            Why::IdlePause => return false,
             Why::StuckBoot | Why::Unspecified => {
                 (RunEvent::Fail, "stuck_boot".into(), "stuck_boot")
             }
@@ -200,6 +209,29 @@ impl Reaper {
             }
         }
         applied
+    }
+
+    /// A kept run idle past its window: the spawners pause it (through the
+    /// work queue, holding the run while they call the provider, so a
+    /// continue racing the pause never finds its agent frozen).
+    async fn request_pause(&self, run: &Run) -> bool {
+        let pause = SessionCommand {
+            run_id: run.run_id.clone(),
+            action: session_command::Action::Pause as i32,
+            requested_by: self.actor.clone(),
+            requested_at_ms: corral_common::now_ms(),
+        };
+        match self.client.session(&pause).await {
+            Ok(()) => {
+                tracing::info!(run_id = %run.run_id, idle_pause_secs = run.idle_pause_secs, "idle pause requested");
+                metrics::counter!("corral_idle_pauses_total").increment(1);
+                true
+            }
+            Err(err) => {
+                tracing::warn!(run_id = %run.run_id, error = %err, "idle pause not published");
+                false
+            }
+        }
     }
 
     /// The judged sandbox, or — when no id was recorded — every sandbox
@@ -232,8 +264,8 @@ impl Reaper {
             event: event as i32,
             reason: reason.to_owned(),
             actor: self.actor.clone(),
-            exit_code: None,
             expected_version: run.version,
+            ..Default::default()
         };
         match self.client.transition(&request).await {
             Ok(_) => true,

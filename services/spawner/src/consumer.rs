@@ -17,7 +17,7 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{Error, Spawner, supervisor};
+use crate::{Error, Spawner, session, supervisor};
 
 /// The shared consumer's configuration. `max_deliver` leaves room above the
 /// spawner's own limit so that the spawner, not the server, decides when a
@@ -93,38 +93,64 @@ pub(crate) async fn consume(
         let runs = spawner.runs.clone();
         runs.spawn(
             async move {
-                if let Some(start) = handle(&spawner, &message).await {
-                    let run_id = start.command.run_id.clone();
-                    let runs = spawner.runs.clone();
-                    runs.spawn(
-                        async move {
-                            supervisor::supervise(&spawner, start).await;
-                            if let Ok(mut active) = spawner.active.lock() {
-                                active.remove(&run_id);
+                let work = dispatch(&spawner, &message).await;
+                let run_id = match &work {
+                    Some(Work::Run(start)) => start.command.run_id.clone(),
+                    Some(Work::Turn(turn)) => turn.run.run_id.clone(),
+                    None => return,
+                };
+                let runs = spawner.runs.clone();
+                runs.spawn(
+                    async move {
+                        match work {
+                            Some(Work::Run(start)) => supervisor::supervise(&spawner, start).await,
+                            Some(Work::Turn(turn)) => {
+                                supervisor::supervise_turn(&spawner, turn).await
                             }
-                            drop(permit);
+                            None => {}
                         }
-                        .in_current_span(),
-                    );
-                }
+                        if let Ok(mut active) = spawner.active.lock() {
+                            active.remove(&run_id);
+                        }
+                        drop(permit);
+                    }
+                    .in_current_span(),
+                );
             }
             .instrument(span),
         );
     }
 }
 
-/// Decides one command; returns the run to supervise when this spawner
+/// What a command gave this spawner to supervise.
+enum Work {
+    Run(supervisor::Start),
+    Turn(supervisor::Turn),
+}
+
+/// Decides one command by its subject.
+async fn dispatch(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Option<Work> {
+    let subjects = spawner.subjects();
+    let subject = message.subject.as_str();
+    if subject == subjects.cmd_run() {
+        handle(spawner, message).await.map(Work::Run)
+    } else if subject == subjects.cmd_continue() {
+        session::handle_continue(spawner, message)
+            .await
+            .map(Work::Turn)
+    } else if subject == subjects.cmd_session() {
+        session::handle_session(spawner, message).await;
+        None
+    } else {
+        let reason = format!("{subject} is not a command subject this spawner knows");
+        dead_letter(spawner, message, &reason).await;
+        None
+    }
+}
+
+/// Decides a run command; returns the run to supervise when this spawner
 /// claimed it.
 async fn handle(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Option<supervisor::Start> {
-    let subjects = spawner.subjects();
-    if message.subject.as_str() != subjects.cmd_run() {
-        let reason = format!(
-            "{} is not supported by this spawner: kept sessions (continue) are not built yet",
-            message.subject
-        );
-        dead_letter(spawner, message, &reason).await;
-        return None;
-    }
     let command = match RunCommand::decode(message.payload.clone()) {
         Ok(command) => command,
         Err(err) => {
@@ -199,12 +225,12 @@ async fn handle(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Option<
 }
 
 /// Redelivery delay after `deliveries` failed attempts: 250 ms doubling, at most 30 s.
-fn backoff(deliveries: i64) -> Duration {
+pub(crate) fn backoff(deliveries: i64) -> Duration {
     let exponent = deliveries.clamp(1, 8) as u32 - 1;
     Duration::from_millis(250 * 2u64.pow(exponent)).min(Duration::from_secs(30))
 }
 
-async fn dead_letter(spawner: &Spawner, message: &jetstream::Message, reason: &str) {
+pub(crate) async fn dead_letter(spawner: &Spawner, message: &jetstream::Message, reason: &str) {
     tracing::warn!(reason, "dead-lettering command");
     if let Err(err) = corral_common::nats::dead_letter(
         spawner.client.jetstream(),

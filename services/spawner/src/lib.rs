@@ -11,6 +11,7 @@
 
 pub mod config;
 mod consumer;
+mod session;
 mod supervisor;
 
 use std::collections::HashSet;

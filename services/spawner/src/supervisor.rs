@@ -18,11 +18,12 @@ use async_nats::jetstream::context::PublishAckFuture;
 use backon::{ExponentialBuilder, Retryable};
 use corral_client::ClientError;
 use corral_proto::v1::{
-    AgentEvent, RecordSandboxRequest, Run, RunCommand, RunEvent, RunSpec, StopCommand,
-    TransitionRequest, agent_event, output,
+    AgentEvent, ContinueCommand, RecordSandboxRequest, Run, RunCommand, RunEvent, RunSpec,
+    RunState, StopCommand, TransitionRequest, agent_event, output,
 };
 use corral_provider::{
-    CreateSpec, ExecSpec, ExitStatus, LABEL_DEPLOYMENT, LABEL_RUN_ID, OutputLine, OutputStream,
+    CreateSpec, ExecSpec, ExitStatus, Health, LABEL_DEPLOYMENT, LABEL_RUN_ID, OutputLine,
+    OutputStream, ProviderError,
 };
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -56,17 +57,38 @@ fn retry_policy() -> ExponentialBuilder {
 pub(crate) async fn supervise(spawner: &Arc<Spawner>, start: Start) {
     let run_id = start.command.run_id.clone();
     let span = tracing::info_span!("run", run_id = %run_id);
-    Supervisor {
-        spawner: spawner.clone(),
-        spec: start.command.spec.clone().unwrap_or_default(),
-        run: start.run,
-        run_id,
-        sandbox_id: None,
-        seq: Default::default(),
-    }
-    .supervise()
-    .instrument(span)
-    .await;
+    let argv = start
+        .command
+        .spec
+        .as_ref()
+        .map(|s| s.argv.clone())
+        .unwrap_or_default();
+    Supervisor::new(spawner, start.run, start.command.spec.unwrap_or_default())
+        .supervise(argv)
+        .instrument(span)
+        .await;
+}
+
+/// The next turn of a kept run this spawner took (`continue`).
+pub(crate) struct Turn {
+    pub command: ContinueCommand,
+    pub run: Run,
+    /// The state the run left: `paused` means resume before anything else.
+    pub from: RunState,
+}
+
+pub(crate) async fn supervise_turn(spawner: &Arc<Spawner>, turn: Turn) {
+    let span = tracing::info_span!("turn", run_id = %turn.run.run_id, turn = turn.run.turn);
+    let spec = turn.run.spec.clone().unwrap_or_default();
+    let argv = if turn.command.argv.is_empty() {
+        spec.argv.clone()
+    } else {
+        turn.command.argv
+    };
+    Supervisor::new(spawner, turn.run, spec)
+        .continue_turn(turn.from, argv)
+        .instrument(span)
+        .await;
 }
 
 struct Supervisor {
@@ -77,85 +99,55 @@ struct Supervisor {
     sandbox_id: Option<String>,
     /// Sequence number of the last output event, across executions.
     seq: std::sync::atomic::AtomicU64,
+    /// The agent's session id as it last reported it.
+    session_id: std::sync::Mutex<Option<String>>,
+}
+
+/// Why a kept sandbox could not be made ready for a turn.
+enum NotReady {
+    /// The provider could not be asked: the run stays as it is (idle).
+    Unavailable(String),
+    /// Gone, and the one replacement this turn allows failed.
+    Lost(String),
 }
 
 impl Supervisor {
-    async fn supervise(mut self) {
-        let subjects = self.spawner.subjects().clone();
-        let mut stops = match self
-            .spawner
-            .client
-            .nats()
-            .subscribe(subjects.cmd_stop(&self.run_id))
-            .await
-        {
-            Ok(stops) => stops,
-            Err(err) => {
-                self.end(
-                    RunEvent::Fail,
-                    &format!("cannot subscribe to stops: {err}"),
-                    None,
-                )
-                .await;
-                return;
-            }
-        };
-
-        // Booting: create the sandbox and record its id durably.
-        let create = CreateSpec {
-            run_id: self.run_id.clone(),
-            labels: self.labels(),
-            memory_mib: nonzero(self.spec.memory_mib, self.spawner.config.memory_mib),
-            cpu_secs: nonzero(
-                self.spec.cpu_secs,
-                nonzero(
-                    self.spawner.config.cpu_secs,
-                    self.run.timeout_secs.max(1) as u64,
-                ),
+    fn new(spawner: &Arc<Spawner>, run: Run, spec: RunSpec) -> Supervisor {
+        Supervisor {
+            spawner: spawner.clone(),
+            run_id: run.run_id.clone(),
+            sandbox_id: (!run.sandbox_id.is_empty()).then(|| run.sandbox_id.clone()),
+            session_id: std::sync::Mutex::new(
+                (!run.session_id.is_empty()).then(|| run.session_id.clone()),
             ),
-            lifetime_secs: 0,
-            resource_class: String::new(),
-        };
-        let provider = self.spawner.provider.clone();
-        let created = (|| provider.create(&create))
-            .retry(retry_policy())
-            .when(|e| e.is_transient())
-            .await;
-        let sandbox = match created {
-            Ok(sandbox) => sandbox,
+            spec,
+            run,
+            seq: Default::default(),
+        }
+    }
+
+    async fn subscribe_stops(&mut self) -> Option<async_nats::Subscriber> {
+        let subject = self.spawner.subjects().cmd_stop(&self.run_id);
+        match self.spawner.client.nats().subscribe(subject).await {
+            Ok(stops) => Some(stops),
             Err(err) => {
-                self.end(
-                    RunEvent::Fail,
-                    &format!("sandbox create failed: {err}"),
-                    None,
-                )
-                .await;
-                return;
+                let reason = format!("cannot subscribe to stops: {err}");
+                self.end(RunEvent::Fail, &reason, None).await;
+                None
             }
+        }
+    }
+
+    /// A new run: boot its sandbox, start, run the first turn.
+    async fn supervise(mut self, argv: Vec<String>) {
+        let Some(mut stops) = self.subscribe_stops().await else {
+            return;
         };
-        self.sandbox_id = Some(sandbox.id.clone());
-        tracing::debug!(sandbox_id = %sandbox.id, "sandbox created");
-        let record = RecordSandboxRequest {
-            run_id: self.run_id.clone(),
-            owner: self.spawner.id.clone(),
-            sandbox_id: sandbox.id.clone(),
-            provider: self.spawner.provider.name().to_owned(),
-        };
-        let client = &self.spawner.client;
-        let recorded = (|| client.record_sandbox(&record))
-            .retry(retry_policy())
-            .when(ClientError::is_transient)
-            .await;
-        if let Err(err) = recorded {
-            self.end(
-                RunEvent::Fail,
-                &format!("sandbox id not recorded: {err}"),
-                None,
-            )
-            .await;
+        // Booting: create the sandbox and record its id durably.
+        if let Err(reason) = self.create_sandbox("").await {
+            self.end(RunEvent::Fail, &reason, None).await;
             return;
         }
-
         let boot_delay = Duration::from_millis(self.spawner.config.boot_delay_ms);
         if !boot_delay.is_zero() {
             tokio::select! {
@@ -179,11 +171,150 @@ impl Supervisor {
                 return;
             }
         }
+        self.turn(argv, &mut stops).await;
+    }
 
-        // Running.
+    /// The next turn of a kept run: make its sandbox ready (resume, probe,
+    /// replace once), then run the turn.
+    async fn continue_turn(mut self, from: RunState, argv: Vec<String>) {
+        let Some(mut stops) = self.subscribe_stops().await else {
+            return;
+        };
+        match self.ready_sandbox(from).await {
+            Ok(()) => {}
+            Err(NotReady::Unavailable(why)) => {
+                let reason = format!("turn not run: {why}");
+                self.turn_end(&reason, None).await;
+                return;
+            }
+            Err(NotReady::Lost(why)) => {
+                self.end(RunEvent::Fail, &why, None).await;
+                return;
+            }
+        }
+        if let Some(stop) = pending_stop(&mut stops) {
+            self.end(RunEvent::Stop, &stop_reason(&stop), None).await;
+            return;
+        }
+        self.turn(argv, &mut stops).await;
+    }
+
+    /// Creates a sandbox and records its id (`replaced_because` says why
+    /// when it replaces a gone one). On failure, returns the run's reason;
+    /// a sandbox that exists is in `self.sandbox_id`, for `end` to kill.
+    async fn create_sandbox(&mut self, replaced_because: &str) -> Result<(), String> {
+        let create = CreateSpec {
+            run_id: self.run_id.clone(),
+            labels: self.labels(),
+            memory_mib: nonzero(self.spec.memory_mib, self.spawner.config.memory_mib),
+            cpu_secs: nonzero(
+                self.spec.cpu_secs,
+                nonzero(
+                    self.spawner.config.cpu_secs,
+                    self.run.timeout_secs.max(1) as u64,
+                ),
+            ),
+            // The provider expires it a little after the run's deadline.
+            lifetime_secs: self.run.timeout_secs.max(1) as u64 + 300,
+            resource_class: self.run.resource_class.clone(),
+        };
+        let provider = self.spawner.provider.clone();
+        let sandbox = (|| provider.create(&create))
+            .retry(retry_policy())
+            .when(|e| e.is_transient())
+            .await
+            .map_err(|err| format!("sandbox create failed: {err}"))?;
+        self.sandbox_id = Some(sandbox.id.clone());
+        tracing::debug!(sandbox_id = %sandbox.id, "sandbox created");
+        let record = RecordSandboxRequest {
+            run_id: self.run_id.clone(),
+            owner: self.spawner.id.clone(),
+            sandbox_id: sandbox.id.clone(),
+            provider: self.spawner.provider.name().to_owned(),
+            replaced_because: replaced_because.to_owned(),
+        };
+        let client = &self.spawner.client;
+        let run = (|| client.record_sandbox(&record))
+            .retry(retry_policy())
+            .when(ClientError::is_transient)
+            .await
+            .map_err(|err| format!("sandbox id not recorded: {err}"))?;
+        self.run = run;
+        Ok(())
+    }
+
+    /// Health before reuse: a paused sandbox is resumed, every sandbox is
+    /// probed, and one that is gone is replaced — once: if the replacement
+    /// fails too, the run fails rather than loop.
+    async fn ready_sandbox(&mut self, from: RunState) -> Result<(), NotReady> {
+        let provider = self.spawner.provider.clone();
+        let Some(id) = self.sandbox_id.clone() else {
+            return self.replace_sandbox("no sandbox recorded").await;
+        };
+        let mut gone = None;
+        if from == RunState::Paused {
+            let resumed = (|| provider.resume(&id))
+                .retry(retry_policy())
+                .when(|e| e.is_transient())
+                .await;
+            match resumed {
+                Ok(()) => {}
+                Err(ProviderError::NotFound(_)) => gone = Some("gone while paused".to_owned()),
+                Err(err) if err.is_transient() => {
+                    return Err(NotReady::Unavailable(err.to_string()));
+                }
+                Err(err) => gone = Some(format!("resume failed: {err}")),
+            }
+        }
+        if gone.is_none() {
+            let probed = (|| provider.probe(&id))
+                .retry(retry_policy())
+                .when(|e| e.is_transient())
+                .await;
+            match probed {
+                Ok(Health::Healthy) => {}
+                Ok(Health::Gone(why)) => gone = Some(why),
+                Err(err) => return Err(NotReady::Unavailable(err.to_string())),
+            }
+        }
+        match gone {
+            None => Ok(()),
+            Some(why) => self.replace_sandbox(&why).await,
+        }
+    }
+
+    async fn replace_sandbox(&mut self, why: &str) -> Result<(), NotReady> {
+        tracing::warn!(sandbox_id = ?self.sandbox_id, why, "kept sandbox gone: replacing it once");
+        metrics::counter!("corral_sandboxes_replaced_total").increment(1);
+        if let Some(old) = self.sandbox_id.take() {
+            // Whatever is left of it (a half-dead sandbox still bills).
+            let _ = self.spawner.provider.kill(&old).await;
+        }
+        if let Ok(mut session) = self.session_id.lock() {
+            *session = None;
+        }
+        let because = format!("sandbox replaced: {why}");
+        self.create_sandbox(&because).await.map_err(|err| {
+            NotReady::Lost(format!(
+                "sandbox gone ({why}) and its replacement failed: {err}"
+            ))
+        })
+    }
+
+    /// Runs one turn: the agent, then (for a run that is not kept) finalize
+    /// and the end, or (for a kept run) back to idle.
+    async fn turn(&mut self, argv: Vec<String>, stops: &mut async_nats::Subscriber) {
+        let Some(sandbox_id) = self.sandbox_id.clone() else {
+            self.end(RunEvent::Fail, "no sandbox to run in", None).await;
+            return;
+        };
         let mut env: std::collections::BTreeMap<String, String> =
             self.spec.env.clone().into_iter().collect();
         env.insert("CORRAL_RUN_ID".into(), self.run_id.clone());
+        env.insert("CORRAL_TURN".into(), self.run.turn.to_string());
+        if let Some(session) = self.session_id.lock().ok().and_then(|s| s.clone()) {
+            env.insert("CORRAL_SESSION_ID".into(), session);
+        }
         let secret = self.spawner.config.token_secret.expose();
         if !secret.is_empty() {
             // Valid until a minute past the deadline: the run is over by then.
@@ -196,11 +327,17 @@ impl Supervisor {
             );
         }
         let exec = ExecSpec {
-            argv: self.spec.argv.clone(),
+            argv,
             env: env.clone(),
         };
-        let ending = match self.spawner.provider.exec(&sandbox.id, &exec).await {
-            Ok(execution) => self.watch(execution, &mut stops, true).await,
+        let kept = self.spec.keep_alive;
+        let ending = match self.spawner.provider.exec(&sandbox_id, &exec).await {
+            Ok(execution) => self.watch(execution, stops, true, kept).await,
+            Err(err) if kept => {
+                let reason = format!("turn did not start: {err}");
+                self.turn_end(&reason, Some(127)).await;
+                return;
+            }
             Err(err) => {
                 self.end(
                     RunEvent::Fail,
@@ -212,19 +349,58 @@ impl Supervisor {
             }
         };
         match ending {
-            Ending::Exited(status) if status.success() && !self.spec.finalize.is_empty() => {
-                self.finalize(&sandbox.id, env, &mut stops).await;
-            }
-            Ending::Exited(status) if status.success() => {
-                self.end(RunEvent::Complete, "", Some(0)).await;
-            }
             // Killed by someone else (the reaper, an operator): let the
             // record say why, if it knows.
             Ending::Exited(ExitStatus::Signal(signal)) if signal == libc::SIGKILL => {
                 let err = ClientError::Invalid("the agent was killed with SIGKILL".into());
                 self.refused(err).await;
             }
+            Ending::Exited(status) if kept => {
+                let reason = if status.success() {
+                    String::new()
+                } else {
+                    format!("turn failed: {}", describe(status))
+                };
+                self.turn_end(&reason, Some(status.code())).await;
+            }
+            Ending::Exited(status) if status.success() && !self.spec.finalize.is_empty() => {
+                self.finalize(&sandbox_id, env, stops).await;
+            }
+            Ending::Exited(status) if status.success() => {
+                self.end(RunEvent::Complete, "", Some(0)).await;
+            }
             ending => self.end_as(ending).await,
+        }
+    }
+
+    /// A kept run's turn is over: `running -> idle`, the sandbox stays, the
+    /// session id is recorded for the next turn. Refused once a stop was
+    /// requested: then the run ends as the fence says.
+    async fn turn_end(&mut self, reason: &str, exit_code: Option<i32>) {
+        let session_id = self
+            .session_id
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .unwrap_or_default();
+        let request = TransitionRequest {
+            run_id: self.run_id.clone(),
+            event: RunEvent::TurnEnd as i32,
+            reason: reason.to_owned(),
+            actor: self.spawner.actor.clone(),
+            exit_code,
+            expected_version: 0,
+            session_id,
+            owner: String::new(),
+        };
+        let client = &self.spawner.client;
+        let ended = (|| client.transition(&request))
+            .retry(retry_policy())
+            .when(ClientError::is_transient)
+            .await;
+        match ended {
+            Ok(run) => self.run = run,
+            Err(err) => self.refused(err).await,
         }
     }
 
@@ -245,7 +421,7 @@ impl Supervisor {
             env,
         };
         let ending = match self.spawner.provider.exec(sandbox_id, &exec).await {
-            Ok(execution) => self.watch(execution, stops, false).await,
+            Ok(execution) => self.watch(execution, stops, false, false).await,
             Err(err) => {
                 self.end(
                     RunEvent::Fail,
@@ -269,13 +445,16 @@ impl Supervisor {
     }
 
     /// Runs one execution to its end: publishes output, resets the
-    /// inactivity timer on output, and ends the process group on a stop
-    /// (when `stoppable`), a timeout or shutdown.
+    /// inactivity timer on output, notes the session id the agent reports,
+    /// and ends the process group on a stop (when `stoppable`), a timeout or
+    /// shutdown. When the agent exits, what it left running dies with it
+    /// unless `keep` (a kept sandbox keeps its background processes).
     async fn watch(
         &self,
         execution: corral_provider::Execution,
         stops: &mut async_nats::Subscriber,
         stoppable: bool,
+        keep: bool,
     ) -> Ending {
         let corral_provider::Execution {
             mut output,
@@ -330,12 +509,19 @@ impl Supervisor {
                         idle_at = Instant::now() + idle;
                         self.spawner.note_activity(&self.run_id);
                     }
+                    if let Some(session) = session_of(kind, &event.payload)
+                        && let Ok(mut current) = self.session_id.lock()
+                    {
+                        *current = Some(session);
+                    }
                 }
                 status = process.wait() => break Ending::Exited(status),
             }
         };
         let grace = Duration::from_millis(self.spawner.config.kill_grace_ms);
         match &ending {
+            // A kept sandbox keeps what the agent left running.
+            Ending::Exited(_) if keep => {}
             // Stragglers of an exited agent go with it.
             Ending::Exited(_) => {
                 process.kill().await;
@@ -446,7 +632,7 @@ impl Supervisor {
             reason: reason.to_owned(),
             actor: self.spawner.actor.clone(),
             exit_code,
-            expected_version: 0,
+            ..Default::default()
         };
         let client = &self.spawner.client;
         (|| client.transition(&request))
@@ -469,6 +655,19 @@ async fn next_event(events: &mut Option<async_nats::Subscriber>) -> Option<async
         Some(events) => events.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// The session id an `agent.started` or `agent.completed` event reports.
+fn session_of(kind: &str, payload: &[u8]) -> Option<String> {
+    if kind != "agent.started" && kind != "agent.completed" {
+        return None;
+    }
+    let session = match AgentEvent::decode(payload).ok()?.payload? {
+        agent_event::Payload::Started(started) => started.session_id,
+        agent_event::Payload::Completed(completed) => completed.session_id,
+        _ => return None,
+    };
+    (!session.is_empty()).then_some(session)
 }
 
 /// A stop already delivered to the subscription, if any.

@@ -21,6 +21,15 @@ pub struct Config {
     pub default_timeout_secs: i32,
     /// Inactivity timeout of runs that do not set one, seconds.
     pub default_idle_timeout_secs: i32,
+    /// Kept runs: idle seconds before the sandbox is paused, when the run
+    /// does not say.
+    pub default_idle_pause_secs: i32,
+    /// Kept runs: the session's lifetime when the run does not say, seconds.
+    pub default_max_lifetime_secs: i32,
+    /// Dollars per hour by provider and resource class, running and paused:
+    /// `prices: {e2b: {default: {running_per_hour: 0.1089, paused_per_hour: 0}}}`.
+    /// A file's table replaces the defaults provider by provider.
+    pub prices: crate::cost::Prices,
 }
 
 impl Default for Config {
@@ -33,6 +42,9 @@ impl Default for Config {
             max_in_flight: 256,
             default_timeout_secs: 300,
             default_idle_timeout_secs: 60,
+            default_idle_pause_secs: 600,
+            default_max_lifetime_secs: 24 * 3600,
+            prices: crate::cost::Prices::default(),
         }
     }
 }

@@ -6,10 +6,11 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use corral_common::nats::publish_durable;
 use corral_proto::v1::{
-    ActivityReply, ActivityRequest, ClaimReply, ClaimRequest, GetRunRequest, HeartbeatReply,
-    HeartbeatRequest, LifecycleEvent, ListRunsReply, ListRunsRequest, RecordSandboxRequest,
-    RunReply, StopCommand, StopReply, SubmitRequest, SweepReply, SweepRequest, TrackerError,
-    TransitionRequest, stop_reply, tracker_error::Code,
+    ActivityReply, ActivityRequest, ClaimReply, ClaimRequest, CostReply, CostRequest,
+    GetRunRequest, HeartbeatReply, HeartbeatRequest, LifecycleEvent, ListRunsReply,
+    ListRunsRequest, RecordSandboxRequest, ReleaseRequest, RunReply, RunState, SessionCommand,
+    StopCommand, StopReply, SubmitRequest, SweepReply, SweepRequest, TrackerError,
+    TransitionRequest, session_command, stop_reply, tracker_error::Code,
 };
 use corral_proto::{Subjects, validate};
 use prost::Message;
@@ -67,7 +68,8 @@ replies!(
     StopReply,
     HeartbeatReply,
     ActivityReply,
-    SweepReply
+    SweepReply,
+    CostReply
 );
 
 type Answer<R> = Result<R, Option<TrackerError>>;
@@ -100,7 +102,7 @@ fn stored<T>(result: Result<T, StoreError>) -> Answer<T> {
 fn run_reply(run: corral_proto::v1::Run) -> Answer<RunReply> {
     Ok(RunReply {
         run: Some(run),
-        error: None,
+        ..Default::default()
     })
 }
 
@@ -148,6 +150,18 @@ impl Handlers {
                 .await
             }
             "sweep" => answer(payload, async |r| self.handle_sweep(r).await).await,
+            "release" => {
+                answer(payload, async |r: ReleaseRequest| {
+                    run_reply(stored(self.store.release(&r.run_id, &r.owner).await)?)
+                })
+                .await
+            }
+            "cost" => {
+                answer(payload, async |r: CostRequest| {
+                    stored(self.store.cost(&r).await)
+                })
+                .await
+            }
             other => RunReply::failed(error(
                 Code::Invalid,
                 format!("unknown tracker op {other:?}"),
@@ -186,7 +200,11 @@ impl Handlers {
     async fn handle_transition(&self, request: TransitionRequest) -> Answer<RunReply> {
         let applied = stored(self.store.transition(&request).await)?;
         self.publish_lifecycle(&applied).await;
-        run_reply(applied.run)
+        Ok(RunReply {
+            from: applied.from as i32,
+            run: Some(applied.run),
+            error: None,
+        })
     }
 
     async fn handle_stop(&self, stop: StopCommand) -> Answer<StopReply> {
@@ -233,7 +251,13 @@ impl Handlers {
             self.publish_lifecycle(applied).await;
         }
         let owned = run.as_ref().is_some_and(|r| !r.owner.is_empty());
-        if route && outcome == stop_reply::Outcome::Accepted && owned {
+        let between_turns = run
+            .as_ref()
+            .is_some_and(|r| matches!(r.state(), RunState::Idle | RunState::Paused));
+        if outcome == stop_reply::Outcome::Accepted && between_turns {
+            // Nobody owns a kept run between turns: a spawner ends it.
+            self.request_end(stop).await;
+        } else if route && outcome == stop_reply::Outcome::Accepted && owned {
             let subject = self.subjects.cmd_stop(&stop.run_id);
             let msg_id = format!("stop-{}", stop.run_id);
             if let Err(err) =
@@ -244,6 +268,25 @@ impl Handlers {
             }
         }
         Ok((outcome, run))
+    }
+
+    /// Asks the spawners (work queue) to end a kept run between turns: kill
+    /// its sandbox and record it stopped. If this publish fails, the
+    /// reaper's stop backstop ends the run after its grace.
+    async fn request_end(&self, stop: &StopCommand) {
+        let end = SessionCommand {
+            run_id: stop.run_id.clone(),
+            action: session_command::Action::End as i32,
+            requested_by: stop.requested_by.clone(),
+            requested_at_ms: corral_common::now_ms(),
+        };
+        let subject = self.subjects.cmd_session();
+        let msg_id = format!("end-{}", stop.run_id);
+        if let Err(err) =
+            publish_durable(&self.js, subject, &msg_id, end.encode_to_vec().into()).await
+        {
+            tracing::warn!(run_id = %stop.run_id, error = %err, "end of a kept run not published");
+        }
     }
 
     /// Publishes a committed transition; a failure is logged, not returned:

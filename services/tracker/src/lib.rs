@@ -8,6 +8,7 @@
 //! each applied transition on `<prefix>.lifecycle.<run_id>`.
 
 pub mod config;
+pub mod cost;
 pub mod handlers;
 pub mod state;
 pub mod store;
@@ -62,8 +63,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let defaults = Defaults {
         timeout_secs: config.default_timeout_secs,
         idle_timeout_secs: config.default_idle_timeout_secs,
+        idle_pause_secs: config.default_idle_pause_secs,
+        max_lifetime_secs: config.default_max_lifetime_secs,
     };
-    let store = Store::connect(config.database_url.expose(), config.db_pool_size, defaults).await?;
+    let store = Store::connect(
+        config.database_url.expose(),
+        config.db_pool_size,
+        defaults,
+        config.prices.clone(),
+    )
+    .await?;
     let client = nats::connect(&config.nats_url, "corral-tracker", Duration::from_secs(5)).await?;
     let js = jetstream::new(client.clone());
     nats::ensure_streams(&js, &subjects).await?;

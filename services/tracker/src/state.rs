@@ -4,7 +4,7 @@
 //! ```text
 //! pending -> booting -> running -> finalizing -> completed
 //!                       running -> completed            (no finalize step)
-//!                       running <-> idle, idle -> paused -> running
+//!                       running <-> idle, idle <-> paused -> running
 //! any live state -> failed | timed_out
 //! any live state but finalizing -> stopped   (finalize is past the fence)
 //! ```
@@ -37,6 +37,7 @@ pub fn next(from: RunState, event: RunEvent) -> Result<RunState, Illegal> {
         (S::Running, E::TurnEnd) => S::Idle,
         (S::Idle, E::Pause) => S::Paused,
         (S::Idle | S::Paused, E::Continue) => S::Running,
+        (S::Paused, E::Resume) => S::Idle,
         (S::Pending | S::Booting | S::Running | S::Idle | S::Paused | S::Finalizing, E::Fail) => {
             S::Failed
         }
@@ -82,6 +83,7 @@ mod tests {
         (S::Idle, E::Pause, S::Paused),
         (S::Idle, E::Continue, S::Running),
         (S::Paused, E::Continue, S::Running),
+        (S::Paused, E::Resume, S::Idle),
         (S::Pending, E::Fail, S::Failed),
         (S::Booting, E::Fail, S::Failed),
         (S::Running, E::Fail, S::Failed),

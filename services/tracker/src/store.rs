@@ -38,7 +38,15 @@ pub enum StoreError {
 pub struct Defaults {
     pub timeout_secs: i32,
     pub idle_timeout_secs: i32,
+    /// Kept runs: idle seconds before the sandbox is paused.
+    pub idle_pause_secs: i32,
+    /// Kept runs: the session's lifetime, seconds.
+    pub max_lifetime_secs: i32,
 }
+
+/// How long an instance pausing or resuming a kept run holds it; a holder
+/// that died lets go by itself after this.
+const HOLD_SECS: i32 = 30;
 
 /// A transition that was committed: what to publish on the lifecycle subject.
 #[derive(Clone, Debug)]
@@ -52,7 +60,8 @@ pub struct Applied {
 const COLUMNS: &str = "run_id, state, version, spec, labels, provider, requested_by, owner, \
     sandbox_id, sandbox_epoch, exit_code, reason, timeout_secs, idle_timeout_secs, deadline_at, \
     last_activity_at, stop_requested_at, stop_reason, stop_requested_by, created_at, booting_at, \
-    running_at, finalizing_at, finished_at, updated_at";
+    running_at, finalizing_at, finished_at, updated_at, session_id, turn, idle_at, paused_at, \
+    idle_pause_secs, resource_class";
 
 /// How often a compare-and-set is retried when another writer raced it.
 const CAS_ATTEMPTS: usize = 8;
@@ -84,6 +93,12 @@ struct RunRow {
     finalizing_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
     updated_at: DateTime<Utc>,
+    session_id: Option<String>,
+    turn: i32,
+    idle_at: Option<DateTime<Utc>>,
+    paused_at: Option<DateTime<Utc>>,
+    idle_pause_secs: i32,
+    resource_class: String,
 }
 
 /// A row as an UPDATE left it, with the state it had before.
@@ -150,6 +165,16 @@ impl RunRow {
             requested_by: self.requested_by.clone(),
             timeout_secs: self.timeout_secs,
             idle_timeout_secs: self.idle_timeout_secs,
+            session_id: self.session_id.clone().unwrap_or_default(),
+            turn: self.turn as u32,
+            idle_at_ms: ms(self.idle_at),
+            paused_at_ms: ms(self.paused_at),
+            idle_pause_secs: self.idle_pause_secs,
+            resource_class: self.resource_class.clone(),
+            // Filled in by `get` (it needs the run's history).
+            cost_usd: 0.0,
+            billed_running_ms: 0,
+            billed_paused_ms: 0,
         }
     }
 }
@@ -161,11 +186,14 @@ struct Changes<'a> {
     actor: &'a str,
     exit_code: Option<i32>,
     owner: Option<&'a str>,
+    /// turn_end: the agent's session id (None keeps the recorded one).
+    session_id: Option<&'a str>,
 }
 
 pub struct Store {
     pool: PgPool,
     defaults: Defaults,
+    prices: crate::cost::Prices,
 }
 
 impl Store {
@@ -174,6 +202,7 @@ impl Store {
         database_url: &str,
         pool_size: u32,
         defaults: Defaults,
+        prices: crate::cost::Prices,
     ) -> Result<Store, StoreError> {
         let options: PgConnectOptions = database_url.parse()?;
         let connect = || {
@@ -193,7 +222,11 @@ impl Store {
         let mut migrator = sqlx::migrate!("./migrations");
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;
-        Ok(Store { pool, defaults })
+        Ok(Store {
+            pool,
+            defaults,
+            prices,
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -212,15 +245,42 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(run_id.to_owned()))
     }
 
+    /// The run, with its cost so far.
     pub async fn get(&self, run_id: &str) -> Result<Run, StoreError> {
-        Ok(self.load(run_id).await?.to_proto())
+        let mut run = self.load(run_id).await?.to_proto();
+        let billed = crate::cost::billed_of_run(&self.pool, run_id).await?;
+        run.billed_running_ms = billed.running_ms;
+        run.billed_paused_ms = billed.paused_ms;
+        run.cost_usd = self
+            .prices
+            .cost(&run.provider, &run.resource_class, &billed);
+        Ok(run)
+    }
+
+    /// Cost of the runs matching `request`, grouped.
+    pub async fn cost(
+        &self,
+        request: &corral_proto::v1::CostRequest,
+    ) -> Result<corral_proto::v1::CostReply, StoreError> {
+        crate::cost::report(&self.pool, &self.prices, request).await
     }
 
     /// Inserts the run as pending unless it exists. Returns the run and the
     /// creation, if this call created it.
     pub async fn submit(&self, command: &RunCommand) -> Result<(Run, Option<Applied>), StoreError> {
         let spec = command.spec.clone().unwrap_or_default();
-        let timeout = nonzero(spec.timeout_secs, self.defaults.timeout_secs);
+        // A kept run's deadline is its session's lifetime.
+        let timeout = if spec.keep_alive {
+            nonzero(spec.max_lifetime_secs, self.defaults.max_lifetime_secs)
+        } else {
+            nonzero(spec.timeout_secs, self.defaults.timeout_secs)
+        };
+        let idle_pause = nonzero(spec.idle_pause_secs, self.defaults.idle_pause_secs);
+        let resource_class = if spec.resource_class.is_empty() {
+            "default".to_owned()
+        } else {
+            spec.resource_class.clone()
+        };
         let idle = nonzero(spec.idle_timeout_secs, self.defaults.idle_timeout_secs);
         let provider = if spec.provider.is_empty() {
             "local".to_owned()
@@ -231,8 +291,10 @@ impl Store {
         let inserted = sqlx::query_as::<_, RunRow>(&format!(
             "WITH i AS (
                 INSERT INTO runs (run_id, state, spec, labels, provider, requested_by, timeout_secs,
-                                  idle_timeout_secs, stop_requested_at, stop_reason, stop_requested_by)
-                SELECT $1, 'pending', $2, $3, $4, $5, $6, $7, e.requested_at, e.reason, e.requested_by
+                                  idle_timeout_secs, stop_requested_at, stop_reason, stop_requested_by,
+                                  idle_pause_secs, resource_class)
+                SELECT $1, 'pending', $2, $3, $4, $5, $6, $7, e.requested_at, e.reason, e.requested_by,
+                       $8, $9
                 FROM (SELECT 1) AS one LEFT JOIN early_stops e ON e.run_id = $1
                 ON CONFLICT (run_id) DO NOTHING
                 RETURNING {COLUMNS}
@@ -249,6 +311,8 @@ impl Store {
         .bind(&command.requested_by)
         .bind(timeout)
         .bind(idle)
+        .bind(idle_pause)
+        .bind(resource_class)
         .fetch_optional(&self.pool)
         .await?;
         match inserted {
@@ -338,17 +402,28 @@ impl Store {
     /// Records the sandbox id (and bumps the epoch) while the caller owns
     /// the run and it is live.
     pub async fn record_sandbox(&self, request: &RecordSandboxRequest) -> Result<Run, StoreError> {
+        // A replacement (a running turn found its sandbox gone) clears the
+        // session id, says why, and is kept in the run's history.
         let row = sqlx::query_as::<_, RunRow>(&format!(
-            "UPDATE runs SET sandbox_id = $3, provider = $4, sandbox_epoch = sandbox_epoch + 1,
-                 version = version + 1, updated_at = now()
-             WHERE run_id = $1 AND owner = $2
-               AND state NOT IN ('completed', 'failed', 'stopped', 'timed_out')
-             RETURNING {COLUMNS}"
+            "WITH u AS (
+                UPDATE runs SET sandbox_id = $3, provider = $4, sandbox_epoch = sandbox_epoch + 1,
+                    version = version + 1, updated_at = now(),
+                    session_id = CASE WHEN $5 <> '' THEN NULL ELSE session_id END,
+                    reason = CASE WHEN $5 <> '' THEN $5 ELSE reason END
+                WHERE run_id = $1 AND owner = $2
+                  AND state NOT IN ('completed', 'failed', 'stopped', 'timed_out')
+                RETURNING {COLUMNS}
+            ), t AS (
+                INSERT INTO run_transitions (run_id, from_state, to_state, event, reason, actor)
+                SELECT run_id, state, state, 'replace_sandbox', $5, 'spawner:' || $2 FROM u WHERE $5 <> ''
+            )
+            SELECT * FROM u"
         ))
         .bind(&request.run_id)
         .bind(&request.owner)
         .bind(&request.sandbox_id)
         .bind(&request.provider)
+        .bind(&request.replaced_because)
         .fetch_optional(&self.pool)
         .await?;
         match row {
@@ -376,7 +451,8 @@ impl Store {
                 reason: &request.reason,
                 actor: &request.actor,
                 exit_code: request.exit_code,
-                owner: None,
+                owner: (!request.owner.is_empty()).then_some(request.owner.as_str()),
+                session_id: (!request.session_id.is_empty()).then_some(request.session_id.as_str()),
             };
             if let Some(applied) = self.cas(&request.run_id, expected, event, changes).await? {
                 return Ok(applied);
@@ -392,7 +468,7 @@ impl Store {
                 )));
             }
             state::next(row.state(), event)?;
-            if let Some(refusal) = fence(&row, event) {
+            if let Some(refusal) = fence(&row, event, &request.owner) {
                 return Err(StoreError::Conflict(refusal));
             }
         }
@@ -441,18 +517,34 @@ impl Store {
                 "AND r.stop_requested_at IS NULL AND (r.deadline_at IS NULL OR r.deadline_at > now())"
             }
             RunEvent::Start => "AND r.stop_requested_at IS NULL AND r.sandbox_id IS NOT NULL",
-            RunEvent::Claim | RunEvent::Continue => "AND r.stop_requested_at IS NULL",
+            RunEvent::Claim | RunEvent::TurnEnd => "AND r.stop_requested_at IS NULL",
+            // Between turns the owner column is a short hold: whoever
+            // pauses, resumes or continues the run holds it, and nobody else
+            // acts on the sandbox meanwhile (a hold older than HOLD_SECS is
+            // from an instance that died).
+            RunEvent::Continue | RunEvent::Pause | RunEvent::Resume => {
+                "AND r.stop_requested_at IS NULL AND (r.deadline_at IS NULL OR r.deadline_at > now())
+                 AND (r.owner IS NULL OR r.owner = $6 OR r.updated_at < now() - make_interval(secs => $HOLD))"
+            }
             _ => "",
         };
+        let guard = guard.replace("$HOLD", &HOLD_SECS.to_string());
         let updated = sqlx::query_as::<_, AppliedRow>(&format!(
             "WITH u AS (
                 UPDATE runs r SET
                     state = $3,
                     version = r.version + 1,
                     updated_at = now(),
-                    reason = CASE WHEN $4 <> '' THEN $4 ELSE r.reason END,
-                    exit_code = COALESCE($5, r.exit_code),
-                    owner = COALESCE($6, r.owner),
+                    reason = CASE WHEN $4 <> '' THEN $4 WHEN $8 = 'continue' THEN '' ELSE r.reason END,
+                    exit_code = CASE WHEN $8 = 'continue' THEN NULL ELSE COALESCE($5, r.exit_code) END,
+                    -- A kept run between turns has no owner.
+                    owner = CASE WHEN $8 = 'turn_end' THEN NULL ELSE COALESCE($6, r.owner) END,
+                    session_id = CASE WHEN $8 = 'turn_end' THEN COALESCE($10, r.session_id)
+                        ELSE r.session_id END,
+                    turn = CASE WHEN $3 = 'booting' THEN 1 WHEN $8 = 'continue' THEN r.turn + 1
+                        ELSE r.turn END,
+                    idle_at = CASE WHEN $3 = 'idle' THEN now() ELSE r.idle_at END,
+                    paused_at = CASE WHEN $3 = 'paused' THEN now() ELSE r.paused_at END,
                     deadline_at = CASE WHEN $3 = 'booting'
                         THEN now() + make_interval(secs => r.timeout_secs) ELSE r.deadline_at END,
                     booting_at = CASE WHEN $3 = 'booting' THEN now() ELSE r.booting_at END,
@@ -485,6 +577,7 @@ impl Store {
         .bind(&sources)
         .bind(event.name())
         .bind(changes.actor)
+        .bind(changes.session_id)
         .fetch_optional(&self.pool)
         .await?;
         Ok(updated.map(|applied| Applied {
@@ -689,6 +782,10 @@ impl Store {
                          THEN 'owner_lost'
                     WHEN state = 'booting' AND booting_at < now() - make_interval(secs => $3 / 1000.0)
                          THEN 'stuck_boot'
+                    WHEN state = 'idle' AND idle_pause_secs > 0
+                         AND idle_at < now() - make_interval(secs => idle_pause_secs)
+                         AND (owner IS NULL OR updated_at < now() - make_interval(secs => $6))
+                         THEN 'idle_pause'
                 END AS due, *
                 FROM runs
                 WHERE state NOT IN ('completed', 'failed', 'stopped', 'timed_out')
@@ -702,6 +799,7 @@ impl Store {
         .bind(request.boot_limit_ms as f64)
         .bind(request.backstop_grace_ms as f64)
         .bind(limit as i64)
+        .bind(HOLD_SECS)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -712,6 +810,7 @@ impl Store {
                     "deadline" => due_run::Why::Deadline,
                     "inactivity" => due_run::Why::Inactivity,
                     "owner_lost" => due_run::Why::OwnerLost,
+                    "idle_pause" => due_run::Why::IdlePause,
                     _ => due_run::Why::StuckBoot,
                 };
                 DueRun {
@@ -720,6 +819,25 @@ impl Store {
                 }
             })
             .collect())
+    }
+
+    /// The instance that paused or resumed a kept run lets go of it.
+    pub async fn release(&self, run_id: &str, owner: &str) -> Result<Run, StoreError> {
+        let row = sqlx::query_as::<_, RunRow>(&format!(
+            "UPDATE runs SET owner = NULL, version = version + 1, updated_at = now()
+             WHERE run_id = $1 AND owner = $2 AND state IN ('idle', 'paused')
+             RETURNING {COLUMNS}"
+        ))
+        .bind(run_id)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row.to_proto()),
+            None => Err(StoreError::Conflict(format!(
+                "run {run_id} is not held by {owner} between turns"
+            ))),
+        }
     }
 
     pub async fn heartbeat(&self, spawner_id: &str, owned_runs: u32) -> Result<(), StoreError> {
@@ -759,15 +877,36 @@ fn nonzero(value: i32, default: i32) -> i32 {
 }
 
 /// Why a fenced event may not apply to this row, if it may not.
-fn fence(row: &RunRow, event: RunEvent) -> Option<String> {
+fn fence(row: &RunRow, event: RunEvent, owner: &str) -> Option<String> {
+    let between_turns = matches!(
+        event,
+        RunEvent::Continue | RunEvent::Pause | RunEvent::Resume
+    );
     match event {
-        RunEvent::BeginFinalize | RunEvent::Start | RunEvent::Continue
+        RunEvent::BeginFinalize | RunEvent::Start | RunEvent::TurnEnd
             if row.stop_requested_at.is_some() =>
         {
             Some(format!("stop requested for run {}", row.run_id))
         }
-        RunEvent::BeginFinalize if row.deadline_at.is_some_and(|d| d <= Utc::now()) => {
+        _ if between_turns && row.stop_requested_at.is_some() => {
+            Some(format!("stop requested for run {}", row.run_id))
+        }
+        _ if (between_turns || event == RunEvent::BeginFinalize)
+            && row.deadline_at.is_some_and(|d| d <= Utc::now()) =>
+        {
             Some(format!("deadline passed for run {}", row.run_id))
+        }
+        _ if between_turns
+            && row.owner.as_deref().is_some_and(|held| {
+                held != owner
+                    && row.updated_at > Utc::now() - chrono::Duration::seconds(HOLD_SECS.into())
+            }) =>
+        {
+            Some(format!(
+                "run {} is held by {} (pausing or resuming); try again",
+                row.run_id,
+                row.owner.as_deref().unwrap_or_default()
+            ))
         }
         RunEvent::Start if row.sandbox_id.is_none() => Some(format!(
             "run {} has no recorded sandbox id; record it before start",
