@@ -13,8 +13,13 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+pub mod daytona;
+pub mod e2b;
 pub mod local;
+mod remote;
 
+pub use daytona::{DaytonaConfig, DaytonaProvider};
+pub use e2b::{E2bConfig, E2bProvider};
 pub use local::LocalProvider;
 
 /// Label naming the run a sandbox belongs to.
@@ -113,6 +118,7 @@ pub struct Execution {
 pub struct Process {
     exit: watch::Receiver<Option<ExitStatus>>,
     control: Box<dyn ExecControl>,
+    pid: Option<i32>,
 }
 
 impl Process {
@@ -120,7 +126,24 @@ impl Process {
         exit: watch::Receiver<Option<ExitStatus>>,
         control: Box<dyn ExecControl>,
     ) -> Process {
-        Process { exit, control }
+        Process {
+            exit,
+            control,
+            pid: None,
+        }
+    }
+
+    /// The same, knowing the process (group) id on this machine.
+    pub fn with_pid(self, pid: i32) -> Process {
+        Process {
+            pid: Some(pid),
+            ..self
+        }
+    }
+
+    /// The process group id, when the command runs on this machine.
+    pub fn pid(&self) -> Option<i32> {
+        self.pid
     }
 
     /// Waits for the command to end.

@@ -483,7 +483,7 @@ impl Provider for LocalProvider {
         });
         Ok(Execution {
             output: rx,
-            process: Process::new(exit_rx, Box::new(GroupControl { pgid })),
+            process: Process::new(exit_rx, Box::new(GroupControl { pgid })).with_pid(pgid),
         })
     }
 

@@ -1,0 +1,437 @@
+//! The E2B provider against the E2B emulator: real processes behind a real
+//! HTTP API, with faults injected.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use corral_emulator::E2bEmulator;
+use corral_provider::{
+    CreateSpec, E2bConfig, E2bProvider, ExecSpec, ExitStatus, Health, KillOutcome,
+    LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, OutputLine, OutputStream, Provider,
+    ProviderError,
+};
+use tempfile::TempDir;
+
+const SIGKILL: i32 = 9;
+
+/// Fields drop in order: the emulator (killing leftovers) before the home.
+struct Harness {
+    emulator: E2bEmulator,
+    provider: E2bProvider,
+    _home: TempDir,
+}
+
+async fn harness() -> Harness {
+    let home = tempfile::tempdir().expect("temp home");
+    let emulator = E2bEmulator::start(home.path())
+        .await
+        .expect("emulator starts");
+    let provider = E2bProvider::new(config(&emulator)).expect("provider");
+    Harness {
+        emulator,
+        provider,
+        _home: home,
+    }
+}
+
+fn config(emulator: &E2bEmulator) -> E2bConfig {
+    E2bConfig {
+        api_url: emulator.url(),
+        api_key: "test-key".into(),
+        envd_url: emulator.envd_url(),
+        ..E2bConfig::default()
+    }
+}
+
+fn labels(run_id: &str) -> Labels {
+    Labels::from([
+        (LABEL_RUN_ID.to_owned(), run_id.to_owned()),
+        (LABEL_DEPLOYMENT.to_owned(), "test".to_owned()),
+    ])
+}
+
+fn spec(run_id: &str) -> CreateSpec {
+    CreateSpec {
+        run_id: run_id.into(),
+        labels: labels(run_id),
+        ..CreateSpec::default()
+    }
+}
+
+fn argv(args: &[&str]) -> ExecSpec {
+    ExecSpec {
+        argv: args.iter().map(|s| s.to_string()).collect(),
+        env: BTreeMap::new(),
+    }
+}
+
+fn line(stream: OutputStream, text: &str) -> OutputLine {
+    OutputLine {
+        stream,
+        line: text.into(),
+    }
+}
+
+/// Runs a command to its end: its lines and how it ended.
+async fn run(provider: &E2bProvider, id: &str, spec: &ExecSpec) -> (Vec<OutputLine>, ExitStatus) {
+    let mut exec = provider.exec(id, spec).await.expect("exec");
+    let mut lines = Vec::new();
+    while let Some(line) = exec.output.recv().await {
+        lines.push(line);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), exec.process.wait())
+        .await
+        .expect("the command never reported its exit");
+    (lines, status)
+}
+
+/// Polls `done` until it holds, failing with `what` after 5 s.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The state letter of /proc/<pid>/stat ('T' when stopped).
+fn proc_state(pid: i32) -> Option<char> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    text[text.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+fn all_stopped(sandbox_id: &str) -> bool {
+    let pids = LocalProvider::live_processes(sandbox_id);
+    !pids.is_empty() && pids.iter().all(|pid| proc_state(*pid) == Some('T'))
+}
+
+fn none_stopped(sandbox_id: &str) -> bool {
+    let pids = LocalProvider::live_processes(sandbox_id);
+    !pids.is_empty() && pids.iter().all(|pid| proc_state(*pid) != Some('T'))
+}
+
+#[tokio::test]
+async fn a_command_streams_its_stdout_stderr_and_exit_code() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let (lines, status) = run(
+        &h.provider,
+        &sandbox.id,
+        &argv(&["sh", "-c", "echo hi; echo err >&2; exit 3"]),
+    )
+    .await;
+    assert_eq!(status, ExitStatus::Code(3));
+    assert!(
+        lines.contains(&line(OutputStream::Stdout, "hi")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&line(OutputStream::Stderr, "err")),
+        "{lines:?}"
+    );
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    h.provider.kill(&sandbox.id).await.expect("kill");
+}
+
+#[tokio::test]
+async fn the_command_gets_its_environment_and_a_last_line_without_newline() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let mut spec = argv(&["sh", "-c", "printf '%s' \"$GREETING\""]);
+    spec.env.insert("GREETING".into(), "hello there".into());
+    let (lines, status) = run(&h.provider, &sandbox.id, &spec).await;
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(lines, vec![line(OutputStream::Stdout, "hello there")]);
+}
+
+#[tokio::test]
+async fn a_missing_program_is_an_invalid_request() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let err = h
+        .provider
+        .exec(&sandbox.id, &argv(&["/no/such/agent"]))
+        .await
+        .err()
+        .expect("a missing program should fail");
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err}");
+    assert!(err.to_string().contains("/no/such/agent"), "{err}");
+}
+
+#[tokio::test]
+async fn list_finds_sandboxes_by_label_across_pages() {
+    let h = harness().await;
+    let first = h.provider.create(&spec("r1")).await.expect("create r1");
+    let second = h.provider.create(&spec("r2")).await.expect("create r2");
+    h.emulator.set_page_size(1);
+
+    let by_run = h.provider.list(&labels("r1")).await.expect("list r1");
+    assert_eq!(by_run.len(), 1, "{by_run:?}");
+    assert_eq!(by_run[0].id, first.id);
+    assert_eq!(by_run[0].labels, labels("r1"));
+    assert!(by_run[0].created_at_ms > 0);
+
+    let other = Labels::from([(LABEL_RUN_ID.to_owned(), "r3".to_owned())]);
+    assert!(h.provider.list(&other).await.expect("list r3").is_empty());
+
+    let deployment = Labels::from([(LABEL_DEPLOYMENT.to_owned(), "test".to_owned())]);
+    let mut ids: Vec<String> = h
+        .provider
+        .list(&deployment)
+        .await
+        .expect("list deployment")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    ids.sort();
+    let mut expected = vec![first.id, second.id];
+    expected.sort();
+    assert_eq!(ids, expected);
+}
+
+#[tokio::test]
+async fn pause_stops_the_processes_and_resume_continues_them() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let mut exec = h
+        .provider
+        .exec(&sandbox.id, &argv(&["sh", "-c", "echo ready; sleep 30"]))
+        .await
+        .expect("exec");
+    assert_eq!(
+        exec.output.recv().await.map(|l| l.line),
+        Some("ready".into())
+    );
+
+    h.provider.pause(&sandbox.id).await.expect("pause");
+    eventually("the processes never stopped", || all_stopped(&sandbox.id)).await;
+    h.provider
+        .pause(&sandbox.id)
+        .await
+        .expect("pausing again is fine");
+    assert_eq!(
+        h.provider.probe(&sandbox.id).await.expect("probe"),
+        Health::Healthy
+    );
+    let listed = h.provider.list(&labels("r1")).await.expect("list");
+    assert!(listed[0].paused, "{listed:?}");
+
+    h.provider.resume(&sandbox.id).await.expect("resume");
+    eventually("the processes never continued", || {
+        none_stopped(&sandbox.id)
+    })
+    .await;
+    assert!(!h.provider.list(&labels("r1")).await.expect("list")[0].paused);
+    assert_eq!(
+        exec.process.status(),
+        None,
+        "the command ended during the pause"
+    );
+    h.provider.kill(&sandbox.id).await.expect("kill");
+}
+
+#[tokio::test]
+async fn a_killed_sandbox_is_gone_and_killing_it_again_is_fine() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let exec = h
+        .provider
+        .exec(&sandbox.id, &argv(&["sleep", "30"]))
+        .await
+        .expect("exec");
+    assert_eq!(
+        h.provider.kill(&sandbox.id).await.expect("kill"),
+        KillOutcome::Killed
+    );
+    assert!(
+        LocalProvider::live_processes(&sandbox.id).is_empty(),
+        "processes survived"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(5), exec.process.wait()).await;
+    assert_eq!(
+        status.expect("the command never ended"),
+        ExitStatus::Signal(SIGKILL)
+    );
+    assert!(matches!(
+        h.provider.probe(&sandbox.id).await.expect("probe"),
+        Health::Gone(_)
+    ));
+    assert_eq!(
+        h.provider.kill(&sandbox.id).await.expect("kill again"),
+        KillOutcome::AlreadyGone
+    );
+    let err = h.provider.exec(&sandbox.id, &argv(&["true"])).await.err();
+    assert!(matches!(err, Some(ProviderError::NotFound(_))), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_expired_sandbox_is_gone_and_cannot_be_resumed() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    h.provider
+        .exec(&sandbox.id, &argv(&["sleep", "30"]))
+        .await
+        .expect("exec");
+    h.emulator.expire(&sandbox.id);
+
+    let health = h.provider.probe(&sandbox.id).await.expect("probe");
+    assert_eq!(health, Health::Gone("e2b: sandbox not found (404)".into()));
+    let err = h.provider.resume(&sandbox.id).await.err();
+    assert!(matches!(err, Some(ProviderError::NotFound(_))), "{err:?}");
+    assert!(!h.emulator.sandbox_ids().contains(&sandbox.id));
+    eventually("the expired sandbox's processes survived", || {
+        LocalProvider::live_processes(&sandbox.id).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_sandbox_expires_by_itself_once_its_timeout_passes() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    h.provider
+        .set_timeout(&sandbox.id, 1)
+        .await
+        .expect("set timeout");
+    assert!(h.emulator.sandbox_ids().contains(&sandbox.id));
+    eventually("the sandbox outlived its timeout", || {
+        !h.emulator.sandbox_ids().contains(&sandbox.id)
+    })
+    .await;
+    assert!(matches!(
+        h.provider.probe(&sandbox.id).await.expect("probe"),
+        Health::Gone(_)
+    ));
+}
+
+#[tokio::test]
+async fn failures_and_rate_limits_are_retried() {
+    let h = harness().await;
+    h.emulator.faults().fail_next(2, 503);
+    let sandbox = h
+        .provider
+        .create(&spec("r1"))
+        .await
+        .expect("create despite 503s");
+    assert_eq!(h.emulator.created(), 1);
+
+    h.emulator.faults().rate_limit_next(2);
+    let (lines, status) = run(&h.provider, &sandbox.id, &argv(&["echo", "ok"])).await;
+    assert_eq!((lines.len(), status), (1, ExitStatus::Code(0)));
+
+    h.emulator.faults().fail_next(2, 502);
+    assert_eq!(
+        h.provider.probe(&sandbox.id).await.expect("probe"),
+        Health::Healthy
+    );
+    h.emulator.faults().rate_limit_next(2);
+    assert_eq!(
+        h.provider.kill(&sandbox.id).await.expect("kill"),
+        KillOutcome::Killed
+    );
+}
+
+#[tokio::test]
+async fn an_outage_longer_than_the_backoff_is_a_transient_error() {
+    let h = harness().await;
+    h.emulator.faults().fail_next(100, 503);
+    let err = h.provider.create(&spec("r1")).await.err();
+    assert!(matches!(err, Some(ProviderError::Transient(_))), "{err:?}");
+    assert_eq!(h.emulator.created(), 0);
+    h.emulator.faults().clear();
+    h.provider
+        .create(&spec("r1"))
+        .await
+        .expect("create after the outage");
+}
+
+#[tokio::test]
+async fn a_slow_api_still_answers() {
+    let h = harness().await;
+    h.emulator.faults().delay(Duration::from_millis(200));
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let (lines, status) = run(&h.provider, &sandbox.id, &argv(&["echo", "slow"])).await;
+    assert_eq!(lines, vec![line(OutputStream::Stdout, "slow")]);
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(
+        h.provider.kill(&sandbox.id).await.expect("kill"),
+        KillOutcome::Killed
+    );
+}
+
+#[tokio::test]
+async fn a_lost_create_response_leaves_a_sandbox_that_list_finds() {
+    let h = harness().await;
+    h.emulator.faults().lose_next_creates(1);
+    let learned = h
+        .provider
+        .create(&spec("r1"))
+        .await
+        .expect("the retried create");
+    assert_eq!(
+        h.emulator.created(),
+        2,
+        "the lost create made a sandbox too"
+    );
+
+    let listed = h.provider.list(&labels("r1")).await.expect("list");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let unknown: Vec<_> = listed.iter().filter(|s| s.id != learned.id).collect();
+    assert_eq!(unknown.len(), 1, "the sandbox the client never learned of");
+    for sandbox in &listed {
+        h.provider.kill(&sandbox.id).await.expect("reap");
+    }
+    assert!(h.emulator.sandbox_ids().is_empty());
+}
+
+#[tokio::test]
+async fn terminate_escalates_to_sigkill_when_sigterm_is_ignored() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let mut exec = h
+        .provider
+        .exec(
+            &sandbox.id,
+            &argv(&["sh", "-c", "trap '' TERM; echo ready; sleep 30"]),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(
+        exec.output.recv().await.map(|l| l.line),
+        Some("ready".into())
+    );
+    let started = Instant::now();
+    let (status, escalated) = tokio::time::timeout(
+        Duration::from_secs(5),
+        exec.process.terminate(Duration::from_millis(300)),
+    )
+    .await
+    .expect("terminate never finished");
+    assert!(escalated, "SIGTERM should have been ignored");
+    assert_eq!(status, ExitStatus::Signal(SIGKILL));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    eventually("the command's processes survived", || {
+        LocalProvider::live_processes(&sandbox.id).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn another_provider_instance_can_run_commands_in_a_sandbox_it_did_not_create() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let other = E2bProvider::new(config(&h.emulator)).expect("second provider");
+    let (lines, status) = run(&other, &sandbox.id, &argv(&["echo", "from afar"])).await;
+    assert_eq!(lines, vec![line(OutputStream::Stdout, "from afar")]);
+    assert_eq!(status, ExitStatus::Code(0));
+}
+
+#[tokio::test]
+async fn a_provider_without_an_api_key_is_refused_at_construction() {
+    let err = E2bProvider::new(E2bConfig::default()).err();
+    assert!(matches!(err, Some(ProviderError::Invalid(_))), "{err:?}");
+}

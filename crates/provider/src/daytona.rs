@@ -1,0 +1,669 @@
+//! The Daytona provider: sandboxes managed through the Daytona REST API
+//! (`Authorization: Bearer <key>`), commands run through its toolbox
+//! session API.
+//!
+//! Each command gets a session of its own: `exec` in it with `runAsync`, the
+//! output followed as plain text (Daytona's session logs do not tell stdout
+//! from stderr, so every line is stdout), the exit code read from the
+//! command once the logs end; then the session is deleted, with anything the
+//! command left running in it. Daytona cannot signal one command, so both
+//! interrupt and kill delete the session, which ends its processes at once:
+//! on Daytona, [`Process::terminate`] never waits out its grace. The session
+//! API takes a shell command line, so argv is shell-quoted and the
+//! environment goes in front as `env K=V ...`; a program that does not exist
+//! therefore shows as exit code 127 with `env`'s message on the output, not
+//! as an error of `exec`.
+//!
+//! Pause is Daytona's stop and resume its start. Every API call is retried
+//! while its failure is transient (see [`crate::remote`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use crate::remote::{self, Opened, Reply};
+use crate::{
+    CreateSpec, ExecControl, ExecSpec, Execution, ExitStatus, Health, KillOutcome, Labels,
+    OutputLine, OutputStream, Process, Provider, ProviderError, SandboxInfo,
+};
+
+const DAYTONA: &str = "daytona";
+/// How long a create waits for a sandbox that is not started yet.
+const START_WAIT: Duration = Duration::from_secs(60);
+/// Polls for an exit code right after the logs end, before slowing down.
+const QUICK_EXIT_POLLS: u32 = 50;
+
+/// Where and how to reach Daytona. Defaults are Daytona's cloud; the API key
+/// comes from the environment ([`DaytonaConfig::with_env_api_key`]).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaytonaConfig {
+    /// Base URL of the Daytona API.
+    pub api_url: String,
+    /// Sent as `Authorization: Bearer <key>`.
+    pub api_key: String,
+    /// Snapshot sandboxes are created from.
+    pub snapshot: String,
+    pub cpu: u32,
+    pub memory_gib: u32,
+    pub disk_gib: u32,
+    /// Minutes without activity before Daytona stops a sandbox (0: never),
+    /// when [`CreateSpec::lifetime_secs`] is 0.
+    pub auto_stop_minutes: u32,
+}
+
+impl Default for DaytonaConfig {
+    fn default() -> DaytonaConfig {
+        DaytonaConfig {
+            api_url: "https://app.daytona.io/api".into(),
+            api_key: String::new(),
+            snapshot: "daytonaio/sandbox".into(),
+            cpu: 1,
+            memory_gib: 1,
+            disk_gib: 3,
+            auto_stop_minutes: 15,
+        }
+    }
+}
+
+impl DaytonaConfig {
+    /// The defaults with the key from `DAYTONA_API_KEY`.
+    pub fn from_env() -> DaytonaConfig {
+        DaytonaConfig::default().with_env_api_key()
+    }
+
+    /// Fills an empty `api_key` from `DAYTONA_API_KEY`.
+    pub fn with_env_api_key(mut self) -> DaytonaConfig {
+        if self.api_key.is_empty() {
+            self.api_key = std::env::var("DAYTONA_API_KEY").unwrap_or_default();
+        }
+        self
+    }
+}
+
+/// Never prints the key.
+impl fmt::Debug for DaytonaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DaytonaConfig")
+            .field("api_url", &self.api_url)
+            .field(
+                "api_key",
+                &if self.api_key.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("snapshot", &self.snapshot)
+            .field("cpu", &self.cpu)
+            .field("memory_gib", &self.memory_gib)
+            .field("disk_gib", &self.disk_gib)
+            .field("auto_stop_minutes", &self.auto_stop_minutes)
+            .finish()
+    }
+}
+
+/// Daytona sandboxes through Daytona's API and toolbox.
+pub struct DaytonaProvider {
+    api: Api,
+    config: DaytonaConfig,
+}
+
+/// The authenticated HTTP side, cloned into the tasks that follow commands.
+#[derive(Clone)]
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    auth: String,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        what: &str,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Reply, ProviderError> {
+        let url = format!("{}{path}", self.base);
+        let request = || {
+            let request = self
+                .http
+                .request(method.clone(), &url)
+                .header("Authorization", &self.auth);
+            match body {
+                Some(body) => request.json(body),
+                None => request,
+            }
+        };
+        remote::call(DAYTONA, what, request, |_| false).await
+    }
+}
+
+impl DaytonaProvider {
+    /// Checks the configuration; connects lazily.
+    pub fn new(config: DaytonaConfig) -> Result<DaytonaProvider, ProviderError> {
+        if config.api_key.is_empty() {
+            return Err(ProviderError::Invalid(
+                "daytona: no api key: set DAYTONA_API_KEY or api_key".into(),
+            ));
+        }
+        remote::check_url(DAYTONA, "api_url", &config.api_url)?;
+        let api = Api {
+            http: remote::http_client(DAYTONA)?,
+            base: config.api_url.trim_end_matches('/').to_owned(),
+            auth: format!("Bearer {}", config.api_key),
+        };
+        Ok(DaytonaProvider { api, config })
+    }
+
+    async fn get(&self, sandbox_id: &str) -> Result<Option<SandboxBody>, ProviderError> {
+        let path = format!("/sandbox/{}", remote::path_id(DAYTONA, sandbox_id)?);
+        let reply = self
+            .api
+            .call("get sandbox", Method::GET, &path, None)
+            .await?;
+        match reply.status.as_u16() {
+            200 => Ok(Some(reply.json(DAYTONA, "get sandbox")?)),
+            404 | 410 => Ok(None),
+            _ => Err(reply.error(DAYTONA, "get sandbox")),
+        }
+    }
+
+    /// Waits out `creating`/`starting`: a sandbox is returned once it runs.
+    async fn wait_started(&self, mut sandbox: SandboxBody) -> Result<SandboxBody, ProviderError> {
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        loop {
+            match sandbox.state.as_str() {
+                "started" => return Ok(sandbox),
+                state if is_dead(state) => {
+                    return Err(ProviderError::Failed(format!(
+                        "daytona: sandbox {} is {state} after create",
+                        sandbox.id
+                    )));
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ProviderError::Transient(format!(
+                    "daytona: sandbox {} still {} after {START_WAIT:?}",
+                    sandbox.id, sandbox.state
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            sandbox = self
+                .get(&sandbox.id)
+                .await?
+                .ok_or_else(|| ProviderError::NotFound(sandbox.id.clone()))?;
+        }
+    }
+
+    /// stop or start: both idempotent, both "not found" when it is gone.
+    async fn lifecycle(&self, sandbox_id: &str, action: &str) -> Result<(), ProviderError> {
+        let path = format!(
+            "/sandbox/{}/{action}",
+            remote::path_id(DAYTONA, sandbox_id)?
+        );
+        let what = format!("{action} sandbox");
+        let reply = self.api.call(&what, Method::POST, &path, None).await?;
+        match reply.status.as_u16() {
+            // 409: already in the state asked for.
+            200..=299 | 409 => Ok(()),
+            404 | 410 => Err(ProviderError::NotFound(sandbox_id.to_owned())),
+            _ => Err(reply.error(DAYTONA, &what)),
+        }
+    }
+}
+
+/// States from which a sandbox does not come back.
+fn is_dead(state: &str) -> bool {
+    matches!(state, "destroyed" | "destroying" | "error" | "build_failed")
+}
+
+#[async_trait::async_trait]
+impl Provider for DaytonaProvider {
+    fn name(&self) -> &'static str {
+        "daytona"
+    }
+
+    async fn create(&self, spec: &CreateSpec) -> Result<SandboxInfo, ProviderError> {
+        // Daytona has no lifetime, only an idle auto-stop: the closest bound.
+        let auto_stop = match spec.lifetime_secs {
+            0 => self.config.auto_stop_minutes,
+            secs => u32::try_from(secs.div_ceil(60)).unwrap_or(u32::MAX),
+        };
+        let body = json!({
+            "snapshot": self.config.snapshot,
+            "cpu": self.config.cpu,
+            "memory": self.config.memory_gib,
+            "disk": self.config.disk_gib,
+            "labels": spec.labels,
+            "autoStopInterval": auto_stop,
+        });
+        let reply = self
+            .api
+            .call("create sandbox", Method::POST, "/sandbox", Some(&body))
+            .await?;
+        if !reply.status.is_success() {
+            return Err(reply.error(DAYTONA, "create sandbox"));
+        }
+        let created: SandboxBody = reply.json(DAYTONA, "create sandbox")?;
+        let sandbox = self.wait_started(created).await?;
+        let mut info = sandbox.into_info();
+        if info.labels.is_empty() {
+            info.labels = spec.labels.clone();
+        }
+        if info.created_at_ms == 0 {
+            info.created_at_ms = remote::now_ms();
+        }
+        Ok(info)
+    }
+
+    async fn exec(&self, sandbox_id: &str, spec: &ExecSpec) -> Result<Execution, ProviderError> {
+        let sandbox = remote::path_id(DAYTONA, sandbox_id)?;
+        let command = command_line(sandbox_id, spec)?;
+        let session = Session {
+            api: self.api.clone(),
+            base: format!("/toolbox/{sandbox}/toolbox/process/session"),
+            id: format!("corral-{}", uuid::Uuid::now_v7().simple()),
+            sandbox_id: sandbox_id.to_owned(),
+        };
+        session.open().await?;
+        let cmd_id = match session.run(&command).await {
+            Ok(cmd_id) => cmd_id,
+            Err(err) => {
+                session.close().await;
+                return Err(err);
+            }
+        };
+        let logs = match session.follow(&cmd_id).await {
+            Ok(logs) => logs,
+            Err(err) => {
+                session.close().await;
+                return Err(err);
+            }
+        };
+        let (tx, output) = mpsc::channel(256);
+        let (exit_tx, exit) = watch::channel(None);
+        let control = SessionControl {
+            session: session.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        tokio::spawn(session.pump(cmd_id, logs, tx, exit_tx));
+        Ok(Execution {
+            output,
+            process: Process::new(exit, Box::new(control)),
+        })
+    }
+
+    async fn kill(&self, sandbox_id: &str) -> Result<KillOutcome, ProviderError> {
+        let path = format!("/sandbox/{}", remote::path_id(DAYTONA, sandbox_id)?);
+        let reply = self
+            .api
+            .call("kill sandbox", Method::DELETE, &path, None)
+            .await?;
+        match reply.status.as_u16() {
+            200..=299 => Ok(KillOutcome::Killed),
+            404 | 410 => Ok(KillOutcome::AlreadyGone),
+            _ => Err(reply.error(DAYTONA, "kill sandbox")),
+        }
+    }
+
+    async fn pause(&self, sandbox_id: &str) -> Result<(), ProviderError> {
+        self.lifecycle(sandbox_id, "stop").await
+    }
+
+    async fn resume(&self, sandbox_id: &str) -> Result<(), ProviderError> {
+        self.lifecycle(sandbox_id, "start").await
+    }
+
+    async fn probe(&self, sandbox_id: &str) -> Result<Health, ProviderError> {
+        match self.get(sandbox_id).await? {
+            None => Ok(Health::Gone("daytona: sandbox not found".into())),
+            Some(sandbox) if is_dead(&sandbox.state) => Ok(Health::Gone(format!(
+                "daytona: sandbox is {}",
+                sandbox.state
+            ))),
+            // started, stopped, and the states between them.
+            Some(_) => Ok(Health::Healthy),
+        }
+    }
+
+    async fn list(&self, labels: &Labels) -> Result<Vec<SandboxInfo>, ProviderError> {
+        let mut url = reqwest::Url::parse(&format!("{}/sandbox", self.api.base))
+            .map_err(|err| ProviderError::Invalid(format!("daytona: api_url: {err}")))?;
+        if !labels.is_empty() {
+            let filter = serde_json::to_string(labels).expect("labels should serialize");
+            url.query_pairs_mut().append_pair("labels", &filter);
+        }
+        let request = || {
+            self.api
+                .http
+                .get(url.clone())
+                .header("Authorization", &self.api.auth)
+        };
+        let reply = remote::call(DAYTONA, "list sandboxes", request, |_| false).await?;
+        if reply.status != StatusCode::OK {
+            return Err(reply.error(DAYTONA, "list sandboxes"));
+        }
+        let sandboxes: Vec<SandboxBody> = reply.json(DAYTONA, "list sandboxes")?;
+        let mut found: Vec<SandboxInfo> = sandboxes
+            .into_iter()
+            .filter(|s| !is_dead(&s.state))
+            .map(SandboxBody::into_info)
+            // The reaper kills what this returns: never trust the filter alone.
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .collect();
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(found)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SandboxBody {
+    id: String,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    created_at: Option<String>,
+}
+
+impl SandboxBody {
+    fn into_info(self) -> SandboxInfo {
+        SandboxInfo {
+            created_at_ms: remote::rfc3339_ms(self.created_at.as_deref()),
+            paused: self.state == "stopped",
+            labels: self.labels.unwrap_or_default(),
+            id: self.id,
+        }
+    }
+}
+
+/// `env 'K=V' ... 'argv0' 'argv1' ...`: the session runs a shell command line.
+fn command_line(sandbox_id: &str, spec: &ExecSpec) -> Result<String, ProviderError> {
+    let Some(program) = spec.argv.first() else {
+        return Err(ProviderError::Invalid("empty argv".into()));
+    };
+    if program.contains('=') {
+        // `env` would take it for an assignment.
+        return Err(ProviderError::Invalid(format!(
+            "daytona: program {program:?} contains '='"
+        )));
+    }
+    let mut env = spec.env.clone();
+    env.entry("CORRAL_SANDBOX_ID".into())
+        .or_insert_with(|| sandbox_id.to_owned());
+    let mut words = vec!["env".to_owned()];
+    for (name, value) in &env {
+        let valid = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            return Err(ProviderError::Invalid(format!(
+                "daytona: bad environment variable name {name:?}"
+            )));
+        }
+        words.push(shell_quote(&format!("{name}={value}")));
+    }
+    words.extend(spec.argv.iter().map(|arg| shell_quote(arg)));
+    Ok(words.join(" "))
+}
+
+/// One word for a POSIX shell, whatever it contains.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// The toolbox session one command runs in.
+#[derive(Clone)]
+struct Session {
+    api: Api,
+    /// `/toolbox/{sandbox}/toolbox/process/session`
+    base: String,
+    id: String,
+    sandbox_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ExecReply {
+    cmd_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CommandReply {
+    #[serde(default)]
+    exit_code: Option<i32>,
+}
+
+impl Session {
+    fn not_found(&self, reply: &Reply, what: &str) -> ProviderError {
+        match reply.status.as_u16() {
+            404 | 410 => ProviderError::NotFound(self.sandbox_id.clone()),
+            _ => reply.error(DAYTONA, what),
+        }
+    }
+
+    async fn open(&self) -> Result<(), ProviderError> {
+        let body = json!({ "sessionId": self.id });
+        let reply = self
+            .api
+            .call("create session", Method::POST, &self.base, Some(&body))
+            .await?;
+        if !reply.status.is_success() {
+            return Err(self.not_found(&reply, "create session"));
+        }
+        Ok(())
+    }
+
+    async fn run(&self, command: &str) -> Result<String, ProviderError> {
+        let path = format!("{}/{}/exec", self.base, self.id);
+        let body = json!({ "command": command, "runAsync": true });
+        let reply = self
+            .api
+            .call("exec", Method::POST, &path, Some(&body))
+            .await?;
+        if !reply.status.is_success() {
+            return Err(self.not_found(&reply, "exec"));
+        }
+        Ok(reply.json::<ExecReply>(DAYTONA, "exec")?.cmd_id)
+    }
+
+    async fn follow(&self, cmd_id: &str) -> Result<reqwest::Response, ProviderError> {
+        let url = format!(
+            "{}{}/{}/command/{cmd_id}/logs?follow=true",
+            self.api.base, self.base, self.id
+        );
+        let request = || {
+            self.api
+                .http
+                .get(&url)
+                .header("Authorization", &self.api.auth)
+        };
+        match remote::open_stream(DAYTONA, "follow logs", request, |_| false).await? {
+            Opened::Stream(response) => Ok(response),
+            Opened::Refused(reply) => Err(self.not_found(&reply, "follow logs")),
+        }
+    }
+
+    /// Deletes the session, ending whatever runs in it. Best effort: a
+    /// session of a sandbox that is gone is gone too.
+    async fn close(&self) {
+        let path = format!("{}/{}", self.base, self.id);
+        match self
+            .api
+            .call("delete session", Method::DELETE, &path, None)
+            .await
+        {
+            Ok(reply) if reply.status.is_success() || reply.status.as_u16() == 404 => {}
+            Ok(reply) => {
+                let err = reply.error(DAYTONA, "delete session");
+                tracing::warn!(sandbox_id = %self.sandbox_id, error = %err, "daytona session not deleted");
+            }
+            Err(err) => {
+                tracing::warn!(sandbox_id = %self.sandbox_id, error = %err, "daytona session not deleted");
+            }
+        }
+    }
+
+    /// The command's exit code: `Ok(None)` while it runs, `Err(())` once the
+    /// session (or the sandbox) is gone and with it the code.
+    async fn exit_code(&self, cmd_id: &str) -> Result<Option<i32>, ()> {
+        let path = format!("{}/{}/command/{cmd_id}", self.base, self.id);
+        match self.api.call("get command", Method::GET, &path, None).await {
+            Ok(reply) if reply.status.is_success() => {
+                match reply.json::<CommandReply>(DAYTONA, "get command") {
+                    Ok(command) => Ok(command.exit_code),
+                    Err(err) => {
+                        tracing::warn!(sandbox_id = %self.sandbox_id, error = %err, "daytona command status unreadable");
+                        Err(())
+                    }
+                }
+            }
+            Ok(reply) if matches!(reply.status.as_u16(), 404 | 410) => Err(()),
+            Ok(reply) => {
+                let err = reply.error(DAYTONA, "get command");
+                tracing::warn!(sandbox_id = %self.sandbox_id, error = %err, "daytona command status refused");
+                Err(())
+            }
+            // Still unreachable after the retries: ask again later.
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Output lines until the logs end, then the exit code. A command whose
+    /// code cannot be had (its session was deleted: interrupt or kill) ended
+    /// by SIGKILL.
+    async fn pump(
+        self,
+        cmd_id: String,
+        logs: reqwest::Response,
+        tx: mpsc::Sender<OutputLine>,
+        exit: watch::Sender<Option<ExitStatus>>,
+    ) {
+        let mut lines = remote::Lines::default();
+        let mut body = logs.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(err) => {
+                    let error = remote::error_chain(&err);
+                    tracing::warn!(sandbox_id = %self.sandbox_id, %error, "daytona log stream broke");
+                    break;
+                }
+            };
+            for line in lines.push(&chunk) {
+                send(&tx, line).await;
+            }
+        }
+        if let Some(line) = lines.finish() {
+            send(&tx, line).await;
+        }
+        drop(tx);
+        let status = self.wait_exit(&cmd_id).await;
+        let _ = exit.send(Some(status));
+        self.close().await;
+    }
+
+    /// Polls for the exit code: quickly at first (the logs end as the
+    /// command does), then every 2 s for as long as the session exists.
+    async fn wait_exit(&self, cmd_id: &str) -> ExitStatus {
+        let mut polls = 0;
+        loop {
+            match self.exit_code(cmd_id).await {
+                Ok(Some(code)) => return ExitStatus::Code(code),
+                Err(()) => return ExitStatus::Signal(libc::SIGKILL),
+                Ok(None) => {}
+            }
+            polls += 1;
+            let pause = if polls < QUICK_EXIT_POLLS {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_secs(2)
+            };
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+async fn send(tx: &mpsc::Sender<OutputLine>, line: String) {
+    // A reader that went away still needs the exit: keep going.
+    let _ = tx
+        .send(OutputLine {
+            stream: OutputStream::Stdout,
+            line,
+        })
+        .await;
+}
+
+/// Ends a command by deleting its session: Daytona has no signals for a
+/// single command, so interrupt is as final as kill.
+struct SessionControl {
+    session: Session,
+    runtime: tokio::runtime::Handle,
+}
+
+impl SessionControl {
+    fn end(&self) {
+        let session = self.session.clone();
+        self.runtime.spawn(async move { session.close().await });
+    }
+}
+
+impl ExecControl for SessionControl {
+    fn interrupt(&self) {
+        self.end();
+    }
+
+    fn kill(&self) {
+        self.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_line_quotes_every_word_and_carries_the_environment() {
+        let spec = ExecSpec {
+            argv: vec!["sh".into(), "-c".into(), "echo 'hi'; exit 3".into()],
+            env: BTreeMap::from([("GREETING".into(), "it's me".into())]),
+        };
+        assert_eq!(
+            command_line("sbx1", &spec).expect("command line"),
+            r#"env 'CORRAL_SANDBOX_ID=sbx1' 'GREETING=it'\''s me' 'sh' '-c' 'echo '\''hi'\''; exit 3'"#
+        );
+    }
+
+    #[test]
+    fn an_environment_name_the_shell_cannot_take_is_refused() {
+        let spec = ExecSpec {
+            argv: vec!["true".into()],
+            env: BTreeMap::from([("A B".into(), "x".into())]),
+        };
+        assert!(matches!(
+            command_line("sbx1", &spec),
+            Err(ProviderError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn the_config_never_prints_its_key() {
+        let config = DaytonaConfig {
+            api_key: "secret".into(),
+            ..DaytonaConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,959 @@
+//! The E2B provider: sandboxes are E2B microVMs managed through the E2B REST
+//! API (`X-API-Key` on every call), and commands run through each sandbox's
+//! `envd` daemon over Connect RPC (`process.Process/Start`, a server stream
+//! of JSON envelopes).
+//!
+//! Labels travel as E2B metadata, so `list` finds by label what any process
+//! created. envd wants the access token E2B hands out at creation; it is
+//! remembered per sandbox and fetched from the API for sandboxes another
+//! process created. Every API call is retried while its failure is transient
+//! (see [`crate::remote`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::{Buf, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use crate::remote::{self, Opened, Reply};
+use crate::{
+    CreateSpec, ExecControl, ExecSpec, Execution, ExitStatus, Health, KillOutcome, Labels,
+    OutputLine, OutputStream, Process, Provider, ProviderError, SandboxInfo,
+};
+
+const E2B: &str = "e2b";
+/// envd picks the user a command runs as from Basic auth: `user:` (no
+/// password), the default user of E2B's templates and SDKs.
+const ENVD_USER_AUTH: &str = "Basic dXNlcjo=";
+/// Asks envd for a keepalive message this often (seconds), so idle proxies
+/// keep a quiet command's stream open.
+const KEEPALIVE_SECS: u64 = 50;
+/// A stream silent for this long (three missed keepalives) is dead.
+const STREAM_IDLE: Duration = Duration::from_secs(3 * KEEPALIVE_SECS);
+/// Larger Connect envelopes are refused rather than buffered.
+const MAX_ENVELOPE: usize = 16 * 1024 * 1024;
+const END_STREAM_FLAG: u8 = 0x02;
+const COMPRESSED_FLAG: u8 = 0x01;
+const LIST_PAGE: usize = 100;
+
+/// Where and how to reach E2B. Defaults are E2B's public cloud; the API key
+/// comes from the environment ([`E2bConfig::with_env_api_key`]), not a file.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct E2bConfig {
+    /// Base URL of the E2B API.
+    pub api_url: String,
+    /// Sent as `X-API-Key`.
+    pub api_key: String,
+    /// Template sandboxes are created from.
+    pub template: String,
+    /// A sandbox's envd address; `{sandbox_id}` is replaced by its id.
+    pub envd_url: String,
+    /// Sandbox timeout when [`CreateSpec::lifetime_secs`] is 0, and the one a
+    /// resume sets.
+    pub timeout_secs: u64,
+    /// Whether E2B pauses a sandbox whose timeout passed instead of killing it.
+    pub auto_pause: bool,
+}
+
+impl Default for E2bConfig {
+    fn default() -> E2bConfig {
+        E2bConfig {
+            api_url: "https://api.e2b.app".into(),
+            api_key: String::new(),
+            template: "base".into(),
+            envd_url: "https://49983-{sandbox_id}.e2b.app".into(),
+            timeout_secs: 3600,
+            auto_pause: false,
+        }
+    }
+}
+
+impl E2bConfig {
+    /// The defaults with the key from `E2B_API_KEY`.
+    pub fn from_env() -> E2bConfig {
+        E2bConfig::default().with_env_api_key()
+    }
+
+    /// Fills an empty `api_key` from `E2B_API_KEY`.
+    pub fn with_env_api_key(mut self) -> E2bConfig {
+        if self.api_key.is_empty() {
+            self.api_key = std::env::var("E2B_API_KEY").unwrap_or_default();
+        }
+        self
+    }
+}
+
+/// Never prints the key.
+impl fmt::Debug for E2bConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("E2bConfig")
+            .field("api_url", &self.api_url)
+            .field(
+                "api_key",
+                &if self.api_key.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("template", &self.template)
+            .field("envd_url", &self.envd_url)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("auto_pause", &self.auto_pause)
+            .finish()
+    }
+}
+
+/// E2B sandboxes through E2B's API and each sandbox's envd.
+pub struct E2bProvider {
+    config: E2bConfig,
+    http: reqwest::Client,
+    /// envd access tokens by sandbox id; `None`: the sandbox needs none.
+    tokens: Mutex<HashMap<String, Option<String>>>,
+}
+
+impl E2bProvider {
+    /// Checks the configuration; connects lazily.
+    pub fn new(config: E2bConfig) -> Result<E2bProvider, ProviderError> {
+        if config.api_key.is_empty() {
+            return Err(ProviderError::Invalid(
+                "e2b: no api key: set E2B_API_KEY or api_key".into(),
+            ));
+        }
+        remote::check_url(E2B, "api_url", &config.api_url)?;
+        remote::check_url(
+            E2B,
+            "envd_url",
+            &config.envd_url.replace("{sandbox_id}", "x"),
+        )?;
+        Ok(E2bProvider {
+            http: remote::http_client(E2B)?,
+            config,
+            tokens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Sets how long from now E2B keeps the sandbox before it expires it.
+    pub async fn set_timeout(&self, sandbox_id: &str, secs: u64) -> Result<(), ProviderError> {
+        let path = format!("/sandboxes/{}/timeout", remote::path_id(E2B, sandbox_id)?);
+        let body = json!({ "timeout": secs });
+        let reply = self
+            .call("set timeout", Method::POST, &path, Some(&body))
+            .await?;
+        match reply.status.as_u16() {
+            200..=299 => Ok(()),
+            404 => Err(ProviderError::NotFound(sandbox_id.to_owned())),
+            _ => Err(reply.error(E2B, "set timeout")),
+        }
+    }
+
+    async fn call(
+        &self,
+        what: &str,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Reply, ProviderError> {
+        self.call_settled(what, method, path, body, |_| false).await
+    }
+
+    async fn call_settled(
+        &self,
+        what: &str,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        settled: impl Fn(&Reply) -> bool,
+    ) -> Result<Reply, ProviderError> {
+        let url = format!("{}{path}", self.config.api_url.trim_end_matches('/'));
+        let request = || {
+            let request = self
+                .http
+                .request(method.clone(), &url)
+                .header("X-API-Key", &self.config.api_key);
+            match body {
+                Some(body) => request.json(body),
+                None => request,
+            }
+        };
+        remote::call(E2B, what, request, settled).await
+    }
+
+    fn envd_url(&self, sandbox_id: &str, rpc: &str) -> String {
+        let base = self.config.envd_url.replace("{sandbox_id}", sandbox_id);
+        format!("{}/process.Process/{rpc}", base.trim_end_matches('/'))
+    }
+
+    fn remember_token(&self, sandbox_id: &str, token: Option<String>) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.insert(sandbox_id.to_owned(), token);
+    }
+
+    fn forget_token(&self, sandbox_id: &str) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.remove(sandbox_id);
+    }
+
+    /// The sandbox's envd token: remembered, or asked of the API (a sandbox
+    /// created by another process).
+    async fn access_token(&self, sandbox_id: &str) -> Result<Option<String>, ProviderError> {
+        let known = {
+            let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            tokens.get(sandbox_id).cloned()
+        };
+        if let Some(token) = known {
+            return Ok(token);
+        }
+        let detail = self.detail(sandbox_id).await?;
+        self.remember_token(sandbox_id, detail.envd_access_token.clone());
+        Ok(detail.envd_access_token)
+    }
+
+    async fn detail(&self, sandbox_id: &str) -> Result<SandboxDetail, ProviderError> {
+        let path = format!("/sandboxes/{}", remote::path_id(E2B, sandbox_id)?);
+        let reply = self
+            .call_settled("get sandbox", Method::GET, &path, None, proxy_lost_sandbox)
+            .await?;
+        match reply.status.as_u16() {
+            200 => reply.json(E2B, "get sandbox"),
+            404 | 410 => Err(ProviderError::NotFound(sandbox_id.to_owned())),
+            _ if proxy_lost_sandbox(&reply) => Err(ProviderError::NotFound(sandbox_id.to_owned())),
+            _ => Err(reply.error(E2B, "get sandbox")),
+        }
+    }
+
+    async fn list_page(
+        &self,
+        labels: &Labels,
+        next_token: Option<&str>,
+    ) -> Result<(Vec<SandboxDetail>, Option<String>), ProviderError> {
+        let mut url = reqwest::Url::parse(&format!(
+            "{}/v2/sandboxes",
+            self.config.api_url.trim_end_matches('/')
+        ))
+        .map_err(|err| ProviderError::Invalid(format!("e2b: api_url: {err}")))?;
+        {
+            let mut query = url.query_pairs_mut();
+            if !labels.is_empty() {
+                // E2B takes the whole filter as one url-encoded query value.
+                let metadata = form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(labels.iter())
+                    .finish();
+                query.append_pair("metadata", &metadata);
+            }
+            query.append_pair("state", "running,paused");
+            query.append_pair("limit", &LIST_PAGE.to_string());
+            if let Some(token) = next_token {
+                query.append_pair("nextToken", token);
+            }
+        }
+        let request = || {
+            self.http
+                .get(url.clone())
+                .header("X-API-Key", &self.config.api_key)
+        };
+        let reply = remote::call(E2B, "list sandboxes", request, |_| false).await?;
+        if reply.status != StatusCode::OK {
+            return Err(reply.error(E2B, "list sandboxes"));
+        }
+        let next = reply
+            .headers
+            .get("x-next-token")
+            .and_then(|value| value.to_str().ok())
+            .filter(|token| !token.is_empty())
+            .map(str::to_owned);
+        Ok((reply.json(E2B, "list sandboxes")?, next))
+    }
+
+    /// Starts the command and waits for envd's start event, so that a
+    /// command that cannot start fails here, as the local provider's does.
+    async fn start(&self, sandbox_id: &str, spec: &ExecSpec) -> Result<Execution, ProviderError> {
+        let Some(program) = spec.argv.first() else {
+            return Err(ProviderError::Invalid("empty argv".into()));
+        };
+        let token = self.access_token(sandbox_id).await?;
+        let mut envs = spec.env.clone();
+        envs.entry("CORRAL_SANDBOX_ID".into())
+            .or_insert_with(|| sandbox_id.to_owned());
+        let message = json!({
+            "process": { "cmd": program, "args": &spec.argv[1..], "envs": envs }
+        });
+        let body = envelope(0, &message);
+        let url = self.envd_url(sandbox_id, "Start");
+        let request = || {
+            let request = self
+                .http
+                .post(&url)
+                .header("Content-Type", "application/connect+json")
+                .header("Connect-Protocol-Version", "1")
+                .header("Keepalive-Ping-Interval", KEEPALIVE_SECS.to_string())
+                .header("Authorization", ENVD_USER_AUTH)
+                .body(body.clone());
+            match &token {
+                Some(token) => request.header("X-Access-Token", token),
+                None => request,
+            }
+        };
+        let response = match remote::open_stream(E2B, "exec", request, proxy_lost_sandbox).await? {
+            Opened::Stream(response) => response,
+            Opened::Refused(reply) => {
+                if reply.status == StatusCode::UNAUTHORIZED {
+                    // The token may have changed (a resume elsewhere): ask
+                    // the API again next time.
+                    self.forget_token(sandbox_id);
+                }
+                return Err(refused_exec(sandbox_id, &reply));
+            }
+        };
+        let mut envelopes = Envelopes::new(response);
+        let (tx, output) = mpsc::channel(256);
+        let (exit_tx, exit) = watch::channel(None);
+        let mut pump = Pump::new(tx, exit_tx);
+        let pid = loop {
+            match envelopes.next().await? {
+                Some(envelope) => match decode(envelope)? {
+                    Event::Start(pid) => break pid,
+                    Event::Finished(result) => {
+                        result?;
+                        return Err(ProviderError::Failed(
+                            "e2b exec: envd ended the stream before the process started".into(),
+                        ));
+                    }
+                    event => pump.handle(event).await,
+                },
+                None => {
+                    return Err(ProviderError::Failed(
+                        "e2b exec: the stream ended before the process started".into(),
+                    ));
+                }
+            }
+        };
+        tokio::spawn(pump.run(envelopes, sandbox_id.to_owned(), pid));
+        let control = SignalControl {
+            http: self.http.clone(),
+            url: self.envd_url(sandbox_id, "SendSignal"),
+            token,
+            pid,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        Ok(Execution {
+            output,
+            process: Process::new(exit, Box::new(control)),
+        })
+    }
+}
+
+/// E2B's edge proxy answers 502 "sandbox not found" for a sandbox that is
+/// gone: an answer, not an outage.
+fn proxy_lost_sandbox(reply: &Reply) -> bool {
+    reply.status == StatusCode::BAD_GATEWAY
+        && reply
+            .text()
+            .to_ascii_lowercase()
+            .contains("sandbox not found")
+}
+
+fn refused_exec(sandbox_id: &str, reply: &Reply) -> ProviderError {
+    if proxy_lost_sandbox(reply) || reply.status == StatusCode::NOT_FOUND {
+        return ProviderError::NotFound(sandbox_id.to_owned());
+    }
+    // A Connect error before the stream started: {"code", "message"}.
+    match serde_json::from_slice::<ConnectError>(&reply.body) {
+        Ok(err) if !err.code.is_empty() => err.into_provider_error("exec"),
+        _ => reply.error(E2B, "exec"),
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for E2bProvider {
+    fn name(&self) -> &'static str {
+        "e2b"
+    }
+
+    async fn create(&self, spec: &CreateSpec) -> Result<SandboxInfo, ProviderError> {
+        let timeout = match spec.lifetime_secs {
+            0 => self.config.timeout_secs,
+            secs => secs,
+        };
+        let body = json!({
+            "templateID": self.config.template,
+            "timeout": timeout,
+            "metadata": spec.labels,
+            "autoPause": self.config.auto_pause,
+        });
+        let reply = self
+            .call("create sandbox", Method::POST, "/sandboxes", Some(&body))
+            .await?;
+        if !reply.status.is_success() {
+            return Err(reply.error(E2B, "create sandbox"));
+        }
+        let created: CreatedSandbox = reply.json(E2B, "create sandbox")?;
+        self.remember_token(&created.sandbox_id, created.envd_access_token);
+        Ok(SandboxInfo {
+            id: created.sandbox_id,
+            labels: spec.labels.clone(),
+            created_at_ms: remote::now_ms(),
+            paused: false,
+        })
+    }
+
+    async fn exec(&self, sandbox_id: &str, spec: &ExecSpec) -> Result<Execution, ProviderError> {
+        remote::path_id(E2B, sandbox_id)?;
+        self.start(sandbox_id, spec).await
+    }
+
+    async fn kill(&self, sandbox_id: &str) -> Result<KillOutcome, ProviderError> {
+        let path = format!("/sandboxes/{}", remote::path_id(E2B, sandbox_id)?);
+        let reply = self
+            .call("kill sandbox", Method::DELETE, &path, None)
+            .await?;
+        let outcome = match reply.status.as_u16() {
+            200..=299 => KillOutcome::Killed,
+            404 | 410 => KillOutcome::AlreadyGone,
+            _ => return Err(reply.error(E2B, "kill sandbox")),
+        };
+        self.forget_token(sandbox_id);
+        Ok(outcome)
+    }
+
+    async fn pause(&self, sandbox_id: &str) -> Result<(), ProviderError> {
+        let path = format!("/sandboxes/{}/pause", remote::path_id(E2B, sandbox_id)?);
+        let reply = self
+            .call("pause sandbox", Method::POST, &path, None)
+            .await?;
+        match reply.status.as_u16() {
+            // 409: already paused, which is what was asked.
+            200..=299 | 409 => Ok(()),
+            404 | 410 => Err(ProviderError::NotFound(sandbox_id.to_owned())),
+            _ => Err(reply.error(E2B, "pause sandbox")),
+        }
+    }
+
+    /// Connects, which resumes a paused sandbox and sets its timeout to the
+    /// configured `timeout_secs` from now.
+    async fn resume(&self, sandbox_id: &str) -> Result<(), ProviderError> {
+        let path = format!("/sandboxes/{}/connect", remote::path_id(E2B, sandbox_id)?);
+        let body = json!({ "timeout": self.config.timeout_secs });
+        let reply = self
+            .call("resume sandbox", Method::POST, &path, Some(&body))
+            .await?;
+        match reply.status.as_u16() {
+            200..=299 => {
+                // A resumed sandbox may come back with a new envd token.
+                if let Ok(connected) = reply.json::<CreatedSandbox>(E2B, "resume sandbox") {
+                    self.remember_token(sandbox_id, connected.envd_access_token);
+                }
+                Ok(())
+            }
+            404 | 410 => Err(ProviderError::NotFound(sandbox_id.to_owned())),
+            _ => Err(reply.error(E2B, "resume sandbox")),
+        }
+    }
+
+    async fn probe(&self, sandbox_id: &str) -> Result<Health, ProviderError> {
+        match self.detail(sandbox_id).await {
+            Ok(detail) if detail.state == "running" || detail.state == "paused" => {
+                Ok(Health::Healthy)
+            }
+            Ok(detail) => Ok(Health::Gone(format!("e2b: sandbox is {:?}", detail.state))),
+            Err(ProviderError::NotFound(_)) => {
+                self.forget_token(sandbox_id);
+                Ok(Health::Gone("e2b: sandbox not found (404)".into()))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn list(&self, labels: &Labels) -> Result<Vec<SandboxInfo>, ProviderError> {
+        let mut found = Vec::new();
+        let mut next = None;
+        loop {
+            let (page, token) = self.list_page(labels, next.as_deref()).await?;
+            found.extend(page.into_iter().map(SandboxDetail::into_info));
+            match token {
+                Some(token) => next = Some(token),
+                None => break,
+            }
+        }
+        // The API filters already; this guards against a server that ignores
+        // the filter, since the reaper kills what `list` returns.
+        found.retain(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)));
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        found.dedup_by(|a, b| a.id == b.id);
+        Ok(found)
+    }
+}
+
+#[derive(Deserialize)]
+struct CreatedSandbox {
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    #[serde(rename = "envdAccessToken", default)]
+    envd_access_token: Option<String>,
+}
+
+/// A sandbox as `GET /sandboxes/{id}` and `GET /v2/sandboxes` describe it.
+#[derive(Deserialize)]
+struct SandboxDetail {
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+    #[serde(rename = "startedAt", default)]
+    started_at: Option<String>,
+    #[serde(rename = "envdAccessToken", default)]
+    envd_access_token: Option<String>,
+}
+
+impl SandboxDetail {
+    fn into_info(self) -> SandboxInfo {
+        SandboxInfo {
+            created_at_ms: remote::rfc3339_ms(self.started_at.as_deref()),
+            paused: self.state == "paused",
+            labels: self.metadata.unwrap_or_default(),
+            id: self.sandbox_id,
+        }
+    }
+}
+
+/// One Connect envelope: a flags byte, the length (big-endian u32), the JSON.
+fn envelope(flags: u8, message: &serde_json::Value) -> Bytes {
+    let json = serde_json::to_vec(message).expect("a json value should serialize");
+    let mut frame = BytesMut::with_capacity(5 + json.len());
+    frame.extend_from_slice(&[flags]);
+    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&json);
+    frame.freeze()
+}
+
+struct Envelope {
+    end_stream: bool,
+    data: Bytes,
+}
+
+type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// Reads Connect envelopes off a streaming response.
+struct Envelopes {
+    body: ByteStream,
+    buf: BytesMut,
+}
+
+impl Envelopes {
+    fn new(response: reqwest::Response) -> Envelopes {
+        Envelopes {
+            body: Box::pin(response.bytes_stream()),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The next envelope; `None` at a clean end of the body.
+    async fn next(&mut self) -> Result<Option<Envelope>, ProviderError> {
+        loop {
+            if let Some(envelope) = self.take()? {
+                return Ok(Some(envelope));
+            }
+            let chunk = tokio::time::timeout(STREAM_IDLE, self.body.next())
+                .await
+                .map_err(|_| {
+                    ProviderError::Transient(format!("e2b exec: envd silent for {STREAM_IDLE:?}"))
+                })?;
+            match chunk {
+                Some(Ok(bytes)) => self.buf.extend_from_slice(&bytes),
+                Some(Err(err)) => {
+                    return Err(ProviderError::Transient(format!(
+                        "e2b exec: stream broke: {}",
+                        remote::error_chain(&err)
+                    )));
+                }
+                None if self.buf.is_empty() => return Ok(None),
+                None => {
+                    return Err(ProviderError::Transient(
+                        "e2b exec: stream ended inside an envelope".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    fn take(&mut self) -> Result<Option<Envelope>, ProviderError> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let flags = self.buf[0];
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > MAX_ENVELOPE || flags & COMPRESSED_FLAG != 0 {
+            return Err(ProviderError::Failed(format!(
+                "e2b exec: unexpected envelope (flags {flags:#x}, {len} bytes)"
+            )));
+        }
+        if self.buf.len() < 5 + len {
+            return Ok(None);
+        }
+        self.buf.advance(5);
+        let data = self.buf.split_to(len).freeze();
+        Ok(Some(Envelope {
+            end_stream: flags & END_STREAM_FLAG != 0,
+            data,
+        }))
+    }
+}
+
+/// What one envelope of the Start stream says.
+enum Event {
+    Start(u32),
+    Output(OutputStream, Vec<u8>),
+    End(ExitStatus),
+    /// The end-stream envelope: clean, or with the RPC's error.
+    Finished(Result<(), ProviderError>),
+    /// Keepalives and anything newer than this client.
+    Other,
+}
+
+#[derive(Deserialize)]
+struct StartResponse {
+    #[serde(default)]
+    event: Option<ProcessEvent>,
+}
+
+#[derive(Deserialize)]
+struct ProcessEvent {
+    #[serde(default)]
+    start: Option<StartEvent>,
+    #[serde(default)]
+    data: Option<DataEvent>,
+    #[serde(default)]
+    end: Option<EndEvent>,
+}
+
+#[derive(Deserialize)]
+struct StartEvent {
+    #[serde(default)]
+    pid: u32,
+}
+
+#[derive(Deserialize)]
+struct DataEvent {
+    #[serde(default)]
+    stdout: Option<String>,
+    #[serde(default)]
+    stderr: Option<String>,
+}
+
+/// Protobuf JSON leaves out defaults: an exit code of 0 arrives as no field.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndEvent {
+    #[serde(default)]
+    exit_code: i32,
+    #[serde(default)]
+    exited: bool,
+    #[serde(default)]
+    status: String,
+}
+
+#[derive(Deserialize)]
+struct EndStream {
+    #[serde(default)]
+    error: Option<ConnectError>,
+}
+
+#[derive(Deserialize)]
+struct ConnectError {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+impl ConnectError {
+    fn into_provider_error(self, what: &str) -> ProviderError {
+        let message = format!("e2b {what}: {}: {}", self.code, self.message);
+        // envd reports a program it cannot start as Go's exec error.
+        let cannot_start = self.message.contains("executable file not found")
+            || self.message.contains("no such file or directory");
+        match self.code.as_str() {
+            "invalid_argument" | "not_found" | "failed_precondition" | "out_of_range" => {
+                ProviderError::Invalid(message)
+            }
+            _ if cannot_start => ProviderError::Invalid(message),
+            "unavailable" | "resource_exhausted" | "deadline_exceeded" | "aborted" => {
+                ProviderError::Transient(message)
+            }
+            _ => ProviderError::Failed(message),
+        }
+    }
+}
+
+fn decode(envelope: Envelope) -> Result<Event, ProviderError> {
+    let malformed = |err: serde_json::Error| {
+        ProviderError::Failed(format!(
+            "e2b exec: malformed envd message ({err}): {}",
+            String::from_utf8_lossy(&envelope.data)
+        ))
+    };
+    if envelope.end_stream {
+        let end: EndStream = serde_json::from_slice(&envelope.data).map_err(malformed)?;
+        return Ok(Event::Finished(match end.error {
+            Some(err) => Err(err.into_provider_error("exec")),
+            None => Ok(()),
+        }));
+    }
+    let message: StartResponse = serde_json::from_slice(&envelope.data).map_err(malformed)?;
+    let Some(event) = message.event else {
+        return Ok(Event::Other);
+    };
+    if let Some(start) = event.start {
+        return Ok(Event::Start(start.pid));
+    }
+    if let Some(end) = event.end {
+        return Ok(Event::End(exit_status(&end)));
+    }
+    if let Some(data) = event.data {
+        let (stream, text) = match (data.stdout, data.stderr) {
+            (Some(text), _) => (OutputStream::Stdout, text),
+            (None, Some(text)) => (OutputStream::Stderr, text),
+            (None, None) => return Ok(Event::Other),
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(|err| ProviderError::Failed(format!("e2b exec: bad output chunk: {err}")))?;
+        return Ok(Event::Output(stream, bytes));
+    }
+    Ok(Event::Other)
+}
+
+/// envd reports Go's process state: `exited` with a code, or a status such
+/// as "signal: killed".
+fn exit_status(end: &EndEvent) -> ExitStatus {
+    if end.exited {
+        return ExitStatus::Code(end.exit_code);
+    }
+    match end.status.strip_prefix("signal: ") {
+        Some(name) => ExitStatus::Signal(signal_number(name)),
+        None if end.exit_code >= 0 && !end.status.is_empty() => ExitStatus::Code(end.exit_code),
+        None => ExitStatus::Signal(libc::SIGKILL),
+    }
+}
+
+/// Go's names for signals (`syscall.Signal.String`).
+fn signal_number(name: &str) -> i32 {
+    match name {
+        "hangup" => libc::SIGHUP,
+        "interrupt" => libc::SIGINT,
+        "quit" => libc::SIGQUIT,
+        "aborted" => libc::SIGABRT,
+        "segmentation fault" => libc::SIGSEGV,
+        "broken pipe" => libc::SIGPIPE,
+        "alarm clock" => libc::SIGALRM,
+        "terminated" => libc::SIGTERM,
+        "user defined signal 1" => libc::SIGUSR1,
+        "user defined signal 2" => libc::SIGUSR2,
+        "CPU time limit exceeded" => libc::SIGXCPU,
+        _ => libc::SIGKILL,
+    }
+}
+
+/// Moves the Start stream into an [`Execution`]'s output and exit.
+struct Pump {
+    tx: mpsc::Sender<OutputLine>,
+    exit: watch::Sender<Option<ExitStatus>>,
+    stdout: remote::Lines,
+    stderr: remote::Lines,
+}
+
+impl Pump {
+    fn new(tx: mpsc::Sender<OutputLine>, exit: watch::Sender<Option<ExitStatus>>) -> Pump {
+        Pump {
+            tx,
+            exit,
+            stdout: remote::Lines::default(),
+            stderr: remote::Lines::default(),
+        }
+    }
+
+    async fn send(&self, stream: OutputStream, line: String) {
+        // A reader that went away still needs the exit: keep draining.
+        let _ = self.tx.send(OutputLine { stream, line }).await;
+    }
+
+    async fn handle(&mut self, event: Event) {
+        match event {
+            Event::Output(stream, bytes) => {
+                let lines = match stream {
+                    OutputStream::Stdout => self.stdout.push(&bytes),
+                    OutputStream::Stderr => self.stderr.push(&bytes),
+                };
+                for line in lines {
+                    self.send(stream, line).await;
+                }
+            }
+            Event::End(status) => {
+                // The process is gone: its last unfinished lines are complete.
+                self.flush().await;
+                let _ = self.exit.send(Some(status));
+            }
+            Event::Start(_) | Event::Finished(_) | Event::Other => {}
+        }
+    }
+
+    async fn flush(&mut self) {
+        if let Some(line) = self.stdout.finish() {
+            self.send(OutputStream::Stdout, line).await;
+        }
+        if let Some(line) = self.stderr.finish() {
+            self.send(OutputStream::Stderr, line).await;
+        }
+    }
+
+    /// Runs to the end of the stream. A stream that ends without the end
+    /// event leaves the exit unset, which [`Process::wait`] reports as
+    /// SIGKILL: the command can no longer be watched.
+    async fn run(mut self, mut envelopes: Envelopes, sandbox_id: String, pid: u32) {
+        loop {
+            let event = match envelopes.next().await {
+                Ok(Some(envelope)) => decode(envelope),
+                Ok(None) => break,
+                Err(err) => Err(err),
+            };
+            match event {
+                Ok(Event::Finished(Ok(()))) => break,
+                Ok(Event::Finished(Err(err))) | Err(err) => {
+                    tracing::warn!(sandbox_id, pid, error = %err, "e2b command stream failed");
+                    break;
+                }
+                Ok(event) => self.handle(event).await,
+            }
+        }
+        self.flush().await;
+        if self.exit.borrow().is_none() {
+            tracing::warn!(
+                sandbox_id,
+                pid,
+                "e2b command stream ended without an exit status"
+            );
+        }
+    }
+}
+
+/// Signals a command through envd's unary `SendSignal`. The trait is sync,
+/// so each signal is a task on the runtime that started the command.
+struct SignalControl {
+    http: reqwest::Client,
+    url: String,
+    token: Option<String>,
+    pid: u32,
+    runtime: tokio::runtime::Handle,
+}
+
+impl SignalControl {
+    fn send(&self, signal: &'static str) {
+        let http = self.http.clone();
+        let url = self.url.clone();
+        let token = self.token.clone();
+        let pid = self.pid;
+        self.runtime.spawn(async move {
+            let body = json!({ "process": { "pid": pid }, "signal": signal });
+            let request = || {
+                let request = http
+                    .post(&url)
+                    .header("Connect-Protocol-Version", "1")
+                    .header("Authorization", ENVD_USER_AUTH)
+                    .json(&body);
+                match &token {
+                    Some(token) => request.header("X-Access-Token", token),
+                    None => request,
+                }
+            };
+            match remote::call(E2B, "signal command", request, |_| false).await {
+                Ok(reply) if reply.status.is_success() => {}
+                // The command ended first: nothing left to signal.
+                Ok(reply) if reply.status == StatusCode::NOT_FOUND => {
+                    tracing::debug!(pid, signal, "e2b command already ended");
+                }
+                Ok(reply) => {
+                    let err = reply.error(E2B, "signal command");
+                    tracing::warn!(pid, signal, error = %err, "e2b signal refused");
+                }
+                Err(err) => tracing::warn!(pid, signal, error = %err, "e2b signal failed"),
+            }
+        });
+    }
+}
+
+impl ExecControl for SignalControl {
+    fn interrupt(&self) {
+        self.send("SIGNAL_SIGTERM");
+    }
+
+    fn kill(&self) {
+        self.send("SIGNAL_SIGKILL");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end(json: serde_json::Value) -> ExitStatus {
+        exit_status(&serde_json::from_value(json).expect("end event"))
+    }
+
+    #[test]
+    fn exit_codes_and_signals_are_read_from_the_end_event() {
+        assert_eq!(
+            end(json!({"exited": true, "status": "exit status 0"})),
+            ExitStatus::Code(0)
+        );
+        assert_eq!(
+            end(json!({"exitCode": 3, "exited": true, "status": "exit status 3"})),
+            ExitStatus::Code(3)
+        );
+        assert_eq!(
+            end(json!({"exitCode": -1, "status": "signal: killed"})),
+            ExitStatus::Signal(libc::SIGKILL)
+        );
+        assert_eq!(
+            end(json!({"exitCode": -1, "status": "signal: terminated"})),
+            ExitStatus::Signal(libc::SIGTERM)
+        );
+    }
+
+    #[test]
+    fn envelopes_frame_their_length_big_endian() {
+        let frame = envelope(END_STREAM_FLAG, &json!({}));
+        assert_eq!(&frame[..], &[2, 0, 0, 0, 2, b'{', b'}']);
+    }
+
+    #[test]
+    fn a_program_envd_cannot_start_is_an_invalid_request() {
+        let err = ConnectError {
+            code: "internal".into(),
+            message: "exec: \"nope\": executable file not found in $PATH".into(),
+        };
+        assert!(matches!(
+            err.into_provider_error("exec"),
+            ProviderError::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn the_config_never_prints_its_key() {
+        let config = E2bConfig {
+            api_key: "secret".into(),
+            ..E2bConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+}
