@@ -41,7 +41,7 @@ const QUICK_EXIT_POLLS: u32 = 50;
 
 /// Where and how to reach Daytona. Defaults are Daytona's cloud; the API key
 /// comes from the environment ([`DaytonaConfig::with_env_api_key`]).
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DaytonaConfig {
     /// Base URL of the Daytona API.

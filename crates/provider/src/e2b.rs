@@ -46,7 +46,7 @@ const LIST_PAGE: usize = 100;
 
 /// Where and how to reach E2B. Defaults are E2B's public cloud; the API key
 /// comes from the environment ([`E2bConfig::with_env_api_key`]), not a file.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct E2bConfig {
     /// Base URL of the E2B API.

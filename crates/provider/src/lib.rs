@@ -22,6 +22,32 @@ pub use daytona::{DaytonaConfig, DaytonaProvider};
 pub use e2b::{E2bConfig, E2bProvider};
 pub use local::LocalProvider;
 
+/// The provider named `name` (`local`, `e2b`, `daytona`): local sandboxes
+/// under `home`, remote ones with their settings; an empty API key is taken
+/// from `E2B_API_KEY` or `DAYTONA_API_KEY`.
+pub fn build(
+    name: &str,
+    home: &std::path::Path,
+    e2b: &E2bConfig,
+    daytona: &DaytonaConfig,
+) -> Result<std::sync::Arc<dyn Provider>, ProviderError> {
+    Ok(match name {
+        "" | "local" => std::sync::Arc::new(LocalProvider::new(home).map_err(|err| {
+            ProviderError::Invalid(format!(
+                "cannot use sandbox directory {}: {err}",
+                home.display()
+            ))
+        })?),
+        "e2b" => std::sync::Arc::new(E2bProvider::new(e2b.clone().with_env_api_key())?),
+        "daytona" => std::sync::Arc::new(DaytonaProvider::new(daytona.clone().with_env_api_key())?),
+        other => {
+            return Err(ProviderError::Invalid(format!(
+                "unknown provider {other:?}: use local, e2b or daytona"
+            )));
+        }
+    })
+}
+
 /// Label naming the run a sandbox belongs to.
 pub const LABEL_RUN_ID: &str = "corral.run_id";
 /// Label naming the corral deployment (its subject prefix) that made it.

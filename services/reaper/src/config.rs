@@ -37,6 +37,13 @@ pub struct Config {
     pub backstop_grace_ms: u32,
     /// Sandboxes killed at once.
     pub max_parallel_kills: usize,
+    /// Sandbox provider: `local` (process groups under `home`), `e2b` or
+    /// `daytona` (their APIs; keys from `E2B_API_KEY` / `DAYTONA_API_KEY`).
+    pub provider: String,
+    /// E2B settings (`e2b: {api_url, template, envd_url, timeout_secs}`).
+    pub e2b: corral_provider::E2bConfig,
+    /// Daytona settings (`daytona: {api_url, snapshot, cpu, memory_gib, ...}`).
+    pub daytona: corral_provider::DaytonaConfig,
 }
 
 impl Default for Config {
@@ -54,6 +61,9 @@ impl Default for Config {
             boot_limit_ms: 60_000,
             backstop_grace_ms: 2000,
             max_parallel_kills: 32,
+            provider: "local".into(),
+            e2b: Default::default(),
+            daytona: Default::default(),
         }
     }
 }

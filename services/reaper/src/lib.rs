@@ -18,13 +18,11 @@ pub mod config;
 pub mod lease;
 pub mod sweep;
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use corral_client::Client;
 use corral_proto::Subjects;
-use corral_provider::LocalProvider;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -50,11 +48,8 @@ pub enum Error {
     Prefix(#[from] corral_proto::PrefixError),
     #[error(transparent)]
     Nats(#[from] corral_common::nats::NatsError),
-    #[error("cannot use sandbox directory {path}: {source}")]
-    Home {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("provider: {0}")]
+    Provider(#[from] corral_provider::ProviderError),
     #[error("{0}")]
     Lease(String),
 }
@@ -63,10 +58,7 @@ pub enum Error {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let subjects = Subjects::new(&config.subject_prefix)?;
     let home = config.home_dir();
-    let provider = LocalProvider::new(&home).map_err(|source| Error::Home {
-        path: home.display().to_string(),
-        source,
-    })?;
+    let provider = corral_provider::build(&config.provider, &home, &config.e2b, &config.daytona)?;
     let id = config.reaper_id();
     let nats = corral_common::nats::connect(
         &config.nats_url,
@@ -88,7 +80,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let lease_task = tokio::spawn(lease.run(shutdown.clone()));
     tracing::info!(reaper_id = %id, prefix = subjects.prefix(), "reaper started");
 
-    let reaper = sweep::Reaper::new(client.clone(), Arc::new(provider), &config, &id);
+    let reaper = sweep::Reaper::new(client.clone(), provider, &config, &id);
     let mut tick = tokio::time::interval(Duration::from_millis(config.sweep_period_ms.max(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -48,6 +48,13 @@ pub struct Config {
     /// and starting the agent, to exercise stops and crashes in that phase.
     /// Keep 0 in production.
     pub boot_delay_ms: u64,
+    /// Sandbox provider: `local` (process groups under `home`), `e2b` or
+    /// `daytona` (their APIs; keys from `E2B_API_KEY` / `DAYTONA_API_KEY`).
+    pub provider: String,
+    /// E2B settings (`e2b: {api_url, template, envd_url, timeout_secs}`).
+    pub e2b: corral_provider::E2bConfig,
+    /// Daytona settings (`daytona: {api_url, snapshot, cpu, memory_gib, ...}`).
+    pub daytona: corral_provider::DaytonaConfig,
 }
 
 impl Default for Config {
@@ -69,6 +76,9 @@ impl Default for Config {
             token_secret: corral_common::Secret::default(),
             events_url: "http://127.0.0.1:8470".into(),
             boot_delay_ms: 0,
+            provider: "local".into(),
+            e2b: Default::default(),
+            daytona: Default::default(),
         }
     }
 }

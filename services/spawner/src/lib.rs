@@ -21,7 +21,7 @@ use std::time::Duration;
 use corral_client::{ActivityReporter, Client};
 use corral_common::nats::NatsError;
 use corral_proto::Subjects;
-use corral_provider::{LocalProvider, Provider};
+use corral_provider::Provider;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -50,11 +50,8 @@ pub enum Error {
     Client(#[from] corral_client::ClientError),
     #[error(transparent)]
     Nats(#[from] NatsError),
-    #[error("cannot use sandbox directory {path}: {source}")]
-    Home {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("provider: {0}")]
+    Provider(#[from] corral_provider::ProviderError),
     #[error("nats: {0}")]
     Consumer(String),
 }
@@ -100,10 +97,7 @@ impl Spawner {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let subjects = Subjects::new(&config.subject_prefix)?;
     let home = config.home_dir();
-    let provider = LocalProvider::new(&home).map_err(|source| Error::Home {
-        path: home.display().to_string(),
-        source,
-    })?;
+    let provider = corral_provider::build(&config.provider, &home, &config.e2b, &config.daytona)?;
     let id = config.spawner_id();
     let nats = corral_common::nats::connect(
         &config.nats_url,
@@ -114,7 +108,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let client = Client::from_parts(nats, subjects.clone());
     corral_common::nats::ensure_streams(client.jetstream(), &subjects).await?;
     let spawner = Arc::new(Spawner {
-        provider: Arc::new(provider),
+        provider,
         deployment: config.deployment_label(),
         actor: format!("spawner:{id}"),
         permits: Arc::new(Semaphore::new(config.max_runs.max(1))),

@@ -1,0 +1,319 @@
+//! The remote providers end to end: corral's services against the local
+//! emulators of the E2B and Daytona APIs (real HTTP, real processes behind
+//! them), with the faults those services really show.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_client::Client;
+use corral_emulator::{DaytonaEmulator, E2bEmulator};
+use corral_proto::v1::{
+    ContinueCommand, Run, RunCommand, RunState, SessionCommand, StopCommand, session_command,
+};
+use corral_provider::{
+    DaytonaConfig, E2bConfig, E2bProvider, LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, Provider,
+};
+use corral_tests::{TestEnv, eventually};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn e2b_config(emulator: &E2bEmulator) -> E2bConfig {
+    E2bConfig {
+        api_url: emulator.url(),
+        api_key: "test-key".into(),
+        envd_url: emulator.envd_url(),
+        ..Default::default()
+    }
+}
+
+fn kept(env: &TestEnv, argv: &[&str], provider: &str) -> RunCommand {
+    let mut command = env.command(argv);
+    let spec = command.spec.as_mut().expect("spec");
+    spec.keep_alive = true;
+    spec.provider = provider.into();
+    command
+}
+
+async fn idle_after(client: &Client, run_id: &str, turn: u32) -> Run {
+    eventually(
+        &format!("run {run_id} idle after turn {turn}"),
+        LIMIT,
+        || async {
+            let run = client.get(run_id).await.ok()?;
+            assert!(
+                !run.state().is_terminal(),
+                "run {run_id} ended {} ({})",
+                run.state().name(),
+                run.reason
+            );
+            (run.state() == RunState::Idle && run.turn >= turn && run.owner.is_empty())
+                .then_some(run)
+        },
+    )
+    .await
+}
+
+async fn continue_run(client: &Client, run_id: &str, argv: &[&str]) {
+    let command = ContinueCommand {
+        run_id: run_id.to_owned(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        requested_by: "test".into(),
+        submitted_at_ms: corral_common::now_ms(),
+    };
+    client.continue_run(&command).await.expect("continue");
+}
+
+async fn stop(client: &Client, run_id: &str) {
+    let stop = StopCommand {
+        run_id: run_id.to_owned(),
+        reason: "done".into(),
+        requested_by: "test".into(),
+        requested_at_ms: corral_common::now_ms(),
+    };
+    client.stop(&stop).await.expect("stop");
+}
+
+#[tokio::test]
+async fn an_e2b_session_pauses_resumes_and_replaces_an_expired_sandbox_once() {
+    let env = TestEnv::new().await;
+    let emulator = E2bEmulator::start(&env.home.join("e2b"))
+        .await
+        .expect("emulator");
+    let tracker = env.start_tracker().await;
+    let mut config = env.spawner_config();
+    config.provider = "e2b".into();
+    config.e2b = e2b_config(&emulator);
+    let spawner = env.start_spawner_with(config).await;
+    let client = env.client().await;
+
+    // Slow and flaky, as a real API is: every call still lands.
+    emulator.faults().delay(Duration::from_millis(20));
+    emulator.faults().fail_next(2, 503);
+    emulator.faults().rate_limit_next(2);
+    let command = kept(&env, &["sh", "-c", "echo one > notes.txt"], "e2b");
+    let run_id = command.run_id.clone();
+    client.start_run(&command).await.expect("start");
+    let first = idle_after(&client, &run_id, 1).await;
+    assert_eq!(first.provider, "e2b");
+    assert!(emulator.sandbox_ids().contains(&first.sandbox_id));
+
+    // Paused at E2B, then a continue resumes it (connect) and the files are there.
+    let pause = SessionCommand {
+        run_id: run_id.clone(),
+        action: session_command::Action::Pause as i32,
+        requested_by: "test".into(),
+        requested_at_ms: corral_common::now_ms(),
+    };
+    client.session(&pause).await.expect("pause");
+    eventually("paused", LIMIT, || async {
+        let run = client.get(&run_id).await.ok()?;
+        (run.state() == RunState::Paused && run.owner.is_empty()).then_some(())
+    })
+    .await;
+    let provider = E2bProvider::new(e2b_config(&emulator)).expect("provider");
+    let mut labels = Labels::new();
+    labels.insert(LABEL_RUN_ID.into(), run_id.clone());
+    let listed = provider.list(&labels).await.expect("list");
+    assert!(
+        listed.len() == 1 && listed[0].paused,
+        "E2B shows it paused: {listed:?}"
+    );
+    continue_run(&client, &run_id, &["sh", "-c", "cat notes.txt"]).await;
+    let second = idle_after(&client, &run_id, 2).await;
+    assert_eq!(second.sandbox_id, first.sandbox_id);
+    assert_eq!(
+        second.exit_code,
+        Some(0),
+        "the file was kept: {}",
+        second.reason
+    );
+
+    // Expired at E2B (404 on connect and detail): replaced, once.
+    emulator.expire(&first.sandbox_id);
+    continue_run(&client, &run_id, &["sh", "-c", "test ! -f notes.txt"]).await;
+    let third = idle_after(&client, &run_id, 3).await;
+    assert_ne!(third.sandbox_id, first.sandbox_id);
+    assert!(third.reason.contains("404"), "says why: {}", third.reason);
+    assert_eq!(third.exit_code, Some(0), "a fresh sandbox has no notes");
+    assert_eq!(third.sandbox_epoch, 2);
+
+    // Expired again while every create's answer is lost: the one
+    // replacement this turn allows fails, and the run fails — no loop.
+    emulator.expire(&third.sandbox_id);
+    emulator.faults().lose_next_creates(1000);
+    let created = emulator.created();
+    continue_run(&client, &run_id, &["true"]).await;
+    let failed = env.wait_terminal(&client, &run_id, LIMIT).await;
+    assert_eq!(failed.state(), RunState::Failed);
+    assert!(
+        failed.reason.contains("replacement failed"),
+        "{}",
+        failed.reason
+    );
+    let attempts = emulator.created() - created;
+    assert!(
+        (1..=60).contains(&attempts),
+        "one replacement, retried a bounded number of times: {attempts} creates"
+    );
+    emulator.faults().clear();
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_daytona_sandbox_gone_410_is_replaced_and_a_stop_between_turns_deletes_it() {
+    let env = TestEnv::new().await;
+    let emulator = DaytonaEmulator::start(&env.home.join("daytona"))
+        .await
+        .expect("emulator");
+    let tracker = env.start_tracker().await;
+    let mut config = env.spawner_config();
+    config.provider = "daytona".into();
+    config.daytona = DaytonaConfig {
+        api_url: emulator.url(),
+        api_key: "test-key".into(),
+        ..Default::default()
+    };
+    let spawner = env.start_spawner_with(config).await;
+    let client = env.client().await;
+
+    emulator.faults().fail_next(1, 502);
+    let command = kept(&env, &["sh", "-c", "echo one > notes.txt"], "daytona");
+    let run_id = command.run_id.clone();
+    client.start_run(&command).await.expect("start");
+    let first = idle_after(&client, &run_id, 1).await;
+    continue_run(&client, &run_id, &["sh", "-c", "cat notes.txt"]).await;
+    let second = idle_after(&client, &run_id, 2).await;
+    assert_eq!(
+        (second.sandbox_id.as_str(), second.exit_code),
+        (first.sandbox_id.as_str(), Some(0))
+    );
+
+    emulator.expire(&first.sandbox_id);
+    continue_run(&client, &run_id, &["true"]).await;
+    let third = idle_after(&client, &run_id, 3).await;
+    assert_ne!(third.sandbox_id, first.sandbox_id);
+    assert!(
+        third.reason.contains("sandbox replaced"),
+        "{}",
+        third.reason
+    );
+
+    stop(&client, &run_id).await;
+    let ended = env.wait_terminal(&client, &run_id, LIMIT).await;
+    assert_eq!(ended.state(), RunState::Stopped);
+    assert!(
+        !emulator.sandbox_ids().contains(&third.sandbox_id),
+        "a stopped run's sandbox is deleted at Daytona"
+    );
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+/// The reaper issue's orphan chaos, against E2B: spawner processes SIGKILLed
+/// at random points and the tracker SIGKILLed every third round, while the
+/// emulator loses create responses (the sandbox exists, the spawner never
+/// learns its id) and answers 503s. In the end E2B and the records agree
+/// exactly.
+#[tokio::test]
+async fn orphan_chaos_against_e2b_ends_in_exact_agreement() {
+    let env = TestEnv::new().await;
+    let emulator = E2bEmulator::start(&env.home.join("e2b"))
+        .await
+        .expect("emulator");
+    let mut tracker = env.spawn_service_process("tracker", &[]);
+    let client = env.client().await;
+    eventually("the tracker answers", LIMIT, || async {
+        client.get("probe").await.err()?.code().map(|_| ())
+    })
+    .await;
+    let mut reaper_config = env.reaper_config();
+    reaper_config.provider = "e2b".into();
+    reaper_config.e2b = e2b_config(&emulator);
+    let reaper = env.start_reaper_with(reaper_config).await;
+    let (api_url, envd_url) = (emulator.url(), emulator.envd_url());
+    let spawner_env = [
+        ("CORRAL_HEARTBEAT_MS", "300"),
+        ("CORRAL_COMMAND_ACK_WAIT_MS", "1500"),
+        ("CORRAL_PROVIDER", "e2b"),
+        ("CORRAL_E2B__API_URL", api_url.as_str()),
+        ("CORRAL_E2B__ENVD_URL", envd_url.as_str()),
+        ("E2B_API_KEY", "test-key"),
+    ];
+    let mut spawner = env.spawn_service_process("spawner", &spawner_env);
+    let mut submitted = Vec::new();
+    let rounds = 9;
+    for round in 0..rounds {
+        emulator.faults().lose_next_creates(1);
+        emulator.faults().fail_next(1, 503);
+        for _ in 0..4 {
+            let mut command = env.command(&["sleep", "300"]);
+            command.spec.as_mut().expect("spec").provider = "e2b".into();
+            client.publish_run(&command).await.expect("publish");
+            submitted.push(command.run_id);
+        }
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..400))).await;
+        if round % 3 == 1 {
+            tracker.kill().await.ok();
+            tokio::time::sleep(Duration::from_millis(rand::random_range(50..400))).await;
+        }
+        spawner.kill().await.ok();
+        if round % 3 == 1 {
+            tracker = env.spawn_service_process("tracker", &[]);
+        }
+        spawner = env.spawn_service_process("spawner", &spawner_env);
+    }
+
+    let provider: Arc<dyn Provider> =
+        Arc::new(E2bProvider::new(e2b_config(&emulator)).expect("provider"));
+    let mut labels = Labels::new();
+    labels.insert(LABEL_DEPLOYMENT.into(), env.prefix.clone());
+    let (sandboxes, live) = eventually(
+        "E2B and the records agree",
+        Duration::from_secs(120),
+        || async {
+            let sandboxes = provider.list(&labels).await.ok()?;
+            let (_, live) = client
+                .sweep(&corral_proto::v1::SweepRequest {
+                    include_live: true,
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            let listed: HashSet<&str> = sandboxes.iter().map(|s| s.id.as_str()).collect();
+            let claimed: HashSet<&str> = live.iter().map(|r| r.sandbox_id.as_str()).collect();
+            let orphans = sandboxes
+                .iter()
+                .filter(|s| !claimed.contains(s.id.as_str()))
+                .count();
+            let missing = live
+                .iter()
+                .filter(|r| r.state() != RunState::Pending)
+                .filter(|r| r.sandbox_id.is_empty() || !listed.contains(r.sandbox_id.as_str()))
+                .count();
+            (orphans == 0 && missing == 0).then_some((sandboxes, live))
+        },
+    )
+    .await;
+    println!(
+        "e2b orphan chaos: {} runs submitted over {rounds} rounds, {} sandboxes created at E2B; {} listed, {} live runs, 0 orphans, 0 live runs without a sandbox",
+        submitted.len(),
+        emulator.created(),
+        sandboxes.len(),
+        live.len()
+    );
+    assert!(
+        emulator.created() > sandboxes.len(),
+        "the faults made orphans for the reaper to find"
+    );
+
+    spawner.kill().await.ok();
+    reaper.stop().await;
+    tracker.kill().await.ok();
+    env.cleanup().await;
+}
