@@ -87,6 +87,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Die quietly when a pipe reader leaves (`corral run ... | head -1`), as
+    // other command-line tools do, instead of panicking on the next print.
+    // SAFETY: restoring a signal's default action has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -223,10 +223,52 @@ async fn demo(global: &Global, shutdown: CancellationToken) -> anyhow::Result<()
             let status = status?;
             eprintln!("demo run finished ({status}); its agent events:");
             corral(&["events", &run_id]).status().await?;
-            eprintln!("try `corral ls`, `corral status {run_id}` and `corral events {run_id}` in another shell");
         }
-        _ = shutdown.cancelled() => {}
+        _ = shutdown.cancelled() => return Ok(()),
     }
+    tokio::select! {
+        kept = demo_session(&corral) => kept?,
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    eprintln!(
+        "try `corral ls`, `corral status {run_id}` and `corral events {run_id}` in another shell"
+    );
+    Ok(())
+}
+
+/// A kept session: two turns in one sandbox with a pause between, then its
+/// status (with its cost) and a stop.
+async fn demo_session(corral: &impl Fn(&[&str]) -> tokio::process::Command) -> anyhow::Result<()> {
+    let session = corral_client::new_run_id();
+    eprintln!("\ndemo session {session}: turn 1 writes a file and keeps the sandbox");
+    let turn1 = "echo \"turn $CORRAL_TURN: writing notes.txt\"; echo 'remember me' > notes.txt";
+    corral(&[
+        "run",
+        "--wait",
+        "--keep-alive",
+        "--idle-pause",
+        "10m",
+        "--run-id",
+        &session,
+        "--label",
+        "demo=true",
+        "--",
+        "sh",
+        "-c",
+        turn1,
+    ])
+    .status()
+    .await?;
+    corral(&["pause", &session]).status().await?;
+    eprintln!("turn 2 continues the paused session: resumed, same sandbox, same files");
+    let turn2 = "echo \"turn $CORRAL_TURN reads: $(cat notes.txt)\"";
+    corral(&["continue", &session, "--wait", "--", "sh", "-c", turn2])
+        .status()
+        .await?;
+    corral(&["status", &session]).status().await?;
+    corral(&["stop", &session, "--wait", "--reason", "demo over"])
+        .status()
+        .await?;
     Ok(())
 }
 

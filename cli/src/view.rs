@@ -160,7 +160,7 @@ pub fn describe(run: &Run) -> String {
         ("running", &view.running_at),
         ("finalizing", &view.finalizing_at),
         ("idle since", &view.idle_at),
-        ("paused", &view.paused_at),
+        ("last paused", &view.paused_at),
         ("finished", &view.finished_at),
         ("deadline", &view.deadline_at),
         ("stop asked", &view.stop_requested_at),

@@ -16,6 +16,7 @@ use crate::commands::Global;
 
 mod ingest;
 mod reaper;
+mod resume;
 mod stack;
 mod stop;
 
@@ -29,6 +30,8 @@ pub enum Bench {
     Ingest(ingest::IngestArgs),
     /// Sweep cost over a large history and deadline-to-kill with a frozen owner; self-contained.
     Reaper(reaper::ReaperArgs),
+    /// Pause, resume and continue-on-paused latency of kept sessions against the stack `corral up` runs.
+    Resume(resume::ResumeArgs),
 }
 
 #[derive(clap::Args)]
@@ -58,6 +61,7 @@ pub async fn bench(global: &Global, bench: Bench) -> anyhow::Result<ExitCode> {
         Bench::Stop(args) => stop::run(global, args).await,
         Bench::Reaper(args) => reaper::run(global, args).await,
         Bench::Ingest(args) => ingest::run(global, args).await,
+        Bench::Resume(args) => resume::run(global, args).await,
     }
 }
 
