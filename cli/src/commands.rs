@@ -93,7 +93,7 @@ pub struct RunArgs {
     /// With --keep-alive: the session's whole lifetime, e.g. 24h [default 24h].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "keep_alive")]
     max_lifetime: Option<i32>,
-    /// Resource class: the sandbox size and the price-table row (default: default).
+    /// Resource class: the row of the tracker's price table the run is billed at (default: default).
     #[arg(long, value_name = "CLASS")]
     resource_class: Option<String>,
     /// With --wait, give up waiting after this many seconds (the run goes on).

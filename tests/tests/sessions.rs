@@ -345,6 +345,20 @@ async fn a_sandbox_killed_behind_corrals_back_is_replaced_once_and_the_session_c
     // names it, the provider no longer has it.
     let other = LocalProvider::new(&env.home).expect("provider");
     other.kill(&idle.sandbox_id).await.expect("kill");
+    // The reaper does not fail a kept run between turns for it: the next
+    // continue replaces the sandbox.
+    let reaper = corral_reaper::sweep::Reaper::new(
+        client.clone(),
+        std::sync::Arc::new(other.clone()),
+        &env.reaper_config(),
+        "test",
+    );
+    let report = reaper.sweep().await.expect("sweep");
+    assert_eq!(report.sandboxes_lost, 0, "{report:?}");
+    assert_eq!(
+        client.get(&run_id).await.expect("get").state(),
+        RunState::Idle
+    );
 
     continue_run(
         &client,

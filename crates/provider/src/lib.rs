@@ -68,8 +68,8 @@ pub struct CreateSpec {
     /// it (a remote provider's timeout; 0 = the provider's default). A
     /// sandbox corral lost track of dies by itself after this.
     pub lifetime_secs: u64,
-    /// Resource class (`default`, `large`, ...): the size a remote provider
-    /// creates and the row of the price table the run is billed at.
+    /// Resource class (`default`, `large`, ...): the row of the price table
+    /// the run is billed at (providers create their configured size).
     pub resource_class: String,
 }
 

@@ -146,10 +146,9 @@ impl Reaper {
             }
         }
         for run in live.values() {
-            let holds_sandbox = matches!(
-                run.state(),
-                RunState::Running | RunState::Idle | RunState::Paused | RunState::Finalizing
-            );
+            // A kept run between turns (idle, paused) whose sandbox is gone
+            // is not lost: its next continue probes and replaces it.
+            let holds_sandbox = matches!(run.state(), RunState::Running | RunState::Finalizing);
             if !holds_sandbox
                 || run.sandbox_id.is_empty()
                 || listed.contains(run.sandbox_id.as_str())

@@ -282,6 +282,9 @@ async fn refuse(
         let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
         return;
     }
-    let reason = format!("{what} of run {run_id} refused: {err}");
+    let mut reason = format!("{what} of run {run_id} refused: {err}");
+    if err.code() == Some(Code::IllegalTransition) {
+        reason.push_str(" (continue applies to an idle or paused kept run)");
+    }
     dead_letter(spawner, message, &reason).await;
 }

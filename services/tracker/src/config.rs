@@ -28,7 +28,8 @@ pub struct Config {
     pub default_max_lifetime_secs: i32,
     /// Dollars per hour by provider and resource class, running and paused:
     /// `prices: {e2b: {default: {running_per_hour: 0.1089, paused_per_hour: 0}}}`.
-    /// A file's table replaces the defaults provider by provider.
+    /// A file's table is merged over the defaults, provider by provider and
+    /// class by class.
     pub prices: crate::cost::Prices,
 }
 
