@@ -541,3 +541,52 @@ async fn cost_matches_the_recorded_intervals() {
     tracker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_spawner_shutting_down_interrupts_the_turn_and_keeps_the_session() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let mut config = env.spawner_config();
+    config.shutdown_grace_ms = 100;
+    let spawner = env.start_spawner_with(config).await;
+    let client = env.client().await;
+
+    let command = kept(&env, &["sh", "-c", "echo one > notes.txt; sleep 300"]);
+    let run_id = command.run_id.clone();
+    client.start_run(&command).await.expect("start");
+    let running = env.wait_state(&client, &run_id, RunState::Running).await;
+    let provider = LocalProvider::new(&env.home).expect("provider");
+    let notes = provider.work_dir(&running.sandbox_id).join("notes.txt");
+    eventually("turn 1 wrote its notes", LIMIT, || async {
+        notes.exists().then_some(())
+    })
+    .await;
+
+    // A deploy: the spawner goes away in the middle of the turn.
+    spawner.stop().await;
+    let idle = idle_after(&client, &run_id, 1).await;
+    assert!(idle.reason.contains("interrupted"), "{}", idle.reason);
+    assert!(notes.exists(), "the sandbox survives the spawner");
+
+    let spawner = env.start_spawner().await;
+    continue_run(&client, &run_id, &["cat", "notes.txt"]).await;
+    let after = idle_after(&client, &run_id, 2).await;
+    assert_eq!(
+        (after.sandbox_id.as_str(), after.exit_code),
+        (running.sandbox_id.as_str(), Some(0))
+    );
+    client
+        .stop(&StopCommand {
+            run_id: run_id.clone(),
+            reason: "done".into(),
+            requested_by: "test".into(),
+            requested_at_ms: corral_common::now_ms(),
+        })
+        .await
+        .expect("stop");
+    env.wait_terminal(&client, &run_id, LIMIT).await;
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}

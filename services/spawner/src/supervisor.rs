@@ -363,6 +363,12 @@ impl Supervisor {
                 };
                 self.turn_end(&reason, Some(status.code())).await;
             }
+            // A spawner going away (a deploy) interrupts the turn, not the
+            // session: the sandbox stays for the next continue.
+            Ending::Shutdown if kept => {
+                self.turn_end("turn interrupted: spawner shut down", None)
+                    .await;
+            }
             Ending::Exited(status) if status.success() && !self.spec.finalize.is_empty() => {
                 self.finalize(&sandbox_id, env, stops).await;
             }
