@@ -312,8 +312,8 @@ pub async fn ls(global: &Global, args: LsArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&views)?);
     } else {
         println!(
-            "{:<36}  {:<10}  {:>4}  {:<24}  COMMAND",
-            "RUN", "STATE", "EXIT", "CREATED"
+            "{:<36}  {:<10}  {:>4}  {:<24}  {:>10}  COMMAND",
+            "RUN", "STATE", "EXIT", "CREATED", "COST (USD)"
         );
         for run in &runs {
             println!("{}", view::row(run));

@@ -197,11 +197,12 @@ pub fn row(run: &Run) -> String {
         .unwrap_or_else(|| "-".into());
     let created = time(run.created_at_ms).unwrap_or_default();
     format!(
-        "{:<36}  {:<10}  {:>4}  {:<24}  {}",
+        "{:<36}  {:<10}  {:>4}  {:<24}  {:>10.6}  {}",
         run.run_id,
         run.state().name(),
         exit,
         created,
+        run.cost_usd,
         spec.argv.join(" ")
     )
 }

@@ -496,6 +496,15 @@ async fn cost_matches_the_recorded_intervals() {
         "cost {} != expected {expected}",
         run.cost_usd
     );
+    let listed = client
+        .list(&corral_proto::v1::ListRunsRequest {
+            labels: [("team".to_owned(), "cost-test".to_owned())].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].cost_usd, run.cost_usd, "ls shows the same cost");
 
     // `corral cost` by label and period: the whole day, then only the
     // paused stretch's second hour (01:31:10 .. 02:31:10 → 3600 s paused).

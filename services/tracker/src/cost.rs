@@ -93,21 +93,33 @@ const BILLED_SUMS: &str = "
 
 const BILLED_STATES: &str = "('booting', 'running', 'idle', 'finalizing', 'paused')";
 
-/// What one run has been billed for so far.
-pub async fn billed_of_run(pool: &PgPool, run_id: &str) -> Result<Billed, StoreError> {
-    let (running_ms, paused_ms): (i64, i64) = sqlx::query_as(&format!(
-        "SELECT {BILLED_SUMS} FROM (
-            SELECT to_state, at AS s, COALESCE(lead(at) OVER (ORDER BY id), now()) AS e
-            FROM run_transitions WHERE run_id = $1
-         ) i WHERE to_state IN {BILLED_STATES}"
+/// What each of `run_ids` has been billed for so far (runs never billed
+/// are missing).
+pub async fn billed_of_runs(
+    pool: &PgPool,
+    run_ids: &[String],
+) -> Result<std::collections::HashMap<String, Billed>, StoreError> {
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
+        "SELECT run_id, {BILLED_SUMS} FROM (
+            SELECT run_id, to_state, at AS s,
+                   COALESCE(lead(at) OVER (PARTITION BY run_id ORDER BY id), now()) AS e
+            FROM run_transitions WHERE run_id = ANY($1)
+         ) i WHERE to_state IN {BILLED_STATES}
+         GROUP BY run_id"
     ))
-    .bind(run_id)
-    .fetch_one(pool)
+    .bind(run_ids)
+    .fetch_all(pool)
     .await?;
-    Ok(Billed {
-        running_ms,
-        paused_ms,
-    })
+    Ok(rows
+        .into_iter()
+        .map(|(run_id, running_ms, paused_ms)| {
+            let billed = Billed {
+                running_ms,
+                paused_ms,
+            };
+            (run_id, billed)
+        })
+        .collect())
 }
 
 /// Cost of the runs carrying every label in `request`, over its period,

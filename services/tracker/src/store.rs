@@ -171,7 +171,7 @@ impl RunRow {
             paused_at_ms: ms(self.paused_at),
             idle_pause_secs: self.idle_pause_secs,
             resource_class: self.resource_class.clone(),
-            // Filled in by `get` (it needs the run's history).
+            // Filled in by `get` and `list` (from the run's history).
             cost_usd: 0.0,
             billed_running_ms: 0,
             billed_paused_ms: 0,
@@ -247,14 +247,24 @@ impl Store {
 
     /// The run, with its cost so far.
     pub async fn get(&self, run_id: &str) -> Result<Run, StoreError> {
-        let mut run = self.load(run_id).await?.to_proto();
-        let billed = crate::cost::billed_of_run(&self.pool, run_id).await?;
-        run.billed_running_ms = billed.running_ms;
-        run.billed_paused_ms = billed.paused_ms;
-        run.cost_usd = self
-            .prices
-            .cost(&run.provider, &run.resource_class, &billed);
-        Ok(run)
+        let mut runs = vec![self.load(run_id).await?.to_proto()];
+        self.with_cost(&mut runs).await?;
+        Ok(runs.remove(0))
+    }
+
+    /// Fills in each run's cost so far (one query for all).
+    async fn with_cost(&self, runs: &mut [Run]) -> Result<(), StoreError> {
+        let ids: Vec<String> = runs.iter().map(|r| r.run_id.clone()).collect();
+        let billed = crate::cost::billed_of_runs(&self.pool, &ids).await?;
+        for run in runs {
+            let billed = billed.get(&run.run_id).copied().unwrap_or_default();
+            run.billed_running_ms = billed.running_ms;
+            run.billed_paused_ms = billed.paused_ms;
+            run.cost_usd = self
+                .prices
+                .cost(&run.provider, &run.resource_class, &billed);
+        }
+        Ok(())
     }
 
     /// Cost of the runs matching `request`, grouped.
@@ -720,7 +730,9 @@ impl Store {
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(RunRow::to_proto).collect())
+        let mut runs: Vec<Run> = rows.iter().map(RunRow::to_proto).collect();
+        self.with_cost(&mut runs).await?;
+        Ok(runs)
     }
 
     /// Resets the inactivity window of live runs (no version bump: activity
