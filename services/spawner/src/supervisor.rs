@@ -219,8 +219,11 @@ impl Supervisor {
             resource_class: self.run.resource_class.clone(),
         };
         let provider = self.spawner.provider.clone();
+        // Remote providers retry transient failures inside each call; a
+        // few more attempts here, not many: every create whose answer was
+        // lost leaves a sandbox for the reaper to find.
         let sandbox = (|| provider.create(&create))
-            .retry(retry_policy())
+            .retry(retry_policy().with_max_times(2))
             .when(|e| e.is_transient())
             .await
             .map_err(|err| format!("sandbox create failed: {err}"))?;
