@@ -19,6 +19,8 @@ use corral_proto::Subjects;
 use corral_proto::v1::{Run, RunCommand, RunSpec};
 use tokio_util::sync::CancellationToken;
 
+pub mod sessions;
+
 pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
@@ -377,6 +379,15 @@ impl TestEnv {
             requested_by: "test".into(),
             submitted_at_ms: corral_common::now_ms(),
         }
+    }
+
+    /// A command for a kept run (`keep_alive`) of `argv` with a fresh id.
+    pub fn kept(&self, argv: &[&str]) -> RunCommand {
+        let mut command = self.command(argv);
+        if let Some(spec) = command.spec.as_mut() {
+            spec.keep_alive = true;
+        }
+        command
     }
 
     /// Waits until the run is terminal.

@@ -1,7 +1,7 @@
 //! Deadlines, silent agents, dead owners, failover and orphan chaos: real
 //! processes, real NATS and PostgreSQL.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
@@ -9,6 +9,7 @@ use corral_proto::v1::{RunCommand, RunState, StopCommand, stop_reply::Outcome};
 use corral_provider::{
     CreateSpec, LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, Provider,
 };
+use corral_tests::sessions::provider_and_records_agree;
 use corral_tests::{TestEnv, eventually};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -327,33 +328,10 @@ async fn orphan_chaos_leaves_the_provider_and_the_records_in_exact_agreement() {
     // Quiet: after reconciliation every sandbox is claimed by a live run and
     // every live run that should hold a sandbox holds a listed one.
     let provider = LocalProvider::new(&env.home).expect("provider");
-    let mut labels = Labels::new();
-    labels.insert(LABEL_DEPLOYMENT.into(), env.prefix.clone());
     let (sandboxes, live) = eventually(
         "provider and records agree",
         Duration::from_secs(90),
-        || async {
-            let sandboxes = provider.list(&labels).await.ok()?;
-            let (_, live) = client
-                .sweep(&corral_proto::v1::SweepRequest {
-                    include_live: true,
-                    ..Default::default()
-                })
-                .await
-                .ok()?;
-            let listed: HashSet<&str> = sandboxes.iter().map(|s| s.id.as_str()).collect();
-            let claimed: HashSet<&str> = live.iter().map(|r| r.sandbox_id.as_str()).collect();
-            let orphans = sandboxes
-                .iter()
-                .filter(|s| !claimed.contains(s.id.as_str()))
-                .count();
-            let missing = live
-                .iter()
-                .filter(|r| r.state() != RunState::Pending)
-                .filter(|r| r.sandbox_id.is_empty() || !listed.contains(r.sandbox_id.as_str()))
-                .count();
-            (orphans == 0 && missing == 0).then_some((sandboxes, live))
-        },
+        || provider_and_records_agree(&client, &provider, &env.prefix),
     )
     .await;
 

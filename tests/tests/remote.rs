@@ -2,17 +2,14 @@
 //! emulators of the E2B and Daytona APIs (real HTTP, real processes behind
 //! them), with the faults those services really show.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use corral_client::Client;
 use corral_emulator::{DaytonaEmulator, E2bEmulator};
-use corral_proto::v1::{
-    ContinueCommand, Run, RunCommand, RunState, SessionCommand, StopCommand, session_command,
-};
-use corral_provider::{
-    DaytonaConfig, E2bConfig, E2bProvider, LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, Provider,
+use corral_proto::v1::{RunCommand, RunState, session_command};
+use corral_provider::{DaytonaConfig, E2bConfig, E2bProvider, LABEL_RUN_ID, Labels, Provider};
+use corral_tests::sessions::{
+    continue_run, idle_after, provider_and_records_agree, released, session, stop_run,
 };
 use corral_tests::{TestEnv, eventually};
 
@@ -28,50 +25,9 @@ fn e2b_config(emulator: &E2bEmulator) -> E2bConfig {
 }
 
 fn kept(env: &TestEnv, argv: &[&str], provider: &str) -> RunCommand {
-    let mut command = env.command(argv);
-    let spec = command.spec.as_mut().expect("spec");
-    spec.keep_alive = true;
-    spec.provider = provider.into();
+    let mut command = env.kept(argv);
+    command.spec.as_mut().expect("spec").provider = provider.into();
     command
-}
-
-async fn idle_after(client: &Client, run_id: &str, turn: u32) -> Run {
-    eventually(
-        &format!("run {run_id} idle after turn {turn}"),
-        LIMIT,
-        || async {
-            let run = client.get(run_id).await.ok()?;
-            assert!(
-                !run.state().is_terminal(),
-                "run {run_id} ended {} ({})",
-                run.state().name(),
-                run.reason
-            );
-            (run.state() == RunState::Idle && run.turn >= turn && run.owner.is_empty())
-                .then_some(run)
-        },
-    )
-    .await
-}
-
-async fn continue_run(client: &Client, run_id: &str, argv: &[&str]) {
-    let command = ContinueCommand {
-        run_id: run_id.to_owned(),
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        requested_by: "test".into(),
-        submitted_at_ms: corral_common::now_ms(),
-    };
-    client.continue_run(&command).await.expect("continue");
-}
-
-async fn stop(client: &Client, run_id: &str) {
-    let stop = StopCommand {
-        run_id: run_id.to_owned(),
-        reason: "done".into(),
-        requested_by: "test".into(),
-        requested_at_ms: corral_common::now_ms(),
-    };
-    client.stop(&stop).await.expect("stop");
 }
 
 #[tokio::test]
@@ -99,18 +55,8 @@ async fn an_e2b_session_pauses_resumes_and_replaces_an_expired_sandbox_once() {
     assert!(emulator.sandbox_ids().contains(&first.sandbox_id));
 
     // Paused at E2B, then a continue resumes it (connect) and the files are there.
-    let pause = SessionCommand {
-        run_id: run_id.clone(),
-        action: session_command::Action::Pause as i32,
-        requested_by: "test".into(),
-        requested_at_ms: corral_common::now_ms(),
-    };
-    client.session(&pause).await.expect("pause");
-    eventually("paused", LIMIT, || async {
-        let run = client.get(&run_id).await.ok()?;
-        (run.state() == RunState::Paused && run.owner.is_empty()).then_some(())
-    })
-    .await;
+    session(&client, &run_id, session_command::Action::Pause).await;
+    released(&client, &run_id, RunState::Paused).await;
     let provider = E2bProvider::new(e2b_config(&emulator)).expect("provider");
     let mut labels = Labels::new();
     labels.insert(LABEL_RUN_ID.into(), run_id.clone());
@@ -202,7 +148,7 @@ async fn a_daytona_sandbox_gone_410_is_replaced_and_a_stop_between_turns_deletes
         third.reason
     );
 
-    stop(&client, &run_id).await;
+    stop_run(&client, &run_id, "done").await;
     let ended = env.wait_terminal(&client, &run_id, LIMIT).await;
     assert_eq!(ended.state(), RunState::Stopped);
     assert!(
@@ -271,33 +217,10 @@ async fn orphan_chaos_against_e2b_ends_in_exact_agreement() {
 
     let provider: Arc<dyn Provider> =
         Arc::new(E2bProvider::new(e2b_config(&emulator)).expect("provider"));
-    let mut labels = Labels::new();
-    labels.insert(LABEL_DEPLOYMENT.into(), env.prefix.clone());
     let (sandboxes, live) = eventually(
         "E2B and the records agree",
         Duration::from_secs(120),
-        || async {
-            let sandboxes = provider.list(&labels).await.ok()?;
-            let (_, live) = client
-                .sweep(&corral_proto::v1::SweepRequest {
-                    include_live: true,
-                    ..Default::default()
-                })
-                .await
-                .ok()?;
-            let listed: HashSet<&str> = sandboxes.iter().map(|s| s.id.as_str()).collect();
-            let claimed: HashSet<&str> = live.iter().map(|r| r.sandbox_id.as_str()).collect();
-            let orphans = sandboxes
-                .iter()
-                .filter(|s| !claimed.contains(s.id.as_str()))
-                .count();
-            let missing = live
-                .iter()
-                .filter(|r| r.state() != RunState::Pending)
-                .filter(|r| r.sandbox_id.is_empty() || !listed.contains(r.sandbox_id.as_str()))
-                .count();
-            (orphans == 0 && missing == 0).then_some((sandboxes, live))
-        },
+        || provider_and_records_agree(&client, provider.as_ref(), &env.prefix),
     )
     .await;
     println!(

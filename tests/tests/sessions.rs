@@ -6,62 +6,13 @@
 use std::time::Duration;
 
 use corral_client::Client;
-use corral_proto::v1::{
-    AgentEvent, ContinueCommand, CostRequest, Run, RunCommand, RunState, SessionCommand,
-    StopCommand, agent_event, session_command,
-};
+use corral_proto::v1::{AgentEvent, CostRequest, RunState, agent_event, session_command};
 use corral_provider::{LABEL_RUN_ID, Labels, LocalProvider, Provider};
+use corral_tests::sessions::{continue_run, idle_after, released, session, stop_run};
 use corral_tests::{TestEnv, eventually};
 use prost::Message;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn kept(env: &TestEnv, argv: &[&str]) -> RunCommand {
-    let mut command = env.command(argv);
-    let spec = command.spec.as_mut().expect("spec");
-    spec.keep_alive = true;
-    command
-}
-
-/// Waits until the run has finished turn `turn` and nobody holds it.
-async fn idle_after(client: &Client, run_id: &str, turn: u32) -> Run {
-    eventually(
-        &format!("run {run_id} idle after turn {turn}"),
-        LIMIT,
-        || async {
-            let run = client.get(run_id).await.ok()?;
-            assert!(
-                !run.state().is_terminal(),
-                "run {run_id} ended {} ({}) instead of going idle",
-                run.state().name(),
-                run.reason
-            );
-            (run.state() == RunState::Idle && run.turn >= turn && run.owner.is_empty())
-                .then_some(run)
-        },
-    )
-    .await
-}
-
-async fn continue_run(client: &Client, run_id: &str, argv: &[&str]) {
-    let command = ContinueCommand {
-        run_id: run_id.to_owned(),
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        requested_by: "test".into(),
-        submitted_at_ms: corral_common::now_ms(),
-    };
-    client.continue_run(&command).await.expect("continue");
-}
-
-async fn session(client: &Client, run_id: &str, action: session_command::Action) {
-    let command = SessionCommand {
-        run_id: run_id.to_owned(),
-        action: action as i32,
-        requested_by: "test".into(),
-        requested_at_ms: corral_common::now_ms(),
-    };
-    client.session(&command).await.expect("session command");
-}
 
 /// Every output line the run's agents wrote, in order.
 async fn output(env: &TestEnv, run_id: &str) -> Vec<String> {
@@ -95,13 +46,7 @@ fn read_pid(env: &TestEnv, sandbox_id: &str) -> i32 {
 /// Stops a kept run between turns: it ends `stopped` with the stop's
 /// reason, and its background process `pid` (even a frozen one) is gone.
 async fn stop_and_check(env: &TestEnv, client: &Client, run_id: &str, pid: i32) {
-    let stop = StopCommand {
-        run_id: run_id.to_owned(),
-        reason: "user left".into(),
-        requested_by: "test".into(),
-        requested_at_ms: corral_common::now_ms(),
-    };
-    client.stop(&stop).await.expect("stop");
+    stop_run(client, run_id, "user left").await;
     let ended = env.wait_terminal(client, run_id, LIMIT).await;
     assert_eq!(ended.state(), RunState::Stopped);
     assert_eq!(ended.reason, "user left");
@@ -120,14 +65,11 @@ async fn a_continued_turn_runs_in_the_same_sandbox_with_the_session_id() {
 
     // Turn 1 writes a file, reports a session id (as an agent does, on its
     // events subject), and waits for the test's go-ahead to exit.
-    let command = kept(
-        &env,
-        &[
-            "sh",
-            "-c",
-            "echo one > notes.txt; echo ready; while [ ! -f go ]; do sleep 0.02; done",
-        ],
-    );
+    let command = env.kept(&[
+        "sh",
+        "-c",
+        "echo one > notes.txt; echo ready; while [ ! -f go ]; do sleep 0.02; done",
+    ]);
     let run_id = command.run_id.clone();
     client.start_run(&command).await.expect("start");
     let running = env.wait_state(&client, &run_id, RunState::Running).await;
@@ -209,13 +151,7 @@ async fn a_continued_turn_runs_in_the_same_sandbox_with_the_session_id() {
     assert!(dlq.contains("idle or paused"), "{dlq}");
 
     // A stop ends the running turn, and the run: a stopped run has no sandbox.
-    let stop = StopCommand {
-        run_id: run_id.clone(),
-        reason: "done".into(),
-        requested_by: "test".into(),
-        requested_at_ms: corral_common::now_ms(),
-    };
-    client.stop(&stop).await.expect("stop");
+    stop_run(&client, &run_id, "done").await;
     let ended = env.wait_terminal(&client, &run_id, LIMIT).await;
     assert_eq!(ended.state(), RunState::Stopped);
     assert!(!provider.work_dir(&running.sandbox_id).exists());
@@ -233,10 +169,7 @@ async fn pause_freezes_the_sandbox_and_continue_resumes_it() {
     let client = env.client().await;
 
     // A background process that outlives the turn, as a dev server would.
-    let command = kept(
-        &env,
-        &["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $! > bg.pid"],
-    );
+    let command = env.kept(&["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $! > bg.pid"]);
     let run_id = command.run_id.clone();
     client.start_run(&command).await.expect("start");
     let idle = idle_after(&client, &run_id, 1).await;
@@ -248,11 +181,7 @@ async fn pause_freezes_the_sandbox_and_continue_resumes_it() {
     );
 
     session(&client, &run_id, session_command::Action::Pause).await;
-    let paused = eventually("the run is paused and released", LIMIT, || async {
-        let run = client.get(&run_id).await.ok()?;
-        (run.state() == RunState::Paused && run.owner.is_empty()).then_some(run)
-    })
-    .await;
+    let paused = released(&client, &run_id, RunState::Paused).await;
     assert!(paused.paused_at_ms > 0);
     assert_eq!(proc_state(pid), Some('T'), "paused means frozen");
 
@@ -267,11 +196,7 @@ async fn pause_freezes_the_sandbox_and_continue_resumes_it() {
 
     // Pause and resume by hand, without a turn.
     session(&client, &run_id, session_command::Action::Pause).await;
-    eventually("paused again", LIMIT, || async {
-        let run = client.get(&run_id).await.ok()?;
-        (run.state() == RunState::Paused && run.owner.is_empty()).then_some(())
-    })
-    .await;
+    released(&client, &run_id, RunState::Paused).await;
     session(&client, &run_id, session_command::Action::Resume).await;
     let resumed = idle_after(&client, &run_id, 2).await;
     assert_ne!(proc_state(pid), Some('T'), "resume thaws it");
@@ -294,20 +219,13 @@ async fn the_reaper_pauses_a_run_idle_past_its_window() {
     let reaper = env.start_reaper_with(env.reaper_config()).await;
     let client = env.client().await;
 
-    let mut command = kept(
-        &env,
-        &["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $! > bg.pid"],
-    );
+    let mut command = env.kept(&["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $! > bg.pid"]);
     command.spec.as_mut().expect("spec").idle_pause_secs = 1;
     let run_id = command.run_id.clone();
     client.start_run(&command).await.expect("start");
     let idle = idle_after(&client, &run_id, 1).await;
     let pid = read_pid(&env, &idle.sandbox_id);
-    let paused = eventually("the reaper pauses the idle run", LIMIT, || async {
-        let run = client.get(&run_id).await.ok()?;
-        (run.state() == RunState::Paused && run.owner.is_empty()).then_some(run)
-    })
-    .await;
+    let paused = released(&client, &run_id, RunState::Paused).await;
     let idle_for = paused.paused_at_ms - paused.idle_at_ms;
     assert!(
         idle_for >= 1000,
@@ -329,7 +247,7 @@ async fn a_sandbox_killed_behind_corrals_back_is_replaced_once_and_the_session_c
     let spawner = env.start_spawner().await;
     let client = env.client().await;
 
-    let command = kept(&env, &["sh", "-c", "echo one > notes.txt"]);
+    let command = env.kept(&["sh", "-c", "echo one > notes.txt"]);
     let run_id = command.run_id.clone();
     client.start_run(&command).await.expect("start");
     let idle = idle_after(&client, &run_id, 1).await;
@@ -397,13 +315,7 @@ async fn a_sandbox_killed_behind_corrals_back_is_replaced_once_and_the_session_c
     let sandboxes = other.list(&labels).await.expect("list");
     assert_eq!(sandboxes.len(), 1, "one sandbox for the run: {sandboxes:?}");
     pool.close().await;
-    let stop = StopCommand {
-        run_id: run_id.clone(),
-        reason: "done".into(),
-        requested_by: "test".into(),
-        requested_at_ms: corral_common::now_ms(),
-    };
-    client.stop(&stop).await.expect("stop");
+    stop_run(&client, &run_id, "done").await;
     env.wait_terminal(&client, &run_id, LIMIT).await;
     assert!(other.list(&labels).await.expect("list").is_empty());
 
@@ -421,31 +333,19 @@ async fn cost_matches_the_recorded_intervals() {
 
     // A real session through every billed state: booting, running, idle,
     // paused, running, idle, then stopped.
-    let mut command = kept(&env, &["true"]);
+    let mut command = env.kept(&["true"]);
     let spec = command.spec.as_mut().expect("spec");
     spec.labels.insert("team".into(), "cost-test".into());
     let run_id = command.run_id.clone();
     client.start_run(&command).await.expect("start");
     idle_after(&client, &run_id, 1).await;
     session(&client, &run_id, session_command::Action::Pause).await;
-    eventually("paused", LIMIT, || async {
-        let run = client.get(&run_id).await.ok()?;
-        (run.state() == RunState::Paused && run.owner.is_empty()).then_some(())
-    })
-    .await;
+    released(&client, &run_id, RunState::Paused).await;
     continue_run(&client, &run_id, &["true"]).await;
     idle_after(&client, &run_id, 2).await;
     let live = client.get(&run_id).await.expect("get");
     assert!(live.cost_usd > 0.0, "an idle run accrues cost");
-    client
-        .stop(&StopCommand {
-            run_id: run_id.clone(),
-            reason: "done".into(),
-            requested_by: "test".into(),
-            requested_at_ms: corral_common::now_ms(),
-        })
-        .await
-        .expect("stop");
+    stop_run(&client, &run_id, "done").await;
     env.wait_terminal(&client, &run_id, LIMIT).await;
 
     // Script the history: rewrite each transition's time to a known offset,
@@ -560,7 +460,7 @@ async fn a_spawner_shutting_down_interrupts_the_turn_and_keeps_the_session() {
     let spawner = env.start_spawner_with(config).await;
     let client = env.client().await;
 
-    let command = kept(&env, &["sh", "-c", "echo one > notes.txt; sleep 300"]);
+    let command = env.kept(&["sh", "-c", "echo one > notes.txt; sleep 300"]);
     let run_id = command.run_id.clone();
     client.start_run(&command).await.expect("start");
     let running = env.wait_state(&client, &run_id, RunState::Running).await;
@@ -584,15 +484,7 @@ async fn a_spawner_shutting_down_interrupts_the_turn_and_keeps_the_session() {
         (after.sandbox_id.as_str(), after.exit_code),
         (running.sandbox_id.as_str(), Some(0))
     );
-    client
-        .stop(&StopCommand {
-            run_id: run_id.clone(),
-            reason: "done".into(),
-            requested_by: "test".into(),
-            requested_at_ms: corral_common::now_ms(),
-        })
-        .await
-        .expect("stop");
+    stop_run(&client, &run_id, "done").await;
     env.wait_terminal(&client, &run_id, LIMIT).await;
 
     spawner.stop().await;

@@ -109,9 +109,7 @@ pub(crate) async fn consume(
                             }
                             None => {}
                         }
-                        if let Ok(mut active) = spawner.active.lock() {
-                            active.remove(&run_id);
-                        }
+                        spawner.deactivate(&run_id);
                         drop(permit);
                     }
                     .in_current_span(),
@@ -151,23 +149,10 @@ async fn dispatch(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Optio
 /// Decides a run command; returns the run to supervise when this spawner
 /// claimed it.
 async fn handle(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Option<supervisor::Start> {
-    let command = match RunCommand::decode(message.payload.clone()) {
-        Ok(command) => command,
-        Err(err) => {
-            dead_letter(
-                spawner,
-                message,
-                &format!("payload did not decode as RunCommand: {err}"),
-            )
-            .await;
-            return None;
-        }
-    };
-    tracing::Span::current().record("run_id", command.run_id.as_str());
-    if let Err(reason) = corral_proto::validate::run_command(&command) {
-        dead_letter(spawner, message, &reason).await;
-        return None;
-    }
+    let command: RunCommand = accept(spawner, message, corral_proto::validate::run_command, |c| {
+        &c.run_id
+    })
+    .await?;
     let provider = command
         .spec
         .as_ref()
@@ -178,21 +163,12 @@ async fn handle(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Option<
         dead_letter(spawner, message, &reason).await;
         return None;
     }
-    let fresh = spawner
-        .active
-        .lock()
-        .map(|mut active| active.insert(command.run_id.clone()))
-        .unwrap_or(false);
-    if !fresh {
+    if !spawner.activate(&command.run_id) {
         // A redelivery while this spawner already runs it.
         let _ = message.ack().await;
         return None;
     }
-    let forget = || {
-        if let Ok(mut active) = spawner.active.lock() {
-            active.remove(&command.run_id);
-        }
-    };
+    let forget = || spawner.deactivate(&command.run_id);
     let deliveries = message.info().map(|i| i.delivered).unwrap_or(1);
     match spawner.client.claim(&command, &spawner.id).await {
         Ok((Outcome::Claimed, run)) => {
@@ -222,6 +198,34 @@ async fn handle(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Option<
             None
         }
     }
+}
+
+/// Decodes a command and checks it with `validate`; a command that fails
+/// either is dead-lettered with the reason, and `None` returned.
+pub(crate) async fn accept<T: Message + Default>(
+    spawner: &Spawner,
+    message: &jetstream::Message,
+    validate: impl Fn(&T) -> Result<(), String>,
+    run_id: impl Fn(&T) -> &str,
+) -> Option<T> {
+    let command = match T::decode(message.payload.clone()) {
+        Ok(command) => command,
+        Err(err) => {
+            let name = std::any::type_name::<T>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("a command");
+            let reason = format!("payload did not decode as {name}: {err}");
+            dead_letter(spawner, message, &reason).await;
+            return None;
+        }
+    };
+    tracing::Span::current().record("run_id", run_id(&command));
+    if let Err(reason) = validate(&command) {
+        dead_letter(spawner, message, &reason).await;
+        return None;
+    }
+    Some(command)
 }
 
 /// Redelivery delay after `deliveries` failed attempts: 250 ms doubling, at most 30 s.

@@ -89,6 +89,20 @@ impl Spawner {
     pub fn owned(&self) -> usize {
         self.active.lock().map(|a| a.len()).unwrap_or(0)
     }
+
+    /// Marks the run as handled by this instance; false if it already was.
+    pub fn activate(&self, run_id: &str) -> bool {
+        self.active
+            .lock()
+            .map(|mut active| active.insert(run_id.to_owned()))
+            .unwrap_or(false)
+    }
+
+    pub fn deactivate(&self, run_id: &str) {
+        if let Ok(mut active) = self.active.lock() {
+            active.remove(run_id);
+        }
+    }
 }
 
 /// Runs the spawner until `shutdown` is cancelled. Then it takes no new

@@ -18,10 +18,9 @@ use corral_proto::v1::{
     tracker_error::Code,
 };
 use corral_provider::ProviderError;
-use prost::Message;
 
 use crate::Spawner;
-use crate::consumer::{backoff, dead_letter};
+use crate::consumer::{accept, backoff, dead_letter};
 use crate::supervisor::Turn;
 
 fn retry_policy() -> ExponentialBuilder {
@@ -37,25 +36,9 @@ pub(crate) async fn handle_continue(
     spawner: &Arc<Spawner>,
     message: &jetstream::Message,
 ) -> Option<Turn> {
-    let command = match ContinueCommand::decode(message.payload.clone()) {
-        Ok(command) => command,
-        Err(err) => {
-            let reason = format!("payload did not decode as ContinueCommand: {err}");
-            dead_letter(spawner, message, &reason).await;
-            return None;
-        }
-    };
-    tracing::Span::current().record("run_id", command.run_id.as_str());
-    if let Err(reason) = corral_proto::validate::continue_command(&command) {
-        dead_letter(spawner, message, &reason).await;
-        return None;
-    }
-    let fresh = spawner
-        .active
-        .lock()
-        .map(|mut active| active.insert(command.run_id.clone()))
-        .unwrap_or(false);
-    if !fresh {
+    let validate = corral_proto::validate::continue_command;
+    let command: ContinueCommand = accept(spawner, message, validate, |c| &c.run_id).await?;
+    if !spawner.activate(&command.run_id) {
         // This spawner runs a turn of it right now: the run is not idle.
         let reason = format!(
             "run {} is running a turn: continue applies to an idle or paused kept run",
@@ -71,9 +54,7 @@ pub(crate) async fn handle_continue(
             Some(Turn { command, run, from })
         }
         Err(err) => {
-            if let Ok(mut active) = spawner.active.lock() {
-                active.remove(&command.run_id);
-            }
+            spawner.deactivate(&command.run_id);
             refuse(spawner, message, &command.run_id, "continue", err).await;
             None
         }
@@ -82,19 +63,11 @@ pub(crate) async fn handle_continue(
 
 /// Pause, resume or end a kept run between turns.
 pub(crate) async fn handle_session(spawner: &Arc<Spawner>, message: &jetstream::Message) {
-    let command = match SessionCommand::decode(message.payload.clone()) {
-        Ok(command) => command,
-        Err(err) => {
-            let reason = format!("payload did not decode as SessionCommand: {err}");
-            dead_letter(spawner, message, &reason).await;
-            return;
-        }
-    };
-    tracing::Span::current().record("run_id", command.run_id.as_str());
-    if let Err(reason) = corral_proto::validate::session_command(&command) {
-        dead_letter(spawner, message, &reason).await;
+    let validate = corral_proto::validate::session_command;
+    let Some(command) = accept::<SessionCommand>(spawner, message, validate, |c| &c.run_id).await
+    else {
         return;
-    }
+    };
     let run_id = command.run_id.as_str();
     let actor = actor_of(&command, &spawner.actor);
     let outcome = match command.action() {
