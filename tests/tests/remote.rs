@@ -215,6 +215,20 @@ async fn orphan_chaos_against_e2b_ends_in_exact_agreement() {
         spawner = env.spawn_service_process("spawner", &spawner_env);
     }
 
+    // The survivors: runs the last spawner takes, still losing a create
+    // answer, must end up running in exactly one sandbox each.
+    emulator.faults().lose_next_creates(1);
+    let mut survivors = Vec::new();
+    for _ in 0..4 {
+        let mut command = env.command(&["sleep", "300"]);
+        command.spec.as_mut().expect("spec").provider = "e2b".into();
+        client.start_run(&command).await.expect("start");
+        survivors.push(command.run_id);
+    }
+    for run_id in &survivors {
+        env.wait_state(&client, run_id, RunState::Running).await;
+    }
+
     let provider: Arc<dyn Provider> =
         Arc::new(E2bProvider::new(e2b_config(&emulator)).expect("provider"));
     let (sandboxes, live) = eventually(
@@ -223,12 +237,36 @@ async fn orphan_chaos_against_e2b_ends_in_exact_agreement() {
         || provider_and_records_agree(&client, provider.as_ref(), &env.prefix),
     )
     .await;
+    let pool = env.pool().await;
+    let outcomes: Vec<(String, String)> = sqlx::query_as("SELECT state, reason FROM runs")
+        .fetch_all(&pool)
+        .await
+        .expect("runs");
+    pool.close().await;
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for (state, reason) in &outcomes {
+        let key = if reason.is_empty() {
+            state.clone()
+        } else {
+            format!("{state} ({reason})")
+        };
+        *counts.entry(key).or_default() += 1;
+    }
     println!(
-        "e2b orphan chaos: {} runs submitted over {rounds} rounds, {} sandboxes created at E2B; {} listed, {} live runs, 0 orphans, 0 live runs without a sandbox",
+        "e2b orphan chaos: {} runs submitted over {rounds} rounds (+4 survivors), {} sandboxes created at E2B; {} listed, {} live runs, 0 orphans, 0 live runs without a sandbox; outcomes {counts:?}",
         submitted.len(),
         emulator.created(),
         sandboxes.len(),
         live.len()
+    );
+    assert!(
+        sandboxes.len() >= survivors.len(),
+        "the survivors hold their sandboxes"
+    );
+    assert_eq!(
+        emulator.sandbox_ids().len(),
+        sandboxes.len(),
+        "E2B's own view (not only its listing) holds no orphan"
     );
     assert!(
         emulator.created() > sandboxes.len(),
