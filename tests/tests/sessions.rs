@@ -491,3 +491,32 @@ async fn a_spawner_shutting_down_interrupts_the_turn_and_keeps_the_session() {
     tracker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_turn_killed_outright_fails_the_turn_not_the_session() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner().await;
+    let client = env.client().await;
+
+    // SIGKILL with nobody having asked (as a CPU limit does).
+    let command = env.kept(&["sh", "-c", "echo one > notes.txt; kill -9 $$"]);
+    let run_id = command.run_id.clone();
+    client.start_run(&command).await.expect("start");
+    let idle = idle_after(&client, &run_id, 1).await;
+    assert_eq!(idle.exit_code, Some(137));
+    assert!(idle.reason.contains("signal 9"), "{}", idle.reason);
+
+    continue_run(&client, &run_id, &["cat", "notes.txt"]).await;
+    let after = idle_after(&client, &run_id, 2).await;
+    assert_eq!(
+        (after.sandbox_id.as_str(), after.exit_code),
+        (idle.sandbox_id.as_str(), Some(0))
+    );
+    stop_run(&client, &run_id, "done").await;
+    env.wait_terminal(&client, &run_id, LIMIT).await;
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}

@@ -351,10 +351,14 @@ impl Supervisor {
                 return;
             }
         };
+        let killed = matches!(ending, Ending::Exited(ExitStatus::Signal(s)) if s == libc::SIGKILL);
+        // A kept run's turn killed with the run going on (a resource limit)
+        // fails the turn, not the session.
+        let session_goes_on = kept && killed && self.goes_on().await;
         match ending {
             // Killed by someone else (the reaper, an operator): let the
             // record say why, if it knows.
-            Ending::Exited(ExitStatus::Signal(signal)) if signal == libc::SIGKILL => {
+            Ending::Exited(_) if killed && !session_goes_on => {
                 let err = ClientError::Invalid("the agent was killed with SIGKILL".into());
                 self.refused(err).await;
             }
@@ -380,6 +384,20 @@ impl Supervisor {
             }
             ending => self.end_as(ending).await,
         }
+    }
+
+    /// Whether the record lets the run go on: not ended, no stop asked, its
+    /// deadline ahead.
+    async fn goes_on(&self) -> bool {
+        self.spawner
+            .client
+            .get(&self.run_id)
+            .await
+            .is_ok_and(|run| {
+                !run.state().is_terminal()
+                    && run.stop_requested_at_ms == 0
+                    && (run.deadline_at_ms == 0 || run.deadline_at_ms > corral_common::now_ms())
+            })
     }
 
     /// A kept run's turn is over: `running -> idle`, the sandbox stays, the
