@@ -214,11 +214,14 @@ impl Reaper {
     /// work queue, holding the run while they call the provider, so a
     /// continue racing the pause never finds its agent frozen).
     async fn request_pause(&self, run: &Run) -> bool {
+        // One request per idle period: stamped with the moment the run went
+        // idle, the same request from later sweeps (while spawners are slow
+        // or down) is dropped by the stream's de-duplication.
         let pause = SessionCommand {
             run_id: run.run_id.clone(),
             action: session_command::Action::Pause as i32,
             requested_by: self.actor.clone(),
-            requested_at_ms: corral_common::now_ms(),
+            requested_at_ms: run.idle_at_ms,
         };
         match self.client.session(&pause).await {
             Ok(()) => {
