@@ -44,6 +44,9 @@ const END_STREAM_FLAG: u8 = 0x02;
 const COMPRESSED_FLAG: u8 = 0x01;
 const LIST_PAGE: usize = 100;
 
+/// The longest sandbox timeout E2B accepts (its Pro plan's 24 hours).
+const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+
 /// Where and how to reach E2B. Defaults are E2B's public cloud; the API key
 /// comes from the environment ([`E2bConfig::with_env_api_key`]), not a file.
 #[derive(Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
@@ -380,10 +383,13 @@ impl Provider for E2bProvider {
     }
 
     async fn create(&self, spec: &CreateSpec) -> Result<SandboxInfo, ProviderError> {
+        // E2B refuses a timeout above its plan's limit (24 h at most); a
+        // kept session that lives longer is paused (or replaced) before.
         let timeout = match spec.lifetime_secs {
             0 => self.config.timeout_secs,
             secs => secs,
-        };
+        }
+        .min(MAX_TIMEOUT_SECS);
         let body = json!({
             "templateID": self.config.template,
             "timeout": timeout,
