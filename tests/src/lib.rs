@@ -381,6 +381,27 @@ impl TestEnv {
         }
     }
 
+    /// How many runs ended up in each state, with the reason when there is
+    /// one (`failed (owner_lost)`), for a test's summary line.
+    pub async fn outcome_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        let pool = self.pool().await;
+        let outcomes: Vec<(String, String)> = sqlx::query_as("SELECT state, reason FROM runs")
+            .fetch_all(&pool)
+            .await
+            .expect("runs");
+        pool.close().await;
+        let mut counts = std::collections::BTreeMap::new();
+        for (state, reason) in outcomes {
+            let key = if reason.is_empty() {
+                state
+            } else {
+                format!("{state} ({reason})")
+            };
+            *counts.entry(key).or_default() += 1;
+        }
+        counts
+    }
+
     /// A command for a kept run (`keep_alive`) of `argv` with a fresh id.
     pub fn kept(&self, argv: &[&str]) -> RunCommand {
         let mut command = self.command(argv);

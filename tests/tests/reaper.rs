@@ -1,7 +1,6 @@
 //! Deadlines, silent agents, dead owners, failover and orphan chaos: real
 //! processes, real NATS and PostgreSQL.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
@@ -335,22 +334,7 @@ async fn orphan_chaos_leaves_the_provider_and_the_records_in_exact_agreement() {
     )
     .await;
 
-    let pool = env.pool().await;
-    let outcomes: Vec<(String, String)> = sqlx::query_as("SELECT state, reason FROM runs")
-        .fetch_all(&pool)
-        .await
-        .expect("runs");
-    pool.close().await;
-    let mut counts = BTreeMap::<String, usize>::new();
-    for (state, reason) in &outcomes {
-        *counts
-            .entry(if reason.is_empty() {
-                state.clone()
-            } else {
-                format!("{state} ({reason})")
-            })
-            .or_default() += 1;
-    }
+    let counts = env.outcome_counts().await;
     println!(
         "orphan chaos: {} runs submitted over {rounds} rounds; {} sandboxes listed, {} live runs, 0 orphans, 0 live runs without a sandbox; outcomes {counts:?}",
         submitted.len(),

@@ -237,21 +237,7 @@ async fn orphan_chaos_against_e2b_ends_in_exact_agreement() {
         || provider_and_records_agree(&client, provider.as_ref(), &env.prefix),
     )
     .await;
-    let pool = env.pool().await;
-    let outcomes: Vec<(String, String)> = sqlx::query_as("SELECT state, reason FROM runs")
-        .fetch_all(&pool)
-        .await
-        .expect("runs");
-    pool.close().await;
-    let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    for (state, reason) in &outcomes {
-        let key = if reason.is_empty() {
-            state.clone()
-        } else {
-            format!("{state} ({reason})")
-        };
-        *counts.entry(key).or_default() += 1;
-    }
+    let counts = env.outcome_counts().await;
     println!(
         "e2b orphan chaos: {} runs submitted over {rounds} rounds (+4 survivors), {} sandboxes created at E2B; {} listed, {} live runs, 0 orphans, 0 live runs without a sandbox; outcomes {counts:?}",
         submitted.len(),
