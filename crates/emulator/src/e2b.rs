@@ -38,8 +38,8 @@ use crate::sandboxes::{Lookup, Sandbox, Sandboxes};
 /// E2B's timeout when a create names none, seconds.
 const DEFAULT_TIMEOUT_SECS: u64 = 15;
 const END_STREAM: u8 = 0x02;
-/// Synthetic pids (for commands that ended before their group was found)
-/// count down from here, far above real pids.
+/// Synthetic pids (for a command whose process reports no pid) count down
+/// from here, far above real pids.
 const SYNTHETIC_PIDS: u32 = u32::MAX / 2;
 
 /// An emulated E2B, stopped when dropped.
@@ -110,7 +110,7 @@ struct E2bSandbox {
 }
 
 struct Command {
-    /// The process group, if it was found before the command ended.
+    /// The process group the command runs in.
     pgid: Option<i32>,
     process: Arc<Process>,
 }
