@@ -73,16 +73,9 @@ impl Default for DaytonaConfig {
 }
 
 impl DaytonaConfig {
-    /// The defaults with the key from `DAYTONA_API_KEY`.
-    pub fn from_env() -> DaytonaConfig {
-        DaytonaConfig::default().with_env_api_key()
-    }
-
     /// Fills an empty `api_key` from `DAYTONA_API_KEY`.
     pub fn with_env_api_key(mut self) -> DaytonaConfig {
-        if self.api_key.is_empty() {
-            self.api_key = std::env::var("DAYTONA_API_KEY").unwrap_or_default();
-        }
+        self.api_key = remote::key_or_env(self.api_key, "DAYTONA_API_KEY");
         self
     }
 }
@@ -92,14 +85,7 @@ impl fmt::Debug for DaytonaConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DaytonaConfig")
             .field("api_url", &self.api_url)
-            .field(
-                "api_key",
-                &if self.api_key.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
+            .field("api_key", &remote::redacted(&self.api_key))
             .field("snapshot", &self.snapshot)
             .field("cpu", &self.cpu)
             .field("memory_gib", &self.memory_gib)

@@ -81,16 +81,9 @@ impl Default for E2bConfig {
 }
 
 impl E2bConfig {
-    /// The defaults with the key from `E2B_API_KEY`.
-    pub fn from_env() -> E2bConfig {
-        E2bConfig::default().with_env_api_key()
-    }
-
     /// Fills an empty `api_key` from `E2B_API_KEY`.
     pub fn with_env_api_key(mut self) -> E2bConfig {
-        if self.api_key.is_empty() {
-            self.api_key = std::env::var("E2B_API_KEY").unwrap_or_default();
-        }
+        self.api_key = remote::key_or_env(self.api_key, "E2B_API_KEY");
         self
     }
 }
@@ -100,14 +93,7 @@ impl fmt::Debug for E2bConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("E2bConfig")
             .field("api_url", &self.api_url)
-            .field(
-                "api_key",
-                &if self.api_key.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
+            .field("api_key", &remote::redacted(&self.api_key))
             .field("template", &self.template)
             .field("envd_url", &self.envd_url)
             .field("timeout_secs", &self.timeout_secs)

@@ -60,6 +60,20 @@ pub(crate) fn check_url(provider: &str, field: &str, url: &str) -> Result<(), Pr
     }
 }
 
+/// `key`, or when it is empty the value of the environment variable `var`.
+pub(crate) fn key_or_env(key: String, var: &str) -> String {
+    if key.is_empty() {
+        std::env::var(var).unwrap_or_default()
+    } else {
+        key
+    }
+}
+
+/// What a `Debug` of a configuration shows for an API key.
+pub(crate) fn redacted(key: &str) -> &'static str {
+    if key.is_empty() { "" } else { "<redacted>" }
+}
+
 /// A sandbox id as it goes into a URL path: ids are plain tokens, and
 /// anything else would address another resource.
 pub(crate) fn path_id<'a>(provider: &str, sandbox_id: &'a str) -> Result<&'a str, ProviderError> {
