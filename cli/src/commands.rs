@@ -96,6 +96,10 @@ pub struct RunArgs {
     /// Resource class: the row of the tracker's price table the run is billed at (default: default).
     #[arg(long, value_name = "CLASS")]
     resource_class: Option<String>,
+    /// The sandbox's network with the local provider: host (the machine's; agents reach package
+    /// registries and event ingest) or none (loopback only) [default: the spawner's local.network].
+    #[arg(long, value_name = "NET", value_parser = ["host", "none"])]
+    network: Option<String>,
     /// With --wait, give up waiting after this many seconds (the run goes on).
     #[arg(long, value_name = "SECS")]
     wait_timeout: Option<u64>,
@@ -121,6 +125,7 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<ExitCode> {
             idle_pause_secs: args.idle_pause.unwrap_or(0),
             max_lifetime_secs: args.max_lifetime.unwrap_or(0),
             resource_class: args.resource_class.unwrap_or_default(),
+            network: args.network.unwrap_or_default(),
         }),
         requested_by: who(),
         submitted_at_ms: corral_common::now_ms(),

@@ -126,6 +126,11 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     let mut spawner = spawner;
     spawner.token_secret = secret.clone();
     ingest.token_secret = secret;
+    // The demo's agent is this binary: an isolated sandbox sees it read-only
+    // at the same path (a sandbox sees no host path it is not given).
+    if let Ok(exe) = std::env::current_exe() {
+        spawner.local.binds.push(exe.to_string_lossy().into_owned());
+    }
     // Agents reach the ingest this process runs, unless told otherwise.
     if spawner.events_url == corral_spawner::Config::default().events_url {
         spawner.events_url = format!("http://{}", ingest.listen.replace("0.0.0.0", "127.0.0.1"));

@@ -67,6 +67,12 @@ pub fn run_command(command: &RunCommand) -> Result<(), String> {
             spec.resource_class
         ));
     }
+    if !matches!(spec.network.as_str(), "" | "host" | "none") {
+        return Err(format!(
+            "spec.network {:?} is invalid: use host or none",
+            spec.network
+        ));
+    }
     for key in spec.env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
             return Err(format!("spec.env has an invalid variable name {key:?}"));
@@ -225,6 +231,10 @@ mod tests {
             (
                 with(|s| s.resource_class = "Big!".into()),
                 "spec.resource_class",
+            ),
+            (
+                with(|s| s.network = "bridge".into()),
+                "spec.network",
             ),
         ];
         for (command, expected) in cases {

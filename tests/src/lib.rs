@@ -159,6 +159,13 @@ impl TestEnv {
         }
     }
 
+    /// The local provider of this test's sandboxes (as its spawners and
+    /// reapers have it), to list, inspect and kill them from the test.
+    pub fn local_provider(&self) -> corral_provider::LocalProvider {
+        corral_provider::LocalProvider::new(&self.home, &corral_provider::LocalConfig::default())
+            .expect("the local provider should open the test's sandbox directory")
+    }
+
     pub fn tracker_config(&self) -> corral_tracker::Config {
         corral_tracker::Config {
             nats_url: self.nats_url.clone(),

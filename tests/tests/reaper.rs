@@ -240,7 +240,7 @@ async fn a_standby_reaper_takes_over_when_the_leader_dies() {
     let killed_at = Instant::now();
 
     // An orphan appears: only a sweeping reaper removes it.
-    let provider = LocalProvider::new(&env.home).expect("provider");
+    let provider = env.local_provider();
     let mut labels = Labels::new();
     labels.insert(LABEL_RUN_ID.into(), "no-such-run".into());
     labels.insert(LABEL_DEPLOYMENT.into(), env.prefix.clone());
@@ -326,7 +326,7 @@ async fn orphan_chaos_leaves_the_provider_and_the_records_in_exact_agreement() {
 
     // Quiet: after reconciliation every sandbox is claimed by a live run and
     // every live run that should hold a sandbox holds a listed one.
-    let provider = LocalProvider::new(&env.home).expect("provider");
+    let provider = env.local_provider();
     let (sandboxes, live) = eventually(
         "provider and records agree",
         Duration::from_secs(90),

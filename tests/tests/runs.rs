@@ -63,7 +63,7 @@ async fn a_run_that_prints_and_exits_zero_completes_with_its_output_events() {
     assert_eq!(lifecycle.len(), 4, "pending, booting, running, completed");
 
     // The sandbox is gone once the run is terminal.
-    let provider = LocalProvider::new(&env.home).expect("provider");
+    let provider = env.local_provider();
     assert!(
         provider
             .list(&Labels::new())
@@ -318,7 +318,7 @@ async fn a_spawner_restarted_after_sigkill_can_list_and_kill_the_sandboxes_the_k
     );
 
     // What a restarted spawner (or the reaper) sees: the same directory.
-    let restarted = LocalProvider::new(&env.home).expect("provider");
+    let restarted = env.local_provider();
     let mut labels = Labels::new();
     labels.insert(LABEL_DEPLOYMENT.into(), env.prefix.clone());
     let left = restarted.list(&labels).await.expect("list");

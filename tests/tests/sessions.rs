@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use corral_client::Client;
 use corral_proto::v1::{AgentEvent, CostRequest, RunState, agent_event, session_command};
-use corral_provider::{LABEL_RUN_ID, Labels, LocalProvider, Provider};
+use corral_provider::local::{is_alive, is_paused};
+use corral_provider::{LABEL_RUN_ID, Labels, Provider};
 use corral_tests::sessions::{continue_run, idle_after, released, session, stop_run};
 use corral_tests::{TestEnv, eventually};
 use prost::Message;
@@ -27,20 +28,25 @@ async fn output(env: &TestEnv, run_id: &str) -> Vec<String> {
         .collect()
 }
 
-/// The scheduler state of a process (`T` = stopped).
-fn proc_state(pid: i32) -> Option<char> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    text[text.rfind(')')? + 1..].trim_start().chars().next()
-}
 
+/// The background process the agent wrote to `bg.pid`, as a pid on this
+/// machine (the agent saw its sandbox's own pid numbers).
 fn read_pid(env: &TestEnv, sandbox_id: &str) -> i32 {
-    let provider = LocalProvider::new(&env.home).expect("provider");
+    let provider = env.local_provider();
     let path = provider.work_dir(sandbox_id).join("bg.pid");
-    std::fs::read_to_string(&path)
+    let inner: i32 = std::fs::read_to_string(&path)
         .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
         .trim()
         .parse()
-        .expect("a pid")
+        .expect("a pid");
+    provider
+        .host_pid(sandbox_id, inner)
+        .unwrap_or_else(|| panic!("background process {inner} of {sandbox_id} is not running"))
+}
+
+/// Alive and not paused (a dead process is not "running" either).
+fn running(pid: i32) -> bool {
+    is_alive(pid) && !is_paused(pid)
 }
 
 /// Stops a kept run between turns: it ends `stopped` with the stop's
@@ -51,7 +57,7 @@ async fn stop_and_check(env: &TestEnv, client: &Client, run_id: &str, pid: i32) 
     assert_eq!(ended.state(), RunState::Stopped);
     assert_eq!(ended.reason, "user left");
     eventually("the background process is gone", LIMIT, || async {
-        (proc_state(pid).is_none_or(|s| s == 'Z')).then_some(())
+        (!is_alive(pid)).then_some(())
     })
     .await;
 }
@@ -101,7 +107,7 @@ async fn a_continued_turn_runs_in_the_same_sandbox_with_the_session_id() {
         .expect("publish")
         .await
         .expect("ack");
-    let provider = LocalProvider::new(&env.home).expect("provider");
+    let provider = env.local_provider();
     std::fs::write(provider.work_dir(&running.sandbox_id).join("go"), b"").expect("go");
 
     let idle = idle_after(&client, &run_id, 1).await;
@@ -174,16 +180,12 @@ async fn pause_freezes_the_sandbox_and_continue_resumes_it() {
     client.start_run(&command).await.expect("start");
     let idle = idle_after(&client, &run_id, 1).await;
     let pid = read_pid(&env, &idle.sandbox_id);
-    assert_eq!(
-        proc_state(pid),
-        Some('S'),
-        "the background process lives on"
-    );
+    assert!(running(pid), "the background process lives on");
 
     session(&client, &run_id, session_command::Action::Pause).await;
     let paused = released(&client, &run_id, RunState::Paused).await;
     assert!(paused.paused_at_ms > 0);
-    assert_eq!(proc_state(pid), Some('T'), "paused means frozen");
+    assert!(is_paused(pid), "paused means frozen");
 
     continue_run(&client, &run_id, &["sh", "-c", "echo thawed"]).await;
     let after = idle_after(&client, &run_id, 2).await;
@@ -191,7 +193,7 @@ async fn pause_freezes_the_sandbox_and_continue_resumes_it() {
         after.sandbox_id, idle.sandbox_id,
         "the same sandbox, resumed"
     );
-    assert_ne!(proc_state(pid), Some('T'), "continue resumed the sandbox");
+    assert!(running(pid), "continue resumed the sandbox");
     assert!(output(&env, &run_id).await.contains(&"thawed".to_owned()));
 
     // Pause and resume by hand, without a turn.
@@ -199,10 +201,10 @@ async fn pause_freezes_the_sandbox_and_continue_resumes_it() {
     released(&client, &run_id, RunState::Paused).await;
     session(&client, &run_id, session_command::Action::Resume).await;
     let resumed = idle_after(&client, &run_id, 2).await;
-    assert_ne!(proc_state(pid), Some('T'), "resume thaws it");
+    assert!(running(pid), "resume thaws it");
 
     // A stop between turns kills the sandbox (nobody owns an idle run).
-    let provider = LocalProvider::new(&env.home).expect("provider");
+    let provider = env.local_provider();
     stop_and_check(&env, &client, &run_id, pid).await;
     assert!(!provider.work_dir(&resumed.sandbox_id).exists());
 
@@ -231,7 +233,7 @@ async fn the_reaper_pauses_a_run_idle_past_its_window() {
         idle_for >= 1000,
         "paused after its window, not before: {idle_for} ms"
     );
-    assert_eq!(proc_state(pid), Some('T'));
+    assert!(is_paused(pid), "paused means frozen");
     stop_and_check(&env, &client, &run_id, pid).await;
 
     reaper.stop().await;
@@ -261,7 +263,7 @@ async fn a_sandbox_killed_behind_corrals_back_is_replaced_once_and_the_session_c
 
     // Another process on this machine kills the sandbox: the record still
     // names it, the provider no longer has it.
-    let other = LocalProvider::new(&env.home).expect("provider");
+    let other = env.local_provider();
     other.kill(&idle.sandbox_id).await.expect("kill");
     // The reaper does not fail a kept run between turns for it: the next
     // continue replaces the sandbox.
@@ -464,7 +466,7 @@ async fn a_spawner_shutting_down_interrupts_the_turn_and_keeps_the_session() {
     let run_id = command.run_id.clone();
     client.start_run(&command).await.expect("start");
     let running = env.wait_state(&client, &run_id, RunState::Running).await;
-    let provider = LocalProvider::new(&env.home).expect("provider");
+    let provider = env.local_provider();
     let notes = provider.work_dir(&running.sandbox_id).join("notes.txt");
     eventually("turn 1 wrote its notes", LIMIT, || async {
         notes.exists().then_some(())

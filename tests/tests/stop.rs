@@ -196,8 +196,7 @@ async fn a_stop_while_pending_means_the_run_never_boots() {
     assert_eq!(run.booting_at_ms, 0, "never booted");
     assert!(run.sandbox_id.is_empty(), "never had a sandbox");
     assert!(
-        LocalProvider::new(&env.home)
-            .expect("provider")
+        env.local_provider()
             .list(&Default::default())
             .await
             .expect("list")
@@ -257,8 +256,9 @@ async fn a_stop_while_booting_kills_the_new_sandbox_and_the_run_never_runs() {
 }
 
 fn git(dir: &Path, args: &[&str]) -> std::process::Output {
+    // The bare repository belongs to the sandboxes' agent user.
     Command::new("git")
-        .arg("-C")
+        .args(["-c", "safe.directory=*", "-C"])
         .arg(dir)
         .args(args)
         .output()
@@ -279,13 +279,16 @@ fn pushed(bare: &Path, run_id: &str) -> bool {
     .success()
 }
 
-/// The agent commits to a clone of `bare`, then sleeps `linger`; finalize pushes.
-fn git_run(env: &TestEnv, bare: &Path, linger: &str) -> corral_proto::v1::RunCommand {
+/// Where sandboxes see the bare repository (bound from the test's home).
+const ORIGIN: &str = "/origin.git";
+
+/// The agent commits to a clone of the bare repository at [`ORIGIN`], then
+/// sleeps `linger`; finalize pushes.
+fn git_run(env: &TestEnv, linger: &str) -> corral_proto::v1::RunCommand {
     let script = format!(
-        "set -e; git clone -q {bare} repo 2>/dev/null; cd repo; git checkout -qb run-$CORRAL_RUN_ID; \
+        "set -e; git clone -q {ORIGIN} repo 2>/dev/null; cd repo; git checkout -qb run-$CORRAL_RUN_ID; \
          echo $CORRAL_RUN_ID > work.txt; git add work.txt; \
-         git -c user.name=agent -c user.email=agent@corral commit -qm work; sleep {linger}",
-        bare = bare.display()
+         git -c user.name=agent -c user.email=agent@corral commit -qm work; sleep {linger}"
     );
     let mut command = env.command(&["sh", "-c", &script]);
     command.spec.as_mut().expect("spec").finalize = "cd repo && git push -q origin HEAD".into();
@@ -296,7 +299,6 @@ fn git_run(env: &TestEnv, bare: &Path, linger: &str) -> corral_proto::v1::RunCom
 async fn finalize_pushes_only_runs_that_completed_without_a_stop() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
-    let spawner = env.start_spawner().await;
     let client = env.client().await;
     let bare = env.home.join("origin.git");
     assert!(
@@ -307,9 +309,26 @@ async fn finalize_pushes_only_runs_that_completed_without_a_stop() {
             .expect("git")
             .success()
     );
+    // The agent (an unprivileged user in its sandbox) pushes to it.
+    let agent = corral_provider::LocalConfig::default();
+    assert!(
+        Command::new("chown")
+            .arg("-R")
+            .arg(format!("{}:{}", agent.agent_uid, agent.agent_gid))
+            .arg(&bare)
+            .status()
+            .expect("chown")
+            .success()
+    );
+    let mut config = env.spawner_config();
+    config
+        .local
+        .binds
+        .push(format!("{}:{ORIGIN}:rw", bare.display()));
+    let spawner = env.start_spawner_with(config).await;
 
     // A normal run's commit reaches the remote.
-    let normal = git_run(&env, &bare, "0");
+    let normal = git_run(&env, "0");
     client.start_run(&normal).await.expect("submit");
     let run = env.wait_terminal(&client, &normal.run_id, LIMIT).await;
     assert_eq!(run.state(), RunState::Completed, "{}", run.reason);
@@ -320,7 +339,7 @@ async fn finalize_pushes_only_runs_that_completed_without_a_stop() {
     );
 
     // A run stopped while the agent works never pushes.
-    let stopped = git_run(&env, &bare, "30");
+    let stopped = git_run(&env, "30");
     client.start_run(&stopped).await.expect("submit");
     env.wait_state(&client, &stopped.run_id, RunState::Running)
         .await;
@@ -337,7 +356,7 @@ async fn finalize_pushes_only_runs_that_completed_without_a_stop() {
     // The race: stops at random moments around the agent's exit, 100 times.
     let (mut accepted, mut in_finalize, mut too_late, mut pushes) = (0, 0, 0, 0);
     for i in 0..100u64 {
-        let command = git_run(&env, &bare, "0.02");
+        let command = git_run(&env, "0.02");
         client.start_run(&command).await.expect("submit");
         env.wait_state(&client, &command.run_id, RunState::Running)
             .await;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use corral_proto::v1::{RunCommand, RunSpec, RunState};
 use corral_provider::{
-    CreateSpec, LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, Provider,
+    CreateSpec, LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalConfig, LocalProvider, Provider,
 };
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
@@ -80,7 +80,7 @@ pub fn replace_database(url: &str, name: &str) -> String {
 async fn measure(stack: &mut Stack, args: &ReaperArgs) -> anyhow::Result<ExitCode> {
     stack.spawn("tracker", &[])?;
     stack.wait_for_tracker().await?;
-    let provider = Arc::new(LocalProvider::new(&stack.home)?);
+    let provider = Arc::new(LocalProvider::new(&stack.home, &LocalConfig::default())?);
 
     // Seed: live runs own real (idle) sandboxes, so reconciliation finds
     // nothing to do; the owner heartbeats far into the future.

@@ -65,12 +65,7 @@ async fn until(
 }
 
 fn stopped(pid: i32) -> bool {
-    proc_state(pid) == Some('T')
-}
-
-fn proc_state(pid: i32) -> Option<char> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    text[text.rfind(')')? + 1..].trim_start().chars().next()
+    corral_provider::local::is_paused(pid)
 }
 
 async fn get_until(
@@ -132,6 +127,10 @@ async fn measure(client: &Client, home: &LocalProvider, run_id: &str) -> anyhow:
         .trim()
         .parse()
         .context("bg.pid")?;
+    // The pid the agent saw is its sandbox's; /proc here needs this machine's.
+    let pid = home
+        .host_pid(&run.sandbox_id, pid)
+        .with_context(|| format!("run {run_id}: background process {pid} is not running"))?;
     let released =
         |state: RunState| move |r: &corral_proto::v1::Run| r.state() == state && r.owner.is_empty();
 
@@ -189,7 +188,7 @@ pub async fn run(global: &Global, args: ResumeArgs) -> anyhow::Result<ExitCode> 
     }
     let client = global.client().await?;
     let home_dir = corral_common::config::corral_home(&args.home.clone().unwrap_or_default());
-    let home = Arc::new(LocalProvider::new(&home_dir)?);
+    let home = Arc::new(LocalProvider::new(&home_dir, &corral_provider::LocalConfig::default())?);
     let batch = corral_client::new_run_id();
     let run_ids: Vec<String> = (0..args.sessions)
         .map(|i| format!("resume-{}-{i}", &batch[batch.len() - 12..]))

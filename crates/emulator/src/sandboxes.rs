@@ -70,7 +70,8 @@ impl<X: Send + 'static> Sandboxes<X> {
     /// Sandboxes under `home`, with a sweeper that ends with them.
     pub fn start(home: &Path) -> std::io::Result<Arc<Sandboxes<X>>> {
         let sandboxes = Arc::new(Sandboxes {
-            local: LocalProvider::new(home)?,
+            local: LocalProvider::new(home, &corral_provider::LocalConfig::unisolated())
+                .map_err(std::io::Error::other)?,
             records: Mutex::new(Records {
                 live: HashMap::new(),
                 expired: HashSet::new(),

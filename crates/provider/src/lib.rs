@@ -20,24 +20,21 @@ mod remote;
 
 pub use daytona::{DaytonaConfig, DaytonaProvider};
 pub use e2b::{E2bConfig, E2bProvider};
-pub use local::LocalProvider;
+pub use local::{Isolation, LocalConfig, LocalProvider, Network};
 
 /// The provider named `name` (`local`, `e2b`, `daytona`): local sandboxes
-/// under `home`, remote ones with their settings; an empty API key is taken
+/// under `home` (refused when `local` asks for isolation this machine
+/// cannot give), remote ones with their settings; an empty API key is taken
 /// from `E2B_API_KEY` or `DAYTONA_API_KEY`.
 pub fn build(
     name: &str,
     home: &std::path::Path,
+    local: &LocalConfig,
     e2b: &E2bConfig,
     daytona: &DaytonaConfig,
 ) -> Result<std::sync::Arc<dyn Provider>, ProviderError> {
     Ok(match name {
-        "" | "local" => std::sync::Arc::new(LocalProvider::new(home).map_err(|err| {
-            ProviderError::Invalid(format!(
-                "cannot use sandbox directory {}: {err}",
-                home.display()
-            ))
-        })?),
+        "" | "local" => std::sync::Arc::new(LocalProvider::new(home, local)?),
         "e2b" => std::sync::Arc::new(E2bProvider::new(e2b.clone().with_env_api_key())?),
         "daytona" => std::sync::Arc::new(DaytonaProvider::new(daytona.clone().with_env_api_key())?),
         other => {
@@ -52,6 +49,8 @@ pub fn build(
 pub const LABEL_RUN_ID: &str = "corral.run_id";
 /// Label naming the corral deployment (its subject prefix) that made it.
 pub const LABEL_DEPLOYMENT: &str = "corral.deployment";
+/// Label naming the node that holds a node-local (local provider) sandbox.
+pub const LABEL_NODE: &str = "corral.node";
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -71,6 +70,9 @@ pub struct CreateSpec {
     /// Resource class (`default`, `large`, ...): the row of the price table
     /// the run is billed at (providers create their configured size).
     pub resource_class: String,
+    /// The sandbox's network (`None` = the provider's default). Remote
+    /// providers ignore it.
+    pub network: Option<Network>,
 }
 
 /// A sandbox as the provider knows it.
@@ -245,6 +247,14 @@ impl ProviderError {
 pub trait Provider: Send + Sync + 'static {
     /// Short name: `local`, `e2b`, `daytona`.
     fn name(&self) -> &'static str;
+
+    /// The node whose sandboxes this provider holds, for a node-local
+    /// provider: only this node can list, probe and kill them, and their
+    /// ids name it (`local::node_of_sandbox`). `None`: any instance anywhere
+    /// reaches every sandbox (a remote API).
+    fn node(&self) -> Option<&str> {
+        None
+    }
 
     /// Creates a sandbox carrying `spec.labels`.
     async fn create(&self, spec: &CreateSpec) -> Result<SandboxInfo, ProviderError>;

@@ -40,6 +40,9 @@ pub struct Config {
     /// Sandbox provider: `local` (process groups under `home`), `e2b` or
     /// `daytona` (their APIs; keys from `E2B_API_KEY` / `DAYTONA_API_KEY`).
     pub provider: String,
+    /// Local sandboxes (`local: {isolation, node, ...}`, as the spawners of
+    /// this node have them: the node id must match theirs).
+    pub local: corral_provider::LocalConfig,
     /// E2B settings (`e2b: {api_url, template, envd_url, timeout_secs}`).
     pub e2b: corral_provider::E2bConfig,
     /// Daytona settings (`daytona: {api_url, snapshot, cpu, memory_gib, ...}`).
@@ -62,6 +65,7 @@ impl Default for Config {
             backstop_grace_ms: 2000,
             max_parallel_kills: 32,
             provider: "local".into(),
+            local: Default::default(),
             e2b: Default::default(),
             daytona: Default::default(),
         }

@@ -58,7 +58,13 @@ pub enum Error {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let subjects = Subjects::new(&config.subject_prefix)?;
     let home = config.home_dir();
-    let provider = corral_provider::build(&config.provider, &home, &config.e2b, &config.daytona)?;
+    let provider = corral_provider::build(
+        &config.provider,
+        &home,
+        &config.local,
+        &config.e2b,
+        &config.daytona,
+    )?;
     let id = config.reaper_id();
     let nats = corral_common::nats::connect(
         &config.nats_url,

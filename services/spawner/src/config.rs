@@ -51,6 +51,9 @@ pub struct Config {
     /// Sandbox provider: `local` (process groups under `home`), `e2b` or
     /// `daytona` (their APIs; keys from `E2B_API_KEY` / `DAYTONA_API_KEY`).
     pub provider: String,
+    /// Local sandboxes (`local: {isolation, network, node, binds, pids_max,
+    /// cpu_millis, file_size_mib, tmp_size_mib, agent_uid, agent_gid}`).
+    pub local: corral_provider::LocalConfig,
     /// E2B settings (`e2b: {api_url, template, envd_url, timeout_secs}`).
     pub e2b: corral_provider::E2bConfig,
     /// Daytona settings (`daytona: {api_url, snapshot, cpu, memory_gib, ...}`).
@@ -77,6 +80,7 @@ impl Default for Config {
             events_url: "http://127.0.0.1:8470".into(),
             boot_delay_ms: 0,
             provider: "local".into(),
+            local: Default::default(),
             e2b: Default::default(),
             daytona: Default::default(),
         }

@@ -217,6 +217,8 @@ impl Supervisor {
             // The provider expires it a little after the run's deadline.
             lifetime_secs: self.run.timeout_secs.max(1) as u64 + 300,
             resource_class: self.run.resource_class.clone(),
+            // Validated at the edge: "" is the provider's default.
+            network: corral_provider::Network::parse(&self.spec.network).unwrap_or_default(),
         };
         let provider = self.spawner.provider.clone();
         // Remote providers retry transient failures inside each call; a

@@ -1,0 +1,218 @@
+//! The command lines that put a local sandbox in its own namespaces.
+//!
+//! A sandbox is one bubblewrap process tree made at create: PID, mount, IPC
+//! and UTS namespaces (and a network namespace when the run asks for none),
+//! the host's system directories read-only, the sandbox's work directory at
+//! [`SANDBOX_WORK`], a private `/tmp`, its own `/proc`, every capability
+//! dropped. Its PID 1 (bubblewrap's reaper, with `sleep infinity` under it)
+//! lives until the sandbox is killed; killing that PID 1 makes the kernel
+//! kill every process of the namespace, however it detached.
+//!
+//! Each command then enters those namespaces (`nsenter`), starts a session
+//! of its own (`setsid`) and drops to the agent user without capabilities
+//! and without a way to gain privileges (`setpriv`). A small `sh` in front
+//! joins the sandbox's control groups and sets the rlimits before anything
+//! of the agent runs, so nothing it forks escapes either.
+//!
+//! Why bubblewrap: it is the isolation layer of Flatpak and of several agent
+//! CLIs' sandboxes, a small audited C program packaged everywhere; it sets
+//! up the mounts in the right order (read-only binds, a read-only root,
+//! `/proc/sys` read-only) which by hand is easy to get subtly wrong. The
+//! persistent namespace (rather than one bubblewrap per command) is what
+//! lets a kept sandbox's background processes and `/tmp` outlive a turn.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use super::config::{Bind, Network};
+
+/// Where the work directory appears inside a sandbox (its `HOME` and cwd).
+pub const SANDBOX_WORK: &str = "/work";
+
+/// The programs isolation needs, looked up in `PATH` at start.
+pub(crate) const TOOLS: [&str; 5] = ["bwrap", "nsenter", "setpriv", "setsid", "prlimit"];
+
+/// Joins the control groups (`$1` is how many `cgroup.procs` files follow),
+/// then execs the rest: what the sandbox's processes fork is accounted from
+/// their first instruction on.
+const JOIN: &str = r#"n=$1; shift
+while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done
+unset PWD
+exec "$@""#;
+
+/// What the init of a sandbox is made with.
+pub(crate) struct InitSpec<'a> {
+    pub sandbox_id: &'a str,
+    pub work: &'a Path,
+    pub binds: &'a [Bind],
+    pub network: Network,
+    pub tmp_size_mib: u64,
+    pub as_root: bool,
+}
+
+/// The `sh` wrapper's argv up to the command it execs.
+pub(crate) fn join(procs: &[std::path::PathBuf]) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec![
+        "-c".into(),
+        JOIN.into(),
+        "corral-join".into(),
+        procs.len().to_string().into(),
+    ];
+    argv.extend(procs.iter().map(|p| p.as_os_str().to_owned()));
+    argv
+}
+
+/// The host's system directories, read-only: `/usr`, `/etc`, and `/bin`,
+/// `/lib`... as the symlinks (merged `/usr`) or directories they are here.
+pub(crate) fn system() -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    for dir in ["/usr", "/etc"] {
+        args.extend(["--ro-bind".into(), dir.into(), dir.into()]);
+    }
+    for top in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
+        match std::fs::read_link(top) {
+            Ok(target) => args.extend(["--symlink".into(), target.into(), top.into()]),
+            Err(_) if Path::new(top).is_dir() => {
+                args.extend(["--ro-bind".into(), top.into(), top.into()])
+            }
+            Err(_) => {}
+        }
+    }
+    args
+}
+
+/// The init's command line: bubblewrap's options come on its stdin
+/// ([`init_args`]), so the host paths never show in the command line an
+/// agent can read as `/proc/1/cmdline`; PID 2 sleeps until the sandbox is
+/// killed.
+pub(crate) const INIT_ARGV: [&str; 6] = ["bwrap", "--args", "0", "--", "sleep", "infinity"];
+
+/// bubblewrap's options for a sandbox's init, NUL-separated.
+pub(crate) fn init_args(spec: &InitSpec) -> Vec<u8> {
+    let mut args: Vec<OsString> = vec![
+        "--unshare-pid".into(),
+        "--unshare-ipc".into(),
+        "--unshare-uts".into(),
+        "--hostname".into(),
+        spec.sandbox_id.into(),
+        "--new-session".into(),
+    ];
+    if spec.network == Network::None {
+        args.push("--unshare-net".into());
+    }
+    if spec.as_root {
+        args.extend(["--cap-drop".into(), "ALL".into()]);
+    }
+    args.extend(system());
+    let tmp_size = spec.tmp_size_mib.max(1) * 1024 * 1024;
+    args.extend([
+        "--proc".into(),
+        "/proc".into(),
+        "--dev".into(),
+        "/dev".into(),
+        "--perms".into(),
+        "1777".into(),
+        "--size".into(),
+        tmp_size.to_string().into(),
+        "--tmpfs".into(),
+        "/tmp".into(),
+        "--bind".into(),
+        spec.work.into(),
+        SANDBOX_WORK.into(),
+    ]);
+    for bind in spec.binds {
+        let how = if bind.writable { "--bind" } else { "--ro-bind" };
+        args.extend([
+            how.into(),
+            bind.host.clone().into(),
+            bind.sandbox.clone().into(),
+        ]);
+    }
+    args.extend([
+        "--remount-ro".into(),
+        "/".into(),
+        "--chdir".into(),
+        SANDBOX_WORK.into(),
+        "--info-fd".into(),
+        "1".into(),
+    ]);
+    let mut bytes = Vec::new();
+    for arg in args {
+        use std::os::unix::ffi::OsStrExt;
+        bytes.extend_from_slice(arg.as_bytes());
+        bytes.push(0);
+    }
+    bytes
+}
+
+/// What a command is started with inside a sandbox, after the `sh` wrapper.
+pub(crate) struct EnterSpec<'a> {
+    pub init_pid: i32,
+    pub network: Network,
+    /// `Some((uid, gid))`: switch to that user (the spawner runs as root).
+    pub user: Option<(u32, u32)>,
+    /// `prlimit` arguments ([`rlimits`]).
+    pub rlimits: &'a [String],
+    pub argv: &'a [String],
+}
+
+pub(crate) fn enter(spec: &EnterSpec) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec![
+        "nsenter".into(),
+        "-t".into(),
+        spec.init_pid.to_string().into(),
+        "-p".into(),
+        "-m".into(),
+        "-i".into(),
+        "-u".into(),
+    ];
+    if spec.network == Network::None {
+        argv.push("-n".into());
+    }
+    argv.extend(["-r".into(), "-w".into(), "--".into(), "setsid".into()]);
+    argv.push("prlimit".into());
+    argv.extend(spec.rlimits.iter().map(OsString::from));
+    argv.push("--".into());
+    argv.push("setpriv".into());
+    if let Some((uid, gid)) = spec.user {
+        argv.push(format!("--reuid={uid}").into());
+        argv.push(format!("--regid={gid}").into());
+        argv.push("--clear-groups".into());
+    }
+    argv.extend([
+        "--inh-caps=-all".into(),
+        "--bounding-set=-all".into(),
+        "--no-new-privs".into(),
+        "--".into(),
+    ]);
+    argv.extend(spec.argv.iter().map(OsString::from));
+    argv
+}
+
+/// `prlimit` arguments: address space per process, CPU seconds (SIGXCPU
+/// at the soft limit, SIGKILL 5 s later), largest file, no core files.
+pub(crate) fn rlimits(memory_mib: u64, cpu_secs: u64, file_size_mib: u64) -> Vec<String> {
+    let mut limits = vec!["--core=0".to_owned()];
+    if memory_mib > 0 {
+        limits.push(format!("--as={}", memory_mib.saturating_mul(1 << 20)));
+    }
+    if cpu_secs > 0 {
+        limits.push(format!("--cpu={cpu_secs}:{}", cpu_secs + 5));
+    }
+    if file_size_mib > 0 {
+        limits.push(format!("--fsize={}", file_size_mib.saturating_mul(1 << 20)));
+    }
+    limits
+}
+
+/// Whether `program` is found in `PATH`.
+pub(crate) fn on_path(program: &str, path: &str) -> bool {
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .any(|dir| executable(&Path::new(dir).join(program)))
+}
+
+pub(crate) fn executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
