@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "corral/v1/run.proto",
         "corral/v1/events.proto",
         "corral/v1/tracker.proto",
+        "corral/v1/node.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

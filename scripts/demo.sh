@@ -8,5 +8,11 @@ cd "$(dirname "$0")/.."
 . scripts/services.sh
 export DATABASE_URL=${CORRAL_DATABASE_URL:-${DATABASE_URL%/*}/corral}
 export CORRAL_HOME=${CORRAL_HOME:-$HOME/.corral}
+if [ "$(id -u)" -ne 0 ] && [ -z "${CORRAL_LOCAL__ISOLATION:-}" ]; then
+  # Namespaced sandboxes with an unprivileged agent user need root.
+  echo "demo: not root, so local sandboxes run without isolation (local.isolation: none):" \
+       "the agents can see this machine. Run as root for isolated sandboxes." >&2
+  export CORRAL_LOCAL__ISOLATION=none
+fi
 cargo build --release -p corral-cli
 exec ./target/release/corral up --demo "$@"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure what corral needs is running on this machine: NATS with
 # JetStream on 127.0.0.1:4222 and PostgreSQL on 127.0.0.1:5432. Installs them
-# from Debian's packages (nats-server, postgresql) when they are missing.
+# from Debian's packages (nats-server, postgresql) when they are missing, and
+# bubblewrap, which isolates local sandboxes.
 # Source it (`. scripts/services.sh`) to get NATS_URL and DATABASE_URL set.
 set -euo pipefail
 
@@ -68,6 +69,16 @@ ensure_postgres() {
   fi
 }
 
+ensure_sandbox_tools() {
+  # bwrap makes a local sandbox's namespaces; nsenter, setpriv, setsid and
+  # prlimit (util-linux) run commands in it.
+  command -v bwrap >/dev/null || apt_install bubblewrap
+  for tool in nsenter setpriv setsid prlimit; do
+    command -v "$tool" >/dev/null || { apt_install util-linux; break; }
+  done
+}
+
+ensure_sandbox_tools
 ensure_nats
 ensure_postgres
 say "NATS_URL=$NATS_URL DATABASE_URL=$DATABASE_URL"

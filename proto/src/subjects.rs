@@ -176,6 +176,14 @@ impl Subjects {
             .strip_prefix(".tracker.")
     }
 
+    // ---- node-local work (request-reply) ----
+
+    /// `<p>.node.<node>.<op>`: work only a process on that node can do
+    /// (the local provider's sandboxes), e.g. op `kill`.
+    pub fn node(&self, node: &str, op: &str) -> String {
+        format!("{}.node.{node}.{op}", self.prefix)
+    }
+
     // ---- dead letters: stream DLQ ----
 
     /// `<p>.dlq.<what>`: a message that could not be decoded or applied,

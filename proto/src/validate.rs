@@ -232,10 +232,7 @@ mod tests {
                 with(|s| s.resource_class = "Big!".into()),
                 "spec.resource_class",
             ),
-            (
-                with(|s| s.network = "bridge".into()),
-                "spec.network",
-            ),
+            (with(|s| s.network = "bridge".into()), "spec.network"),
         ];
         for (command, expected) in cases {
             let err = run_command(&command).expect_err(expected);

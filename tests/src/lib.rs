@@ -58,6 +58,33 @@ where
     }
 }
 
+/// Live processes on this machine whose command line contains `needle`,
+/// read from /proc (not from corral's bookkeeping).
+pub fn processes_with_cmdline(needle: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| corral_provider::local::is_alive(*pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|raw| {
+                    String::from_utf8_lossy(&raw)
+                        .replace('\0', " ")
+                        .contains(needle)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// A number for a test's unique `sleep N` command lines, so a check by
+/// command line finds this test's processes and no other's.
+pub fn unique_secs() -> u32 {
+    100_000 + rand::random_range(0..800_000)
+}
+
 /// The `corral` binary built next to the test executable.
 pub fn corral_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable should have a path");
@@ -129,7 +156,14 @@ pub struct TestEnv {
     pub database_url: String,
     db_name: String,
     pub home: PathBuf,
+    /// A directory every sandbox of this test sees, writable, at
+    /// [`SHARED_IN_SANDBOX`]: where agents leave what the test checks
+    /// (an isolated sandbox sees no other host path).
+    pub shared: PathBuf,
 }
+
+/// Where sandboxes see [`TestEnv::shared`].
+pub const SHARED_IN_SANDBOX: &str = "/shared";
 
 impl TestEnv {
     pub async fn new() -> TestEnv {
@@ -149,6 +183,14 @@ impl TestEnv {
         }
         let home = std::env::temp_dir().join(format!("corral-test-{suffix}"));
         std::fs::create_dir_all(&home).expect("test home");
+        let shared = home.join("shared");
+        std::fs::create_dir_all(&shared).expect("shared directory");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Agents run as an unprivileged user.
+            std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777))
+                .expect("shared directory mode");
+        }
         TestEnv {
             subjects: Subjects::new(&prefix).expect("test prefix should be valid"),
             prefix,
@@ -156,6 +198,7 @@ impl TestEnv {
             database_url: url,
             db_name,
             home,
+            shared,
         }
     }
 
@@ -176,8 +219,17 @@ impl TestEnv {
         }
     }
 
+    /// The `local.binds` entry that shows [`TestEnv::shared`] to sandboxes.
+    pub fn shared_bind(&self) -> String {
+        format!("{}:{SHARED_IN_SANDBOX}:rw", self.shared.display())
+    }
+
     pub fn spawner_config(&self) -> corral_spawner::Config {
         corral_spawner::Config {
+            local: corral_provider::LocalConfig {
+                binds: vec![self.shared_bind()],
+                ..Default::default()
+            },
             nats_url: self.nats_url.clone(),
             subject_prefix: self.prefix.clone(),
             home: self.home.clone(),
@@ -333,6 +385,10 @@ impl TestEnv {
             .env("CORRAL_SUBJECT_PREFIX", &self.prefix)
             .env("CORRAL_HOME", &self.home)
             .env("CORRAL_SPAWNER_ID", &spawner_id)
+            .env(
+                "CORRAL_LOCAL__BINDS",
+                format!("[\"{}\"]", self.shared_bind()),
+            )
             .env("CORRAL_KILL_GRACE_MS", "1000")
             .env("CORRAL_HEARTBEAT_MS", "300")
             .env("RUST_LOG", "warn")
@@ -452,6 +508,22 @@ impl TestEnv {
     }
 
     /// Every message on a stream subject, for assertions.
+    /// The run's output lines (`agent.output` events), from the events
+    /// stream, in order.
+    pub async fn output(&self, run_id: &str) -> Vec<String> {
+        use corral_proto::v1::{AgentEvent, agent_event};
+        use prost::Message;
+        let subject = self.subjects.events(run_id, "agent.output");
+        self.stream_messages(&self.subjects.events_stream(), &subject)
+            .await
+            .into_iter()
+            .filter_map(|m| match AgentEvent::decode(m.payload).ok()?.payload? {
+                agent_event::Payload::Output(line) => Some(line.line),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub async fn stream_messages(
         &self,
         stream: &str,
@@ -494,6 +566,7 @@ impl TestEnv {
             .execute(&mut conn)
             .await;
         }
+        self.local_provider().release_control_groups();
         let _ = std::fs::remove_dir_all(&self.home);
     }
 }

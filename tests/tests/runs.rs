@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use corral_proto::v1::{AgentEvent, RunCommand, RunState, agent_event};
 use corral_provider::{LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, Provider};
-use corral_tests::TestEnv;
+use corral_tests::{SHARED_IN_SANDBOX, TestEnv};
 use prost::Message;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -107,8 +107,8 @@ async fn a_run_id_published_twice_creates_one_run_and_one_sandbox() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
     let client = env.client().await;
-    let marker = env.home.join("executions");
-    let script = format!("echo $CORRAL_SANDBOX_ID >> {}; sleep 0.3", marker.display());
+    let marker = env.shared.join("executions");
+    let script = format!("echo $CORRAL_SANDBOX_ID >> {SHARED_IN_SANDBOX}/executions; sleep 0.3");
     let command = env.command(&["sh", "-c", &script]);
 
     // Twice through the client (submit + publish) and twice as a bare publish,
@@ -260,11 +260,11 @@ async fn two_spawner_processes_share_a_burst_of_fifty_runs_each_run_executed_onc
         .spawn_spawner_process(&[("CORRAL_MAX_RUNS", "10")])
         .await;
     let client = env.client().await;
-    let ledger = env.home.join("ledger");
+    let ledger = env.shared.join("ledger");
 
     let mut ids = Vec::new();
     for _ in 0..50 {
-        let script = format!("echo $CORRAL_RUN_ID >> {}; sleep 0.1", ledger.display());
+        let script = format!("echo $CORRAL_RUN_ID >> {SHARED_IN_SANDBOX}/ledger; sleep 0.1");
         let command = env.command(&["sh", "-c", &script]);
         client.start_run(&command).await.expect("submit");
         ids.push(command.run_id);

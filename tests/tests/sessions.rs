@@ -15,20 +15,6 @@ use prost::Message;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// Every output line the run's agents wrote, in order.
-async fn output(env: &TestEnv, run_id: &str) -> Vec<String> {
-    let subject = env.subjects.events(run_id, "agent.output");
-    env.stream_messages(&env.subjects.events_stream(), &subject)
-        .await
-        .into_iter()
-        .filter_map(|m| match AgentEvent::decode(m.payload).ok()?.payload? {
-            agent_event::Payload::Output(line) => Some(line.line),
-            _ => None,
-        })
-        .collect()
-}
-
-
 /// The background process the agent wrote to `bg.pid`, as a pid on this
 /// machine (the agent saw its sandbox's own pid numbers).
 fn read_pid(env: &TestEnv, sandbox_id: &str) -> i32 {
@@ -80,7 +66,7 @@ async fn a_continued_turn_runs_in_the_same_sandbox_with_the_session_id() {
     client.start_run(&command).await.expect("start");
     let running = env.wait_state(&client, &run_id, RunState::Running).await;
     eventually("turn 1 is ready", LIMIT, || async {
-        output(&env, &run_id)
+        env.output(&run_id)
             .await
             .contains(&"ready".to_owned())
             .then_some(())
@@ -134,7 +120,7 @@ async fn a_continued_turn_runs_in_the_same_sandbox_with_the_session_id() {
     let second = idle_after(&client, &run_id, 2).await;
     assert_eq!(second.sandbox_id, running.sandbox_id, "same sandbox");
     assert_eq!(second.sandbox_epoch, 1, "never replaced");
-    let lines = output(&env, &run_id).await;
+    let lines = env.output(&run_id).await;
     assert!(
         lines.contains(&"session=sess-1 turn=2".to_owned()) && lines.contains(&"one".to_owned()),
         "turn 2 saw the session id and turn 1's file: {lines:?}"
@@ -194,7 +180,7 @@ async fn pause_freezes_the_sandbox_and_continue_resumes_it() {
         "the same sandbox, resumed"
     );
     assert!(running(pid), "continue resumed the sandbox");
-    assert!(output(&env, &run_id).await.contains(&"thawed".to_owned()));
+    assert!(env.output(&run_id).await.contains(&"thawed".to_owned()));
 
     // Pause and resume by hand, without a turn.
     session(&client, &run_id, session_command::Action::Pause).await;
@@ -299,7 +285,7 @@ async fn a_sandbox_killed_behind_corrals_back_is_replaced_once_and_the_session_c
         "the run says why: {}",
         after.reason
     );
-    let lines = output(&env, &run_id).await;
+    let lines = env.output(&run_id).await;
     assert!(
         lines.contains(&"fresh".to_owned()) && lines.contains(&"session=[]".to_owned()),
         "{lines:?}"

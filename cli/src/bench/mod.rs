@@ -15,6 +15,7 @@ use tokio::sync::{Semaphore, oneshot};
 use crate::commands::Global;
 
 mod ingest;
+mod isolation;
 mod reaper;
 mod resume;
 mod stack;
@@ -32,6 +33,8 @@ pub enum Bench {
     Reaper(reaper::ReaperArgs),
     /// Pause, resume and continue-on-paused latency of kept sessions against the stack `corral up` runs.
     Resume(resume::ResumeArgs),
+    /// What a local sandbox's namespaces and control groups cost at start; self-contained.
+    Isolation(isolation::IsolationArgs),
 }
 
 #[derive(clap::Args)]
@@ -62,6 +65,7 @@ pub async fn bench(global: &Global, bench: Bench) -> anyhow::Result<ExitCode> {
         Bench::Reaper(args) => reaper::run(global, args).await,
         Bench::Ingest(args) => ingest::run(global, args).await,
         Bench::Resume(args) => resume::run(global, args).await,
+        Bench::Isolation(args) => isolation::run(args).await,
     }
 }
 

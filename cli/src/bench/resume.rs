@@ -188,7 +188,10 @@ pub async fn run(global: &Global, args: ResumeArgs) -> anyhow::Result<ExitCode> 
     }
     let client = global.client().await?;
     let home_dir = corral_common::config::corral_home(&args.home.clone().unwrap_or_default());
-    let home = Arc::new(LocalProvider::new(&home_dir, &corral_provider::LocalConfig::default())?);
+    let home = Arc::new(LocalProvider::new(
+        &home_dir,
+        &corral_provider::LocalConfig::default(),
+    )?);
     let batch = corral_client::new_run_id();
     let run_ids: Vec<String> = (0..args.sessions)
         .map(|i| format!("resume-{}-{i}", &batch[batch.len() - 12..]))

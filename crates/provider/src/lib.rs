@@ -51,6 +51,8 @@ pub const LABEL_RUN_ID: &str = "corral.run_id";
 pub const LABEL_DEPLOYMENT: &str = "corral.deployment";
 /// Label naming the node that holds a node-local (local provider) sandbox.
 pub const LABEL_NODE: &str = "corral.node";
+/// Label `none` on a sandbox that is not isolated (`local.isolation: none`).
+pub const LABEL_ISOLATION: &str = "corral.isolation";
 
 pub type Labels = BTreeMap<String, String>;
 

@@ -10,12 +10,17 @@
 //! live run claims is killed, and a live run whose sandbox is gone fails
 //! with `sandbox_lost`.
 //!
+//! With a node-local provider (local sandboxes) the reconciliation is each
+//! node's own: every reaper, leader or not, reconciles its node's sandboxes
+//! and kills them when the leader of another node asks ([`node`]).
+//!
 //! Every action is pinned to what was judged: it kills only the sandbox id
 //! it saw and applies the transition only at the run version it saw, so a
 //! brief second leader or a race with the owner never ends the wrong thing.
 
 pub mod config;
 pub mod lease;
+pub mod node;
 pub mod sweep;
 
 use std::sync::atomic::Ordering;
@@ -86,6 +91,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let lease_task = tokio::spawn(lease.run(shutdown.clone()));
     tracing::info!(reaper_id = %id, prefix = subjects.prefix(), "reaper started");
 
+    // A node-local provider's sandboxes are this node's business: kills
+    // asked by the leader of another node, and reconciliation every period.
+    let node = provider.node().map(str::to_owned);
+    let node_task = node.clone().map(|node| {
+        tracing::info!(node = %node, "serving this node's sandboxes");
+        tokio::spawn(node::serve(
+            client.clone(),
+            provider.clone(),
+            node,
+            shutdown.clone(),
+        ))
+    });
     let reaper = sweep::Reaper::new(client.clone(), provider, &config, &id);
     let mut tick = tokio::time::interval(Duration::from_millis(config.sweep_period_ms.max(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -93,6 +110,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
+        }
+        if node.is_some() {
+            match reaper.reconcile_node().await {
+                Ok(report) if report.acted() => {
+                    tracing::info!(?report, "node reconciliation acted")
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = %err, "node reconciliation failed"),
+            }
         }
         if !leader.load(Ordering::SeqCst) {
             continue;
@@ -102,6 +128,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             Ok(report) => tracing::debug!(?report, "sweep found nothing due"),
             Err(err) => tracing::warn!(error = %err, "sweep failed"),
         }
+    }
+    if let Some(task) = node_task
+        && let Ok(Err(err)) = task.await
+    {
+        tracing::warn!(error = %err, "node service failed");
     }
     let _ = lease_task.await;
     let _ = client.nats().flush().await;

@@ -10,7 +10,10 @@ use corral_proto::v1::{
     DueRun, Run, RunEvent, RunState, SessionCommand, SweepRequest, TransitionRequest, due_run::Why,
     session_command,
 };
-use corral_provider::{Health, LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, Provider, ProviderError};
+use corral_provider::{
+    Health, LABEL_DEPLOYMENT, LABEL_NODE, LABEL_RUN_ID, Labels, Provider, ProviderError,
+    SandboxInfo,
+};
 use futures::StreamExt;
 
 use crate::Config;
@@ -75,6 +78,7 @@ impl Reaper {
                 backstop_grace_ms: config.backstop_grace_ms,
                 limit: 10_000,
                 include_live: true,
+                live_only: false,
             },
             deployment: config.deployment_label(),
             actor: format!("reaper:{id}"),
@@ -82,14 +86,25 @@ impl Reaper {
         }
     }
 
-    /// One sweep. The provider is listed before the records are read, so a
-    /// sandbox created after the listing is never judged an orphan.
+    /// One sweep of the leader: act on what is due and, for a provider any
+    /// instance reaches (a remote API), reconcile its list against the
+    /// records. A node-local provider's sandboxes are reconciled by each
+    /// node's own reapers instead ([`Reaper::reconcile_node`]).
     pub async fn sweep(&self) -> Result<Report, SweepError> {
         let started = Instant::now();
-        let mut labels = Labels::new();
-        labels.insert(LABEL_DEPLOYMENT.into(), self.deployment.clone());
-        let sandboxes = self.provider.list(&labels).await?;
-        let (due, live) = self.client.sweep(&self.request).await?;
+        let node_local = self.provider.node().is_some();
+        // Listed before the records are read, so a sandbox created after
+        // the listing is never judged an orphan.
+        let sandboxes = if node_local {
+            None
+        } else {
+            Some(self.provider.list(&self.deployment_labels()).await?)
+        };
+        let request = SweepRequest {
+            include_live: !node_local,
+            ..self.request
+        };
+        let (due, live) = self.client.sweep(&request).await?;
 
         let mut report = Report::default();
         let outcomes: Vec<(Why, bool)> = futures::stream::iter(due)
@@ -114,10 +129,59 @@ impl Reaper {
                 Why::StuckBoot | Why::Unspecified => report.stuck_boots += 1,
             }
         }
+        if let Some(sandboxes) = sandboxes {
+            self.reconcile(&sandboxes, &live, &mut report).await;
+        }
+        report.duration = started.elapsed();
+        metrics::histogram!("corral_reaper_sweep_seconds").record(report.duration.as_secs_f64());
+        Ok(report)
+    }
 
+    /// Reconciles this node's sandboxes (a node-local provider) against the
+    /// live records: what every reaper of the node does each period, leader
+    /// or not, and first of all when it starts (a node coming back kills
+    /// what ended while it was away).
+    pub async fn reconcile_node(&self) -> Result<Report, SweepError> {
+        let Some(node) = self.provider.node() else {
+            return Ok(Report::default());
+        };
+        let started = Instant::now();
+        let mut labels = self.deployment_labels();
+        labels.insert(LABEL_NODE.into(), node.to_owned());
+        let sandboxes = self.provider.list(&labels).await?;
+        let request = SweepRequest {
+            include_live: true,
+            live_only: true,
+            ..self.request
+        };
+        let (_, live) = self.client.sweep(&request).await?;
+        let mut report = Report::default();
+        self.reconcile(&sandboxes, &live, &mut report).await;
+        report.duration = started.elapsed();
+        Ok(report)
+    }
+
+    fn deployment_labels(&self) -> Labels {
+        let mut labels = Labels::new();
+        labels.insert(LABEL_DEPLOYMENT.into(), self.deployment.clone());
+        labels
+    }
+
+    /// Whether this reaper's provider holds the sandbox: any sandbox of a
+    /// remote provider; only this node's of a node-local one.
+    fn holds(&self, sandbox_id: &str) -> bool {
+        match self.provider.node() {
+            None => true,
+            Some(node) => corral_provider::local::node_of_sandbox(sandbox_id) == Some(node),
+        }
+    }
+
+    /// A listed sandbox no live run claims is killed; a live run of this
+    /// provider whose sandbox (held here) is gone fails with `sandbox_lost`.
+    async fn reconcile(&self, sandboxes: &[SandboxInfo], live: &[Run], report: &mut Report) {
         let live: HashMap<&str, &Run> = live.iter().map(|run| (run.run_id.as_str(), run)).collect();
         let mut listed = std::collections::HashSet::new();
-        for sandbox in &sandboxes {
+        for sandbox in sandboxes {
             listed.insert(sandbox.id.as_str());
             let run_id = sandbox
                 .labels
@@ -149,7 +213,10 @@ impl Reaper {
             // A kept run between turns (idle, paused) whose sandbox is gone
             // is not lost: its next continue probes and replaces it.
             let holds_sandbox = matches!(run.state(), RunState::Running | RunState::Finalizing);
+            let ours = (run.provider.is_empty() || run.provider == self.provider.name())
+                && self.holds(&run.sandbox_id);
             if !holds_sandbox
+                || !ours
                 || run.sandbox_id.is_empty()
                 || listed.contains(run.sandbox_id.as_str())
             {
@@ -164,9 +231,6 @@ impl Reaper {
                 report.sandboxes_lost += 1;
             }
         }
-        report.duration = started.elapsed();
-        metrics::histogram!("corral_reaper_sweep_seconds").record(report.duration.as_secs_f64());
-        Ok(report)
     }
 
     /// Kills the judged sandbox, then ends the run at the judged version.
@@ -240,9 +304,10 @@ impl Reaper {
     /// labelled with the run's id.
     async fn kill_sandboxes_of(&self, run: &Run) {
         let ids: Vec<String> = if run.sandbox_id.is_empty() {
-            let mut labels = Labels::new();
+            // Of a node-local provider only this node's: another node's is
+            // killed by its own reconciliation once the run has ended.
+            let mut labels = self.deployment_labels();
             labels.insert(LABEL_RUN_ID.into(), run.run_id.clone());
-            labels.insert(LABEL_DEPLOYMENT.into(), self.deployment.clone());
             match self.provider.list(&labels).await {
                 Ok(found) => found.into_iter().map(|s| s.id).collect(),
                 Err(err) => {
@@ -254,8 +319,20 @@ impl Reaper {
             vec![run.sandbox_id.clone()]
         };
         for id in ids {
-            if let Err(err) = self.provider.kill(&id).await {
-                tracing::warn!(run_id = %run.run_id, sandbox_id = %id, error = %err, "sandbox kill failed");
+            if self.holds(&id) {
+                if let Err(err) = self.provider.kill(&id).await {
+                    tracing::warn!(run_id = %run.run_id, sandbox_id = %id, error = %err, "sandbox kill failed");
+                }
+                continue;
+            }
+            // Another node's local sandbox: only that node can kill it. If
+            // it does not answer (it is down), it kills the sandbox when it
+            // reconciles on its return: the run is ended either way.
+            let node = corral_provider::local::node_of_sandbox(&id).unwrap_or_default();
+            if let Err(err) =
+                crate::node::ask_kill(&self.client, node, &id, &run.run_id, &self.actor).await
+            {
+                tracing::warn!(run_id = %run.run_id, sandbox_id = %id, node, error = %err, "node did not kill its sandbox; it will when it reconciles");
             }
         }
     }

@@ -103,9 +103,9 @@ pub(crate) async fn consume(
                 runs.spawn(
                     async move {
                         match work {
-                            Some(Work::Run(start)) => supervisor::supervise(&spawner, start).await,
+                            Some(Work::Run(start)) => supervisor::supervise(&spawner, *start).await,
                             Some(Work::Turn(turn)) => {
-                                supervisor::supervise_turn(&spawner, turn).await
+                                supervisor::supervise_turn(&spawner, *turn).await
                             }
                             None => {}
                         }
@@ -121,9 +121,10 @@ pub(crate) async fn consume(
 }
 
 /// What a command gave this spawner to supervise.
+/// (Boxed: both carry a run's whole spec; the future that holds one stays small.)
 enum Work {
-    Run(supervisor::Start),
-    Turn(supervisor::Turn),
+    Run(Box<supervisor::Start>),
+    Turn(Box<supervisor::Turn>),
 }
 
 /// Decides one command by its subject.
@@ -131,11 +132,13 @@ async fn dispatch(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Optio
     let subjects = spawner.subjects();
     let subject = message.subject.as_str();
     if subject == subjects.cmd_run() {
-        handle(spawner, message).await.map(Work::Run)
+        handle(spawner, message)
+            .await
+            .map(|start| Work::Run(Box::new(start)))
     } else if subject == subjects.cmd_continue() {
         session::handle_continue(spawner, message)
             .await
-            .map(Work::Turn)
+            .map(|turn| Work::Turn(Box::new(turn)))
     } else if subject == subjects.cmd_session() {
         session::handle_session(spawner, message).await;
         None

@@ -231,12 +231,21 @@ impl Supervisor {
             .map_err(|err| format!("sandbox create failed: {err}"))?;
         self.sandbox_id = Some(sandbox.id.clone());
         tracing::debug!(sandbox_id = %sandbox.id, "sandbox created");
+        let isolation = sandbox
+            .labels
+            .get(corral_provider::LABEL_ISOLATION)
+            .cloned()
+            .unwrap_or_default();
+        if !isolation.is_empty() {
+            tracing::warn!(sandbox_id = %sandbox.id, isolation = %isolation, "the run's sandbox is not isolated: its agent can see this machine");
+        }
         let record = RecordSandboxRequest {
             run_id: self.run_id.clone(),
             owner: self.spawner.id.clone(),
             sandbox_id: sandbox.id.clone(),
             provider: self.spawner.provider.name().to_owned(),
             replaced_because: replaced_because.to_owned(),
+            isolation,
         };
         let client = &self.spawner.client;
         let run = (|| client.record_sandbox(&record))

@@ -218,7 +218,11 @@ impl Handlers {
     }
 
     async fn handle_sweep(&self, request: SweepRequest) -> Answer<SweepReply> {
-        let due = stored(self.store.sweep(&request).await)?;
+        let due = if request.live_only {
+            Vec::new()
+        } else {
+            stored(self.store.sweep(&request).await)?
+        };
         let live = if request.include_live {
             stored(self.store.live().await)?
         } else {

@@ -419,7 +419,10 @@ impl Store {
                 UPDATE runs SET sandbox_id = $3, provider = $4, sandbox_epoch = sandbox_epoch + 1,
                     version = version + 1, updated_at = now(),
                     session_id = CASE WHEN $5 <> '' THEN NULL ELSE session_id END,
-                    reason = CASE WHEN $5 <> '' THEN $5 ELSE reason END
+                    reason = CASE WHEN $5 <> '' THEN $5 ELSE reason END,
+                    labels = CASE WHEN $6 <> ''
+                        THEN labels || jsonb_build_object('corral.isolation', $6::text)
+                        ELSE labels END
                 WHERE run_id = $1 AND owner = $2
                   AND state NOT IN ('completed', 'failed', 'stopped', 'timed_out')
                 RETURNING {COLUMNS}
@@ -434,6 +437,7 @@ impl Store {
         .bind(&request.sandbox_id)
         .bind(&request.provider)
         .bind(&request.replaced_because)
+        .bind(&request.isolation)
         .fetch_optional(&self.pool)
         .await?;
         match row {

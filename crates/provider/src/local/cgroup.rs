@@ -53,8 +53,35 @@ pub(crate) struct SandboxGroups {
 }
 
 impl Cgroups {
-    /// Looks at this process's own groups and what is mounted.
-    pub fn detect() -> Cgroups {
+    /// Removes the empty groups of sandboxes that no longer exist (a kill
+    /// that gave up waiting for a straggler to be reaped); `exists` tells
+    /// whether a sandbox id is still on disk.
+    pub fn collect(&self, exists: impl Fn(&str) -> bool) {
+        let bases: Vec<&Path> = match self {
+            Cgroups::V1(bases) => bases.iter().map(|(_, base)| base.as_path()).collect(),
+            Cgroups::V2(base) => vec![base.as_path()],
+            Cgroups::Unavailable(_) => return,
+        };
+        for base in bases {
+            let Ok(entries) = std::fs::read_dir(base) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if name.starts_with("sbx-") && !exists(name) {
+                    // Fails while members remain: tried again next time.
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
+    }
+
+    /// Looks at this process's own groups and what is mounted. Sandbox
+    /// groups go in a group of their own per sandbox directory
+    /// (`corral-<tag>`), so providers of different `CORRAL_HOME`s on one
+    /// machine never touch each other's.
+    pub fn detect(tag: &str) -> Cgroups {
         let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         let mut v1 = Vec::new();
         for controller in V1_CONTROLLERS {
@@ -67,7 +94,8 @@ impl Cgroups {
             if let Some(path) = path
                 && mount.join("cgroup.procs").exists()
             {
-                v1.push((controller, mount.join(path.trim_start_matches('/'))));
+                let own = mount.join(path.trim_start_matches('/'));
+                v1.push((controller, own.join(format!("corral-{tag}"))));
             }
         }
         let has = |name: &str| v1.iter().any(|(c, _)| *c == name);
@@ -80,13 +108,31 @@ impl Cgroups {
                 .lines()
                 .find_map(|line| line.strip_prefix("0::"))
                 .unwrap_or("/");
-            let base = unified.join(path.trim_start_matches('/'));
-            // Limits need the controllers enabled below this group; freezing
-            // and killing work without them.
-            let _ = std::fs::write(base.join("cgroup.subtree_control"), "+memory +pids +cpu");
-            return Cgroups::V2(base);
+            let own = unified.join(path.trim_start_matches('/'));
+            return Cgroups::V2(own.join(format!("corral-{tag}")));
         }
         Cgroups::Unavailable("no cgroup v1 memory and pids controllers, no cgroup v2".into())
+    }
+
+    /// Removes the (empty) parent groups of this sandbox directory's
+    /// sandboxes: when the directory is given up (tests, uninstall).
+    pub fn remove_parents(&self) {
+        let bases: Vec<&Path> = match self {
+            Cgroups::V1(bases) => bases.iter().map(|(_, base)| base.as_path()).collect(),
+            Cgroups::V2(base) => vec![base.as_path()],
+            Cgroups::Unavailable(_) => return,
+        };
+        for base in bases {
+            let _ = std::fs::remove_dir(base);
+        }
+    }
+
+    fn version_of(&self) -> u8 {
+        match self {
+            Cgroups::V1(_) => 1,
+            Cgroups::V2(_) => 2,
+            Cgroups::Unavailable(_) => 0,
+        }
     }
 
     /// Makes the sandbox's groups and writes its limits. Undoes what it made
@@ -95,7 +141,10 @@ impl Cgroups {
         let groups = match self {
             Cgroups::V1(bases) => SandboxGroups {
                 version: 1,
-                dirs: bases.iter().map(|(_, base)| base.join(sandbox_id)).collect(),
+                dirs: bases
+                    .iter()
+                    .map(|(_, base)| base.join(sandbox_id))
+                    .collect(),
             },
             Cgroups::V2(base) => SandboxGroups {
                 version: 2,
@@ -105,6 +154,18 @@ impl Cgroups {
         };
         let made = (|| {
             for dir in &groups.dirs {
+                let parent = dir.parent().expect("a sandbox group has a parent");
+                if !parent.exists() {
+                    std::fs::create_dir_all(parent).map_err(|err| with_path(parent, err))?;
+                    // v2: limits need the controllers enabled below the
+                    // parent; freezing and killing work without them.
+                    if self.version_of() == 2 {
+                        let _ = std::fs::write(
+                            parent.join("cgroup.subtree_control"),
+                            "+memory +pids +cpu",
+                        );
+                    }
+                }
                 match std::fs::create_dir(dir) {
                     Ok(()) => {}
                     Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
@@ -160,9 +221,33 @@ impl SandboxGroups {
         Ok(())
     }
 
+    /// How often a fork failed at the sandbox's `pids` limit (`pids.events`
+    /// "max"), if it has one.
+    pub fn pids_limit_hits(&self) -> Option<u64> {
+        let events = std::fs::read_to_string(self.file("pids.events")?).ok()?;
+        events
+            .lines()
+            .find_map(|line| line.strip_prefix("max "))
+            .and_then(|n| n.trim().parse().ok())
+    }
+
+    /// Moves `pid` out of the sandbox's groups, back to their parents: for
+    /// the host-side processes that start a sandbox and are not part of it
+    /// (left unreaped after a crash, they would keep the groups busy).
+    pub fn release(&self, pid: i32) {
+        for dir in &self.dirs {
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::write(parent.join("cgroup.procs"), pid.to_string());
+            }
+        }
+    }
+
     /// The `cgroup.procs` files a process writes itself into to join.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs.iter().map(|dir| dir.join("cgroup.procs")).collect()
+        self.dirs
+            .iter()
+            .map(|dir| dir.join("cgroup.procs"))
+            .collect()
     }
 
     /// Every process in the sandbox's groups.
@@ -256,7 +341,10 @@ pub(crate) fn frozen(pid: i32) -> bool {
         };
         let path = path.trim_start_matches('/');
         if names.split(',').any(|n| n == "freezer") {
-            let state = Path::new(ROOT).join("freezer").join(path).join("freezer.state");
+            let state = Path::new(ROOT)
+                .join("freezer")
+                .join(path)
+                .join("freezer.state");
             return std::fs::read_to_string(state).is_ok_and(|s| s.trim() == "FROZEN");
         }
         if names.is_empty() {

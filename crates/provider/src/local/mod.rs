@@ -43,8 +43,8 @@ pub use config::{Isolation, LocalConfig, Network};
 pub use namespaces::SANDBOX_WORK;
 
 use crate::{
-    CreateSpec, ExecControl, ExecSpec, Execution, ExitStatus, Health, KillOutcome, LABEL_NODE,
-    Labels, OutputLine, OutputStream, Process, Provider, ProviderError, SandboxInfo,
+    CreateSpec, ExecControl, ExecSpec, Execution, ExitStatus, Health, KillOutcome, LABEL_ISOLATION,
+    LABEL_NODE, Labels, OutputLine, OutputStream, Process, Provider, ProviderError, SandboxInfo,
 };
 use cgroup::{Cgroups, SandboxGroups};
 use config::Bind;
@@ -164,12 +164,13 @@ impl LocalProvider {
         })?;
         // SAFETY: geteuid has no preconditions.
         let as_root = unsafe { libc::geteuid() } == 0;
+        let tag = tag_of(&root);
         let inner = Inner {
             root,
             node: config.node_id(),
             binds: config.parsed_binds()?,
             cgroups: match config.isolation {
-                Isolation::Namespaces => Cgroups::detect(),
+                Isolation::Namespaces => Cgroups::detect(&tag),
                 Isolation::None => Cgroups::Unavailable("isolation: none".into()),
             },
             config: config.clone(),
@@ -179,6 +180,12 @@ impl LocalProvider {
             state_lock: Mutex::new(()),
             blocking_slots: tokio::sync::Semaphore::new(4),
         };
+        if let Some(missing) = inner.binds.iter().find(|b| !b.host.exists()) {
+            return Err(ProviderError::Invalid(format!(
+                "local.binds: {} does not exist",
+                missing.host.display()
+            )));
+        }
         if config.isolation == Isolation::Namespaces {
             inner.check_isolation()?;
             if let Cgroups::Unavailable(why) = &inner.cgroups {
@@ -200,6 +207,15 @@ impl LocalProvider {
         self.inner.work_dir(sandbox_id)
     }
 
+    /// Removes what this sandbox directory left in the control-group
+    /// hierarchy once it holds no sandbox (its empty parent groups): for
+    /// tests and uninstalls that give the directory up.
+    pub fn release_control_groups(&self) {
+        let root = self.inner.root.clone();
+        self.inner.cgroups.collect(|id| root.join(id).exists());
+        self.inner.cgroups.remove_parents();
+    }
+
     /// This provider's node id (the `corral.node` label of its sandboxes).
     pub fn node_id(&self) -> &str {
         &self.inner.node
@@ -217,8 +233,9 @@ impl LocalProvider {
     }
 
     /// Process ids (on this machine) of every live process of the sandbox:
-    /// its control groups' and PID namespace's members when isolated, its
-    /// marked processes otherwise. For tests and diagnostics.
+    /// the members of its PID namespace when isolated (its init included,
+    /// not the `nsenter` waiting outside for a command), its marked
+    /// processes otherwise. For tests and diagnostics.
     pub fn processes(&self, sandbox_id: &str) -> Vec<i32> {
         let Ok(state) = self.inner.read_state(sandbox_id) else {
             return marked(sandbox_id);
@@ -226,14 +243,21 @@ impl LocalProvider {
         if !state.isolated {
             return marked(sandbox_id);
         }
-        let mut pids = state.cgroups.members();
-        if let Some(init) = state.init.filter(Init::alive) {
-            pids.extend(procfs::in_namespace(init.pid_namespace));
+        match state.init.filter(Init::alive) {
+            Some(init) => procfs::in_namespace(init.pid_namespace),
+            None => state.cgroups.members(),
         }
-        pids.retain(|pid| procfs::stat(*pid).is_some_and(|s| s.alive()));
-        pids.sort_unstable();
-        pids.dedup();
-        pids
+    }
+
+    /// How often a process of the sandbox failed to fork because the
+    /// sandbox reached `local.pids_max` (the kernel's count); `None` without
+    /// a `pids` control group. For tests and diagnostics.
+    pub fn pids_limit_hits(&self, sandbox_id: &str) -> Option<u64> {
+        self.inner
+            .read_state(sandbox_id)
+            .ok()?
+            .cgroups
+            .pids_limit_hits()
     }
 
     /// The pid on this machine of the sandbox's process whose pid inside
@@ -294,11 +318,10 @@ impl LocalProvider {
             .spawn()
             .map_err(|err| ProviderError::Failed(format!("cannot start bwrap: {err}")))?;
         let failed = |why: String| ProviderError::Failed(format!("sandbox namespace: {why}"));
+        // A failed write means bwrap (or the wrapper) already exited: what
+        // it printed says why, below.
         if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(&args)
-                .await
-                .map_err(|err| failed(format!("writing bwrap's arguments: {err}")))?;
+            let _ = stdin.write_all(&args).await;
         }
         let mut stdout = child.stdout.take().expect("stdout should be piped");
         let mut stderr = child.stderr.take().expect("stderr should be piped");
@@ -308,11 +331,9 @@ impl LocalProvider {
             outcome => {
                 let _ = child.start_kill();
                 let mut text = String::new();
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    stderr.read_to_string(&mut text),
-                )
-                .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), stderr.read_to_string(&mut text))
+                        .await;
                 let why = if outcome.is_err() {
                     "bwrap did not report its namespace within 10 s".to_owned()
                 } else {
@@ -323,13 +344,21 @@ impl LocalProvider {
             }
         };
         // The outer bwrap waits for the namespace; tokio reaps it when it
-        // ends (the handle is dropped, not the process).
+        // ends (the handle is dropped, not the process). It is not part of
+        // the sandbox: out of its groups, so that, left unreaped after a
+        // crash of this process, it never keeps them from being removed.
+        if let Some(outer) = child.id() {
+            state.cgroups.release(outer as i32);
+        }
         drop(child);
         // bwrap reports the pid before the namespace's mounts are done; the
         // sandbox is ready once PID 2 runs `sleep` (a command entered
         // earlier could find an unfinished root).
         let ready = tokio::time::timeout(Duration::from_secs(10), async {
-            while !procfs::children(child_pid).into_iter().any(procfs::is_init_sleep) {
+            while !procfs::children(child_pid)
+                .into_iter()
+                .any(procfs::is_init_sleep)
+            {
                 if procfs::stat(child_pid).is_none() {
                     return false;
                 }
@@ -372,11 +401,8 @@ impl LocalProvider {
                  {SANDBOX_WORK} and the configured local.binds)"
             )));
         }
-        let rlimits = namespaces::rlimits(
-            state.memory_mib,
-            state.cpu_secs,
-            inner.config.file_size_mib,
-        );
+        let rlimits =
+            namespaces::rlimits(state.memory_mib, state.cpu_secs, inner.config.file_size_mib);
         let user = inner
             .as_root
             .then_some((inner.config.agent_uid, inner.config.agent_gid));
@@ -521,7 +547,9 @@ impl Inner {
                 return namespaces::executable(&bind.host.join(rest));
             }
         }
-        let system = ["/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+        let system = [
+            "/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+        ];
         system.iter().any(|dir| path.starts_with(dir)) && namespaces::executable(path)
     }
 
@@ -642,7 +670,10 @@ impl Inner {
                 procfs::wait_until(Duration::from_secs(2), || !init.alive());
             }
             if !emptied {
-                tracing::warn!(sandbox_id, "sandbox control group still has members after SIGKILL");
+                tracing::warn!(
+                    sandbox_id,
+                    "sandbox control group still has members after SIGKILL"
+                );
             }
             state.cgroups.remove(Duration::from_secs(1));
         } else {
@@ -694,6 +725,9 @@ impl Inner {
         };
         let mut labels = spec.labels.clone();
         labels.insert(LABEL_NODE.into(), self.node.clone());
+        if !isolated {
+            labels.insert(LABEL_ISOLATION.into(), "none".into());
+        }
         let state = SandboxState {
             id,
             labels,
@@ -750,6 +784,17 @@ impl Inner {
         self.signal_groups(state, signal);
         Ok(())
     }
+}
+
+/// A short, stable tag of a sandbox directory (FNV-1a of its path), naming
+/// its control groups' parent.
+fn tag_of(root: &Path) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in root.as_os_str().as_encoded_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:08x}", hash as u32)
 }
 
 fn io_failed(path: &Path, err: io::Error) -> ProviderError {
@@ -1041,6 +1086,8 @@ impl Provider for LocalProvider {
     }
 
     async fn list(&self, labels: &Labels) -> Result<Vec<SandboxInfo>, ProviderError> {
+        let root = self.inner.root.clone();
+        self.inner.cgroups.collect(|id| root.join(id).exists());
         let entries =
             std::fs::read_dir(&self.inner.root).map_err(|err| io_failed(&self.inner.root, err))?;
         let mut found = Vec::new();
@@ -1108,7 +1155,11 @@ mod tests {
             .filter(|pid| procfs::stat(*pid).is_some_and(|s| s.alive()))
             .filter(|pid| {
                 std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " ").contains(needle))
+                    .map(|raw| {
+                        String::from_utf8_lossy(&raw)
+                            .replace('\0', " ")
+                            .contains(needle)
+                    })
                     .unwrap_or(false)
             })
             .collect()
@@ -1146,6 +1197,7 @@ mod tests {
             line: "two".into()
         }));
         provider.kill(&sandbox.id).await.expect("kill");
+        provider.release_control_groups();
         std::fs::remove_dir_all(home).ok();
     }
 
@@ -1175,6 +1227,7 @@ mod tests {
             ["CORRAL_RUN_ID", "CORRAL_SANDBOX_ID", "HOME", "LANG", "PATH"]
         );
         provider.kill(&sandbox.id).await.expect("kill");
+        provider.release_control_groups();
         std::fs::remove_dir_all(home).ok();
     }
 
@@ -1192,11 +1245,11 @@ mod tests {
         // The first owner forgets the execution, as a crashed spawner would.
         std::mem::forget(exec);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while with_cmdline("sleep 3031").len() < 2 {
+        // Its init, the init's sleep, the agent's shell and its two sleeps.
+        while first.processes(&sandbox.id).len() < 5 {
             assert!(Instant::now() < deadline, "both sleeps never started");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(first.processes(&sandbox.id).len() >= 4, "init, its sleep, sh, two sleeps");
 
         let second = LocalProvider::new(&home, &LocalConfig::default()).expect("second provider");
         let listed = second.list(&Labels::new()).await.expect("list");
@@ -1208,12 +1261,17 @@ mod tests {
             second.kill(&sandbox.id).await.expect("kill"),
             KillOutcome::Killed
         );
-        assert_eq!(with_cmdline("sleep 3031"), Vec::<i32>::new(), "processes survived the kill");
+        assert_eq!(
+            with_cmdline("sleep 3031"),
+            Vec::<i32>::new(),
+            "processes survived the kill"
+        );
         assert!(second.list(&Labels::new()).await.expect("list").is_empty());
         assert_eq!(
             second.kill(&sandbox.id).await.expect("kill again"),
             KillOutcome::AlreadyGone
         );
+        second.release_control_groups();
         std::fs::remove_dir_all(home).ok();
     }
 
@@ -1243,6 +1301,27 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(1300));
         provider.kill(&sandbox.id).await.expect("kill");
         assert!(LocalProvider::live_processes(&sandbox.id).is_empty());
+        provider.release_control_groups();
+        std::fs::remove_dir_all(home).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sandboxes_created_at_once_all_start() {
+        let (provider, home) = provider();
+        let creates = (0..16).map(|i| {
+            let provider = provider.clone();
+            async move { provider.create(&spec(&format!("c{i}"))).await }
+        });
+        let results = futures::future::join_all(creates).await;
+        for result in &results {
+            if let Err(err) = result {
+                panic!("create failed: {err}");
+            }
+        }
+        for sandbox in results.into_iter().flatten() {
+            provider.kill(&sandbox.id).await.expect("kill");
+        }
+        provider.release_control_groups();
         std::fs::remove_dir_all(home).ok();
     }
 
@@ -1257,6 +1336,7 @@ mod tests {
             .expect("should fail");
         assert!(err.to_string().contains("/no/such/agent"), "{err}");
         provider.kill(&sandbox.id).await.expect("kill");
+        provider.release_control_groups();
         std::fs::remove_dir_all(home).ok();
     }
 }
