@@ -73,7 +73,7 @@ async fn measure(provider: &LocalProvider, count: usize) -> Result<Phases, Provi
 }
 
 fn line(name: &str, samples: &mut [f64]) -> (f64, f64) {
-    let (p50, p99) = (percentile(samples, 50.0), percentile(samples, 99.0));
+    let (p50, p99) = (percentile(samples, 0.50), percentile(samples, 0.99));
     println!("  {name:<14} p50 {p50:>7.2} ms   p99 {p99:>7.2} ms");
     (p50, p99)
 }

@@ -973,7 +973,8 @@ impl Provider for LocalProvider {
         let spec = spec.clone();
         let state = self.blocking(move |inner| inner.create(&spec)).await?;
         if !state.isolated {
-            tracing::warn!(sandbox_id = %state.id, "sandbox is not isolated (local.isolation: none)");
+            // Labelled `corral.isolation=none`: the spawner warns for the
+            // run and records it.
             return Ok(info(&state));
         }
         match self.start_init(&state).await {
