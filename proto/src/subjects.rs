@@ -154,6 +154,15 @@ impl Subjects {
         format!("{}.events.{run_id}.>", self.prefix)
     }
 
+    /// The run an events subject names (`<p>.events.<run_id>.<kind>`).
+    pub fn run_of_event<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".events.")?
+            .split('.')
+            .next()
+    }
+
     pub fn events_all(&self) -> String {
         format!("{}.events.>", self.prefix)
     }

@@ -86,6 +86,23 @@ pub fn run_command(command: &RunCommand) -> Result<(), String> {
     Ok(())
 }
 
+/// The earliest and latest `at_ms` an agent event may carry (2000-01-01 and
+/// 2100-01-01, UTC): outside them a clock is wrong, and PostgreSQL would
+/// refuse far-off values.
+pub const EVENT_AT_MS_RANGE: std::ops::RangeInclusive<i64> = 946_684_800_000..=4_102_444_800_000;
+
+/// An agent event's time: within [`EVENT_AT_MS_RANGE`].
+pub fn event_at_ms(at_ms: i64) -> Result<(), String> {
+    if EVENT_AT_MS_RANGE.contains(&at_ms) {
+        return Ok(());
+    }
+    Err(format!(
+        "at_ms {at_ms} is out of range: milliseconds since the Unix epoch between {} (2000-01-01) and {} (2100-01-01)",
+        EVENT_AT_MS_RANGE.start(),
+        EVENT_AT_MS_RANGE.end()
+    ))
+}
+
 pub fn stop_command(command: &StopCommand) -> Result<(), String> {
     validate_run_id(&command.run_id).map_err(|e| e.to_string())
 }

@@ -151,7 +151,9 @@ async fn post_events(
     let mut acks = Vec::with_capacity(events.len());
     for event in &events {
         let mut headers = corral_common::nats::traced_headers();
-        headers.insert(corral_proto::headers::MSG_ID, event.event_id.as_str());
+        // Event ids are unique per run: de-duplicated per run, too.
+        let msg_id = format!("{run_id}:{}", event.event_id);
+        headers.insert(corral_proto::headers::MSG_ID, msg_id.as_str());
         let subject = state.subjects.events(&run_id, &event.kind);
         match state
             .js

@@ -15,7 +15,23 @@ pub struct Row {
     pub truncated: bool,
 }
 
-/// Inserts `rows` in one statement; an event already stored (same
+/// Whether a failed statement may succeed when tried again as it is: the
+/// database unreachable, restarting, out of resources, or the transaction
+/// rolled back (SQLSTATE classes 08, 40, 53, 57, 58; any error that is not
+/// the database's answer). Anything else is the data's fault.
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        }
+        _ => true,
+    }
+}
+
+/// Inserts `rows` in one statement; an event already stored (same run and
 /// event_id) is skipped. Returns how many rows were new.
 pub async fn insert(pool: &PgPool, rows: &[Row]) -> Result<u64, sqlx::Error> {
     let mut ids = Vec::with_capacity(rows.len());
@@ -42,7 +58,7 @@ pub async fn insert(pool: &PgPool, rows: &[Row]) -> Result<u64, sqlx::Error> {
          SELECT id, run, sseq, seq, kind, to_timestamp(at), data::jsonb, cut
          FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::float8[], $7::text[], $8::bool[])
               AS t(id, run, sseq, seq, kind, at, data, cut)
-         ON CONFLICT (event_id) DO NOTHING",
+         ON CONFLICT (run_id, event_id) DO NOTHING",
     )
     .bind(&ids)
     .bind(&runs)

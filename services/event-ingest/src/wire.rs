@@ -200,14 +200,47 @@ pub fn to_proto(run_id: &str, incoming: Incoming) -> Result<AgentEvent, String> 
         Some(id) => id,
         None => uuid::Uuid::now_v7().to_string(),
     };
+    let at_ms = incoming.at_ms.unwrap_or_else(corral_common::now_ms);
+    corral_proto::validate::event_at_ms(at_ms)?;
     Ok(AgentEvent {
         event_id,
         run_id: run_id.to_owned(),
         seq: incoming.seq.unwrap_or(0),
-        at_ms: incoming.at_ms.unwrap_or_else(corral_common::now_ms),
+        at_ms,
         kind: incoming.kind,
         payload: Some(payload),
     })
+}
+
+/// Replaces every NUL character (which PostgreSQL text and jsonb cannot
+/// hold) in the strings and keys of `value` with U+FFFD; returns how many.
+pub fn scrub_json(value: &mut Value) -> usize {
+    match value {
+        Value::String(text) => scrub(text),
+        Value::Array(items) => items.iter_mut().map(scrub_json).sum(),
+        Value::Object(map) => {
+            let mut replaced = 0;
+            if map.keys().any(|k| k.contains('\0')) {
+                let taken = std::mem::take(map);
+                for (mut key, mut item) in taken {
+                    replaced += scrub(&mut key) + scrub_json(&mut item);
+                    map.insert(key, item);
+                }
+                return replaced;
+            }
+            map.values_mut().map(scrub_json).sum()
+        }
+        _ => 0,
+    }
+}
+
+/// Replaces NUL characters in `text` with U+FFFD; returns how many.
+pub fn scrub(text: &mut String) -> usize {
+    let count = text.matches('\0').count();
+    if count > 0 {
+        *text = text.replace('\0', "\u{FFFD}");
+    }
+    count
 }
 
 /// The `data` JSON of an event, with diffs longer than `max_diff` cut (and
@@ -256,6 +289,27 @@ pub fn data_json(event: &AgentEvent, max_diff: usize) -> (Value, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nul_characters_are_replaced_everywhere_and_counted() {
+        let mut value = serde_json::json!({"line": "a\0b", "k\0": ["\0", 1]});
+        assert_eq!(scrub_json(&mut value), 3);
+        assert_eq!(
+            value,
+            serde_json::json!({"line": "a\u{FFFD}b", "k\u{FFFD}": ["\u{FFFD}", 1]})
+        );
+        assert!(!value.to_string().contains("\\u0000"), "{value}");
+    }
+
+    #[test]
+    fn an_event_time_out_of_range_is_refused_naming_at_ms() {
+        let incoming: Incoming = serde_json::from_value(
+            serde_json::json!({"kind": "agent.heartbeat", "at_ms": -5, "data": {}}),
+        )
+        .expect("incoming");
+        let err = to_proto("r1", incoming).expect_err("out of range");
+        assert!(err.starts_with("at_ms"), "{err}");
+    }
 
     fn incoming(json: &str) -> Incoming {
         serde_json::from_str(json).expect("valid envelope")

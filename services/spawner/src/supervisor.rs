@@ -788,7 +788,8 @@ impl Publisher {
             })),
         };
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(corral_proto::headers::MSG_ID, event_id.as_str());
+        let msg_id = format!("{}:{event_id}", self.run_id);
+        headers.insert(corral_proto::headers::MSG_ID, msg_id.as_str());
         match self
             .js
             .publish_with_headers(self.subject.clone(), headers, event.encode_to_vec().into())
