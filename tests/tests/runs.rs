@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use corral_proto::v1::{AgentEvent, RunCommand, RunState, agent_event};
 use corral_provider::{LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, Provider};
-use corral_tests::{SHARED_IN_SANDBOX, TestEnv};
+use corral_tests::{SHARED_IN_SANDBOX, TestEnv, eventually};
 use prost::Message;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -201,7 +201,7 @@ async fn malformed_and_invalid_commands_are_dead_lettered_while_a_good_one_behin
     let run = env.wait_terminal(&client, &good.run_id, LIMIT).await;
     assert_eq!(run.state(), RunState::Completed);
 
-    let dead = corral_tests::eventually("four dead letters", LIMIT, || async {
+    let dead = eventually("four dead letters", LIMIT, || async {
         let dead = env.stream_messages(&env.subjects.dlq_stream(), "").await;
         (dead.len() >= 4).then_some(dead)
     })
@@ -238,7 +238,7 @@ async fn malformed_and_invalid_commands_are_dead_lettered_while_a_good_one_behin
         );
     }
     // Nothing is left on the work queue: terminated, not pending redelivery.
-    corral_tests::eventually("the command stream is empty", LIMIT, || async {
+    eventually("the command stream is empty", LIMIT, || async {
         let mut stream = js.get_stream(env.subjects.cmd_stream()).await.ok()?;
         (stream.info().await.ok()?.state.messages == 0).then_some(())
     })
@@ -306,7 +306,7 @@ async fn a_spawner_restarted_after_sigkill_can_list_and_kill_the_sandboxes_the_k
     let run = env
         .wait_state(&client, &command.run_id, RunState::Running)
         .await;
-    corral_tests::eventually("both agent processes run", LIMIT, || async {
+    eventually("both agent processes run", LIMIT, || async {
         (LocalProvider::live_processes(&run.sandbox_id).len() >= 2).then_some(())
     })
     .await;
@@ -358,5 +358,60 @@ async fn the_tracker_answers_a_malformed_request_or_an_unknown_op_with_an_error_
         assert!(error.message.contains(expected), "{}", error.message);
     }
     tracker.stop().await;
+    env.cleanup().await;
+}
+
+/// Waits until a tracker answers on this test's prefix.
+async fn tracker_answers(client: &corral_client::Client) {
+    eventually("the tracker answers", Duration::from_secs(30), || async {
+        match client.get("probe").await {
+            Err(err) if err.code().is_some() => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_published_while_the_tracker_is_down_all_run_once_it_is_back() {
+    let env = TestEnv::new().await;
+    let mut tracker = env.spawn_service_process("tracker", &[]);
+    let client = env.client().await;
+    tracker_answers(&client).await;
+    let spawner = env.start_spawner().await;
+
+    // The tracker dies (SIGKILL) and stays away longer than the spawner's
+    // claim retries used to last (about 4 s); commands keep coming.
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(tracker.id().expect("pid") as i32, libc::SIGKILL) };
+    let _ = tracker.wait().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let command = env.command(&["true"]);
+        client.publish_run(&command).await.expect("publish");
+        ids.push(command.run_id);
+    }
+    // Down for 8 s, measured from the last publish.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let tracker = env.spawn_service_process("tracker", &[]);
+    tracker_answers(&client).await;
+
+    for id in &ids {
+        // No record until a spawner claims it (the tracker was away when
+        // it was published).
+        eventually(&format!("run {id} is claimed"), LIMIT, || async {
+            client.get(id).await.ok()
+        })
+        .await;
+        let run = env.wait_terminal(&client, id, LIMIT).await;
+        assert_eq!(run.state(), RunState::Completed, "{id}: {}", run.reason);
+    }
+    let dead = env
+        .stream_messages(&env.subjects.dlq_stream(), &env.subjects.dlq("cmd"))
+        .await;
+    assert!(dead.is_empty(), "{} commands dead-lettered", dead.len());
+
+    spawner.stop().await;
+    drop(tracker);
     env.cleanup().await;
 }

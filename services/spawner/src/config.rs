@@ -28,9 +28,10 @@ pub struct Config {
     pub memory_mib: u64,
     /// CPU-time limit per sandbox process, seconds (0 = the run's timeout).
     pub cpu_secs: u64,
-    /// Deliveries of a command whose handling keeps failing before it is
-    /// dead-lettered.
-    pub max_deliver: i64,
+    /// How long a command whose claim fails for a transient reason (the
+    /// tracker, PostgreSQL or NATS unavailable) is retried, from when it was
+    /// first published, before it is dead-lettered, ms.
+    pub claim_horizon_ms: u64,
     /// Liveness heartbeat period, ms.
     pub heartbeat_ms: u64,
     /// On shutdown, how long owned runs may go on before they are ended, ms.
@@ -72,7 +73,7 @@ impl Default for Config {
             kill_grace_ms: 5000,
             memory_mib: 4096,
             cpu_secs: 0,
-            max_deliver: 5,
+            claim_horizon_ms: 600_000,
             heartbeat_ms: 2000,
             shutdown_grace_ms: 10_000,
             command_ack_wait_ms: 30_000,

@@ -19,20 +19,16 @@ use tracing::Instrument;
 
 use crate::{Error, Spawner, session, supervisor};
 
-/// The shared consumer's configuration. `max_deliver` leaves room above the
-/// spawner's own limit so that the spawner, not the server, decides when a
-/// command is dead-lettered.
-pub(crate) fn consumer_config(
-    subjects: &Subjects,
-    max_deliver: i64,
-    ack_wait: Duration,
-) -> consumer::pull::Config {
+/// The shared consumer's configuration. No delivery limit: the spawner, not
+/// the server, decides when a command is given up (dead-lettered, never
+/// dropped).
+pub(crate) fn consumer_config(subjects: &Subjects, ack_wait: Duration) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(Subjects::SPAWNER_CONSUMER.into()),
         filter_subject: subjects.cmd_work(),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait,
-        max_deliver: max_deliver + 3,
+        max_deliver: -1,
         max_ack_pending: 10_000,
         ..Default::default()
     }
@@ -53,7 +49,6 @@ pub(crate) async fn consume(
             Subjects::SPAWNER_CONSUMER,
             consumer_config(
                 &subjects,
-                spawner.config.max_deliver,
                 Duration::from_millis(spawner.config.command_ack_wait_ms.max(100)),
             ),
         )
@@ -187,7 +182,7 @@ async fn handle(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Option<
             let _ = message.ack().await;
             None
         }
-        Err(err) if err.is_transient() && deliveries < spawner.config.max_deliver => {
+        Err(err) if err.is_transient() && within_horizon(spawner, message) => {
             let delay = backoff(deliveries);
             tracing::warn!(error = %err, deliveries, ?delay, "claim failed, retrying");
             forget();
@@ -196,7 +191,14 @@ async fn handle(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Option<
         }
         Err(err) => {
             forget();
-            let reason = format!("claim failed after {deliveries} deliveries: {err}");
+            let reason = if err.is_transient() {
+                format!(
+                    "claim failed for {} s (claim_horizon_ms), {deliveries} deliveries: {err}",
+                    spawner.config.claim_horizon_ms / 1000
+                )
+            } else {
+                format!("claim refused: {err}")
+            };
             dead_letter(spawner, message, &reason).await;
             None
         }
@@ -229,6 +231,18 @@ pub(crate) async fn accept<T: Message + Default>(
         return None;
     }
     Some(command)
+}
+
+/// Whether a command that failed for a transient reason may be tried again:
+/// it was first published less than `claim_horizon_ms` ago. A tracker
+/// restart, a database failover or a NATS blip is waited out, not turned
+/// into a dead letter.
+pub(crate) fn within_horizon(spawner: &Spawner, message: &jetstream::Message) -> bool {
+    let Ok(info) = message.info() else {
+        return true;
+    };
+    let age = time::OffsetDateTime::now_utc() - info.published;
+    age.whole_milliseconds() < i128::from(spawner.config.claim_horizon_ms)
 }
 
 /// Redelivery delay after `deliveries` failed attempts: 250 ms doubling, at most 30 s.

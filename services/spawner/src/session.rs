@@ -20,7 +20,7 @@ use corral_proto::v1::{
 use corral_provider::ProviderError;
 
 use crate::Spawner;
-use crate::consumer::{accept, backoff, dead_letter};
+use crate::consumer::{accept, backoff, dead_letter, within_horizon};
 use crate::supervisor::Turn;
 
 fn retry_policy() -> ExponentialBuilder {
@@ -245,7 +245,7 @@ async fn refuse(
 ) {
     let deliveries = message.info().map(|i| i.delivered).unwrap_or(1);
     let busy = err.code() == Some(Code::Conflict) && err.to_string().contains("is held by");
-    if (busy || err.is_transient()) && deliveries < spawner.config.max_deliver {
+    if (busy || err.is_transient()) && within_horizon(spawner, message) {
         let delay = if busy {
             Duration::from_millis(100)
         } else {
