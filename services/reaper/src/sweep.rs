@@ -64,6 +64,10 @@ pub struct Reaper {
     deployment: String,
     actor: String,
     parallel: usize,
+    /// Runs whose sandbox was found gone, at the version seen and when:
+    /// judged `sandbox_lost` only if still so a grace later.
+    suspects: std::sync::Mutex<HashMap<String, (u64, Instant)>>,
+    lost_grace: Duration,
 }
 
 impl Reaper {
@@ -81,6 +85,11 @@ impl Reaper {
                 live_only: false,
             },
             deployment: config.deployment_label(),
+            suspects: Default::default(),
+            // An owner kills its sandbox before it records the end: a
+            // sandbox gone under a run still live is its owner finishing
+            // unless it stays so past a sweep period.
+            lost_grace: Duration::from_millis(config.sweep_period_ms.max(1000)),
             actor: format!("reaper:{id}"),
             parallel: config.max_parallel_kills.max(1),
         }
@@ -209,6 +218,7 @@ impl Reaper {
                 }
             }
         }
+        let mut seen = std::collections::HashSet::new();
         for run in live.values() {
             // A kept run between turns (idle, paused) whose sandbox is gone
             // is not lost: its next continue probes and replaces it.
@@ -222,13 +232,39 @@ impl Reaper {
             {
                 continue;
             }
-            // Listed before the records were read: ask again before judging.
+            // Listed before the records were read: ask again before judging,
+            // and judge only a run that stayed so for the grace.
             if let Ok(Health::Gone(why)) = self.provider.probe(&run.sandbox_id).await
+                && self.still_gone_after_grace(run, &mut seen)
                 && self.end(run, RunEvent::Fail, "sandbox_lost").await
             {
                 tracing::warn!(run_id = %run.run_id, sandbox_id = %run.sandbox_id, detail = %why, reason = "sandbox_lost", "run failed");
                 metrics::counter!("corral_sandboxes_lost_total").increment(1);
                 report.sandboxes_lost += 1;
+            }
+        }
+        self.suspects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|run_id, _| seen.contains(run_id));
+    }
+
+    /// Whether the run (its sandbox found gone) was found so at the same
+    /// version at least `lost_grace` ago; records it as a suspect if not.
+    fn still_gone_after_grace(
+        &self,
+        run: &Run,
+        seen: &mut std::collections::HashSet<String>,
+    ) -> bool {
+        seen.insert(run.run_id.clone());
+        let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        match suspects.get(&run.run_id) {
+            Some((version, since)) if *version == run.version => {
+                since.elapsed() >= self.lost_grace
+            }
+            _ => {
+                suspects.insert(run.run_id.clone(), (run.version, Instant::now()));
+                false
             }
         }
     }
