@@ -259,9 +259,7 @@ impl Reaper {
         seen.insert(run.run_id.clone());
         let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
         match suspects.get(&run.run_id) {
-            Some((version, since)) if *version == run.version => {
-                since.elapsed() >= self.lost_grace
-            }
+            Some((version, since)) if *version == run.version => since.elapsed() >= self.lost_grace,
             _ => {
                 suspects.insert(run.run_id.clone(), (run.version, Instant::now()));
                 false
