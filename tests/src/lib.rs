@@ -335,8 +335,11 @@ impl TestEnv {
 
     /// Starts the tracker in this process and waits until it answers.
     pub async fn start_tracker(&self) -> InProcess {
+        self.start_tracker_with(self.tracker_config()).await
+    }
+
+    pub async fn start_tracker_with(&self, config: corral_tracker::Config) -> InProcess {
         let token = CancellationToken::new();
-        let config = self.tracker_config();
         let cancel = token.clone();
         let join = tokio::spawn(async move {
             corral_tracker::run(config, cancel)

@@ -461,3 +461,60 @@ async fn a_stop_published_before_its_run_is_known_still_prevents_the_boot() {
     tracker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_published_while_postgres_is_down_is_carried_out_at_once_and_recorded_later() {
+    let env = TestEnv::new().await;
+    let postgres = corral_tests::PrivatePostgres::start();
+    let mut config = env.tracker_config();
+    config.database_url = corral_common::Secret::new(postgres.url());
+    let tracker = env.start_tracker_with(config).await;
+    let spawner = env.start_spawner().await;
+    let client = env.client().await;
+
+    let n = corral_tests::unique_secs();
+    let command = env.command(&["sleep", &n.to_string()]);
+    client.start_run(&command).await.expect("submit");
+    env.wait_state(&client, &command.run_id, RunState::Running)
+        .await;
+
+    // PostgreSQL goes away; a stop is published straight on the run's stop
+    // subject, as a platform without the tracker's answer would.
+    postgres.stop();
+    let stop = stop_command(&command.run_id, "while the database is away");
+    client
+        .jetstream()
+        .publish(
+            env.subjects.cmd_stop(&command.run_id),
+            prost::Message::encode_to_vec(&stop).into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    // The owner heard it: the agent is gone while nothing can be recorded.
+    eventually("the owner kills the agent at once", LIMIT, || async {
+        corral_tests::processes_with_cmdline(&format!("sleep {n}"))
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    // Away longer than the stop consumer's old 10 deliveries a second apart.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    postgres.start_again();
+
+    let run = eventually("the stop is recorded", LIMIT, || async {
+        let run = client.get(&command.run_id).await.ok()?;
+        (run.stop_requested_at_ms > 0).then_some(run)
+    })
+    .await;
+    assert_eq!(run.stop_reason, "while the database is away");
+    let dead = env
+        .stream_messages(&env.subjects.dlq_stream(), &env.subjects.dlq("cmd"))
+        .await;
+    assert!(dead.is_empty(), "the stop was not dead-lettered");
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}

@@ -169,7 +169,10 @@ async fn consume_stops(
                 filter_subject: subjects.cmd_stop_all(),
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(30),
-                max_deliver: 10,
+                // No delivery limit: a stop is retried until it is recorded
+                // (its owner heard it at once anyway); only what retrying
+                // cannot fix is dead-lettered.
+                max_deliver: -1,
                 ..Default::default()
             },
         )
@@ -214,10 +217,12 @@ async fn consume_stops(
                 let _ = message.ack().await;
             }
             Err(StoreError::Db(err)) => {
-                tracing::warn!(run_id = %stop.run_id, error = %err, "stop not recorded, will retry");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+                let deliveries = message.info().map(|i| i.delivered).unwrap_or(1);
+                // 250 ms doubling, at most 5 s, for as long as it takes.
+                let delay = Duration::from_millis(250 << deliveries.clamp(1, 5) as u32 >> 1)
+                    .min(Duration::from_secs(5));
+                tracing::warn!(run_id = %stop.run_id, error = %err, deliveries, ?delay, "stop not recorded, will retry");
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
             }
             Err(err) => {
                 dead_letter(js, &subjects, &message, &err.to_string()).await;
