@@ -436,3 +436,33 @@ async fn heartbeats_do_not_hold_off_the_inactivity_timeout_but_progress_events_d
     tracker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_run_pending_with_no_command_to_carry_it_is_failed_saying_so() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let mut config = env.reaper_config();
+    config.pending_limit_ms = 1000;
+    let reaper = env.start_reaper_with(config).await;
+    let client = env.client().await;
+
+    // Recorded, but its command never reaches a spawner (lost, or
+    // dead-lettered after the claim horizon).
+    let command = env.command(&["true"]);
+    client.submit(&command).await.expect("submit");
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    assert_eq!(run.state(), RunState::Failed);
+    assert!(
+        run.reason.starts_with("pending_unclaimed"),
+        "the reason says so: {}",
+        run.reason
+    );
+    assert!(
+        run.finished_at_ms - run.created_at_ms >= 1000,
+        "not before the limit"
+    );
+
+    reaper.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}

@@ -32,6 +32,10 @@ pub struct Config {
     pub owner_timeout_ms: u32,
     /// A run booting longer than this is stuck, ms.
     pub boot_limit_ms: u32,
+    /// A run pending longer than this, with no spawner claiming it (its
+    /// command was dead-lettered or lost), is failed (`pending_unclaimed`),
+    /// ms; keep it above the spawners' `claim_horizon_ms`.
+    pub pending_limit_ms: u32,
     /// Deadlines and inactivity are enforced this long after they passed,
     /// leaving the owner's timers the first move, ms.
     pub backstop_grace_ms: u32,
@@ -62,6 +66,7 @@ impl Default for Config {
             stop_grace_ms: 5000,
             owner_timeout_ms: 10_000,
             boot_limit_ms: 60_000,
+            pending_limit_ms: 900_000,
             backstop_grace_ms: 2000,
             max_parallel_kills: 32,
             provider: "local".into(),

@@ -35,6 +35,8 @@ pub struct Report {
     pub inactivity: usize,
     pub owner_lost: usize,
     pub stuck_boots: usize,
+    /// Runs pending past `pending_limit_ms`: no command carries them.
+    pub stuck_pending: usize,
     pub orphans_reaped: usize,
     pub sandboxes_lost: usize,
     /// Kept runs idle past their window, handed to the spawners to pause.
@@ -50,6 +52,7 @@ impl Report {
             + self.inactivity
             + self.owner_lost
             + self.stuck_boots
+            + self.stuck_pending
             + self.orphans_reaped
             + self.sandboxes_lost
             + self.idle_pauses
@@ -79,6 +82,7 @@ impl Reaper {
                 stop_grace_ms: config.stop_grace_ms,
                 owner_timeout_ms: config.owner_timeout_ms,
                 boot_limit_ms: config.boot_limit_ms,
+                pending_limit_ms: config.pending_limit_ms,
                 backstop_grace_ms: config.backstop_grace_ms,
                 limit: 10_000,
                 include_live: true,
@@ -135,6 +139,7 @@ impl Reaper {
                 Why::Inactivity => report.inactivity += 1,
                 Why::OwnerLost => report.owner_lost += 1,
                 Why::IdlePause => report.idle_pauses += 1,
+                Why::StuckPending => report.stuck_pending += 1,
                 Why::StuckBoot | Why::Unspecified => report.stuck_boots += 1,
             }
         }
@@ -288,6 +293,12 @@ impl Reaper {
             Why::Inactivity => (RunEvent::TimeOut, "inactivity".into(), "inactivity"),
             Why::OwnerLost => (RunEvent::Fail, "owner_lost".into(), "owner_lost"),
             Why::IdlePause => return false,
+            Why::StuckPending => (
+                RunEvent::Fail,
+                "pending_unclaimed: no spawner claimed it; its command was dead-lettered or lost"
+                    .into(),
+                "stuck_pending",
+            ),
             Why::StuckBoot | Why::Unspecified => {
                 (RunEvent::Fail, "stuck_boot".into(), "stuck_boot")
             }
@@ -302,6 +313,7 @@ impl Reaper {
                 }
                 Why::OwnerLost => metrics::counter!("corral_owner_lost_total").increment(1),
                 Why::StuckBoot => metrics::counter!("corral_stuck_boots_total").increment(1),
+                Why::StuckPending => metrics::counter!("corral_stuck_pending_total").increment(1),
                 _ => metrics::counter!("corral_stops_enforced_total").increment(1),
             }
         }

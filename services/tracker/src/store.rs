@@ -798,6 +798,9 @@ impl Store {
                          THEN 'owner_lost'
                     WHEN state = 'booting' AND booting_at < now() - make_interval(secs => $3 / 1000.0)
                          THEN 'stuck_boot'
+                    WHEN state = 'pending' AND $7 > 0
+                         AND created_at < now() - make_interval(secs => $7 / 1000.0)
+                         THEN 'stuck_pending'
                     WHEN state = 'idle' AND idle_pause_secs > 0
                          AND idle_at < now() - make_interval(secs => idle_pause_secs)
                          AND (owner IS NULL OR updated_at < now() - make_interval(secs => $6))
@@ -816,6 +819,7 @@ impl Store {
         .bind(request.backstop_grace_ms as f64)
         .bind(limit as i64)
         .bind(HOLD_SECS)
+        .bind(request.pending_limit_ms as f64)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -827,6 +831,7 @@ impl Store {
                     "inactivity" => due_run::Why::Inactivity,
                     "owner_lost" => due_run::Why::OwnerLost,
                     "idle_pause" => due_run::Why::IdlePause,
+                    "stuck_pending" => due_run::Why::StuckPending,
                     _ => due_run::Why::StuckBoot,
                 };
                 DueRun {
