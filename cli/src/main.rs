@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod dlq;
 mod events;
 mod session;
 mod up;
@@ -72,6 +73,11 @@ enum Command {
     Events(events::EventsArgs),
     /// The reference agent: posts a realistic event sequence through event ingest (runs in a sandbox).
     AgentDemo(events::AgentDemoArgs),
+    /// List, show and replay dead letters: messages a service could not decode or apply.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::Dlq,
+    },
     /// Run every service in one process against NATS_URL and DATABASE_URL, with the local provider.
     Up(up::UpArgs),
     /// Run one service alone (as the corral-<service> binaries do).
@@ -133,6 +139,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cost(args) => session::cost(&global, args).await,
         Command::Events(args) => events::events(&global, args).await,
         Command::AgentDemo(args) => events::agent_demo(args).await,
+        Command::Dlq { command } => dlq::dlq(&global, command).await,
         Command::Up(args) => up::up(&global, args).await,
         Command::Serve { service } => up::serve(&global, service).await,
         Command::Bench { bench } => bench::bench(&global, bench).await,

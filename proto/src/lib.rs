@@ -31,6 +31,8 @@ pub mod headers {
     pub const DLQ_ORIGINAL_SUBJECT: &str = "Corral-Original-Subject";
     /// On a dead-lettered message: how many times it was delivered.
     pub const DLQ_DELIVERIES: &str = "Corral-Deliveries";
+    /// On a dead-lettered message: its original `Nats-Msg-Id`.
+    pub const DLQ_ORIGINAL_MSG_ID: &str = "Corral-Original-Msg-Id";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
     pub const TRACESTATE: &str = "tracestate";

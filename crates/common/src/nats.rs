@@ -191,6 +191,10 @@ pub async fn dead_letter(
     for (name, values) in headers.iter() {
         let name: &str = name.as_ref();
         if name == headers::MSG_ID {
+            // Kept under another name, for `corral dlq replay`.
+            for value in values {
+                clean.append(headers::DLQ_ORIGINAL_MSG_ID, value.as_str());
+            }
             continue;
         }
         for value in values {
@@ -212,7 +216,26 @@ pub async fn dead_letter(
     if let Err(err) = message.ack_with(jetstream::AckKind::Term).await {
         tracing::warn!(error = %err, "dead-lettered message could not be terminated");
     }
+    metrics::counter!("corral_dead_letters_total", "kind" => what.to_owned(), "reason" => reason_class(error))
+        .increment(1);
     Ok(())
+}
+
+/// A dead letter's reason as a metric label: the error up to its first
+/// colon, quoted values dropped, at most 48 characters (few distinct values).
+pub fn reason_class(error: &str) -> String {
+    let head = error.split(':').next().unwrap_or_default();
+    let mut class = String::new();
+    let mut quoted = false;
+    for c in head.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            _ if quoted => {}
+            _ => class.push(c),
+        }
+    }
+    let class: String = class.split_whitespace().collect::<Vec<_>>().join(" ");
+    class.chars().take(48).collect()
 }
 
 /// Header values are one line of printable text.
