@@ -136,7 +136,9 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         spawner.events_url = format!("http://{}", ingest.listen.replace("0.0.0.0", "127.0.0.1"));
     }
     let telemetry = corral_common::telemetry::init("corral").map_err(anyhow::Error::msg)?;
-    corral_common::telemetry::metrics_from_env().map_err(anyhow::Error::msg)?;
+    corral_common::admin::serve_from_env()
+        .await
+        .map_err(anyhow::Error::msg)?;
     let shutdown = corral_common::shutdown::signal_token();
 
     // The tracker first: it creates the database and the spawner claims through it.
@@ -323,7 +325,9 @@ pub async fn serve(_global: &Global, service: Service) -> anyhow::Result<ExitCod
         }
     };
     let telemetry = corral_common::telemetry::init(name).map_err(anyhow::Error::msg)?;
-    corral_common::telemetry::metrics_from_env().map_err(anyhow::Error::msg)?;
+    corral_common::admin::serve_from_env()
+        .await
+        .map_err(anyhow::Error::msg)?;
     let result = service.await;
     telemetry.shutdown();
     result?;

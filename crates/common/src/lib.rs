@@ -2,6 +2,7 @@
 //! configuration and NATS plumbing (connect, streams, traced publish,
 //! request-reply, dead letters).
 
+pub mod admin;
 pub mod config;
 pub mod nats;
 pub mod shutdown;

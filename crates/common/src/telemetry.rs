@@ -113,20 +113,3 @@ pub fn adopt(span: &tracing::Span, headers: Option<&HeaderMap>) {
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     let _ = span.set_parent(parent);
 }
-
-/// Serves Prometheus `/metrics` on `CORRAL_METRICS_ADDR` (e.g.
-/// `127.0.0.1:9464`) when it is set; metrics are no-ops otherwise.
-pub fn metrics_from_env() -> Result<(), String> {
-    let Ok(addr) = std::env::var("CORRAL_METRICS_ADDR") else {
-        return Ok(());
-    };
-    let addr: std::net::SocketAddr = addr
-        .parse()
-        .map_err(|err| format!("CORRAL_METRICS_ADDR {addr:?} is not host:port: {err}"))?;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|err| format!("cannot serve metrics on {addr}: {err}"))?;
-    tracing::info!(%addr, "serving prometheus metrics on /metrics");
-    Ok(())
-}

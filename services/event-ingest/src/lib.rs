@@ -33,7 +33,7 @@ pub use config::Config;
     about = "corral's event ingest: agent events over HTTP and NATS, stored exactly once, served live",
     long_about = "corral's event ingest: agent events over HTTP and NATS, stored exactly once, served live.\n\n\
 Configuration: defaults < YAML file (--config) < CORRAL_* environment (e.g. CORRAL_TOKEN_SECRET, \
-CORRAL_LISTEN; NATS_URL and DATABASE_URL also work) < these flags."
+CORRAL_LISTEN; NATS_URL and DATABASE_URL also work) < these flags.\n\nAdmin port: CORRAL_METRICS_ADDR=host:port (e.g. 127.0.0.1:9464) serves /metrics (Prometheus), /healthz (alive) and /readyz (NATS connected, PostgreSQL reachable); the HTTP API has its own /healthz and /readyz too."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -102,6 +102,18 @@ impl Bound {
         )
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
+        corral_common::admin::nats_check("event-ingest.nats", nats.clone());
+        let ping = pool.clone();
+        corral_common::admin::ready_check("event-ingest.postgres", move || {
+            let pool = ping.clone();
+            async move {
+                sqlx::query("SELECT 1")
+                    .execute(&pool)
+                    .await
+                    .map(|_| ())
+                    .map_err(|err| err.to_string())
+            }
+        });
         let client = Client::from_parts(nats.clone(), subjects.clone());
         let js = client.jetstream().clone();
         corral_common::nats::ensure_streams(&js, &subjects)

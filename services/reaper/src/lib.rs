@@ -40,7 +40,7 @@ pub use config::Config;
     about = "corral's reaper: the backstop that ends what its owner did not",
     long_about = "corral's reaper: the backstop that ends what its owner did not.\n\n\
 Configuration: defaults < YAML file (--config) < CORRAL_* environment (e.g. CORRAL_SWEEP_PERIOD_MS; \
-NATS_URL also works) < these flags."
+NATS_URL also works) < these flags.\n\nAdmin port: CORRAL_METRICS_ADDR=host:port (e.g. 127.0.0.1:9464) serves /metrics (Prometheus), /healthz (alive) and /readyz (NATS connected)."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -77,6 +77,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         Duration::from_secs(5),
     )
     .await?;
+    corral_common::admin::nats_check("reaper.nats", nats.clone());
     let client = Client::from_parts(nats, subjects.clone());
     corral_common::nats::ensure_streams(client.jetstream(), &subjects).await?;
     let lease = lease::Lease::open(

@@ -35,7 +35,7 @@ pub use config::Config;
     version,
     about = "corral's spawner: owns sandboxes and the agents running in them",
     long_about = "corral's spawner: owns sandboxes and the agents running in them.\n\nConfiguration: defaults < YAML file (--config) < CORRAL_* environment \
-(e.g. CORRAL_SUBJECT_PREFIX; NATS_URL also works; CORRAL_HOME names the sandbox directory) < these flags."
+(e.g. CORRAL_SUBJECT_PREFIX; NATS_URL also works; CORRAL_HOME names the sandbox directory) < these flags.\n\nAdmin port: CORRAL_METRICS_ADDR=host:port (e.g. 127.0.0.1:9464) serves /metrics (Prometheus), /healthz (alive) and /readyz (NATS connected)."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -125,6 +125,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         Duration::from_secs(5),
     )
     .await?;
+    corral_common::admin::nats_check("spawner.nats", nats.clone());
     let client = Client::from_parts(nats, subjects.clone());
     corral_common::nats::ensure_streams(client.jetstream(), &subjects).await?;
     let spawner = Arc::new(Spawner {

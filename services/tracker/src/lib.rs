@@ -36,7 +36,7 @@ pub use config::Config;
     version,
     about = "corral's tracker: the single authority over run state",
     long_about = "corral's tracker: the single authority over run state.\n\nConfiguration: defaults < YAML file (--config) < CORRAL_* environment \
-(e.g. CORRAL_SUBJECT_PREFIX; NATS_URL and DATABASE_URL also work) < these flags."
+(e.g. CORRAL_SUBJECT_PREFIX; NATS_URL and DATABASE_URL also work) < these flags.\n\nAdmin port: CORRAL_METRICS_ADDR=host:port (e.g. 127.0.0.1:9464) serves /metrics (Prometheus), /healthz (alive) and /readyz (NATS connected, PostgreSQL reachable)."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -80,6 +80,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         store,
         js: js.clone(),
         subjects: subjects.clone(),
+    });
+    corral_common::admin::nats_check("tracker.nats", client.clone());
+    let ping = handlers.clone();
+    corral_common::admin::ready_check("tracker.postgres", move || {
+        let handlers = ping.clone();
+        async move { handlers.store.ping().await.map_err(|err| err.to_string()) }
     });
     tracing::info!(prefix = subjects.prefix(), "tracker started");
 

@@ -455,6 +455,12 @@ impl Store {
         }
     }
 
+    /// Whether PostgreSQL answers (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Applies one event through the state machine.
     pub async fn transition(&self, request: &TransitionRequest) -> Result<Applied, StoreError> {
         let event = RunEvent::try_from(request.event)
