@@ -47,6 +47,34 @@ where
         .push((name.to_owned(), check));
 }
 
+/// Marks a service as starting: `/readyz` fails (`<name>.started:
+/// starting`) until the returned flag's [`Starting::done`] is called, once
+/// the service has connected, migrated and subscribed.
+pub fn starting(name: &str) -> Starting {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = flag.clone();
+    ready_check(&format!("{name}.started"), move || {
+        let started = seen.load(std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if started {
+                Ok(())
+            } else {
+                Err("starting".into())
+            }
+        }
+    });
+    Starting(flag)
+}
+
+/// See [`starting`].
+pub struct Starting(Arc<std::sync::atomic::AtomicBool>);
+
+impl Starting {
+    pub fn done(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A readiness check that NATS is connected.
 pub fn nats_check(name: &str, client: async_nats::Client) {
     ready_check(name, move || {
@@ -107,6 +135,14 @@ fn router(handle: PrometheusHandle) -> Router {
         .route(
             "/readyz",
             get(|| async {
+                let registered = !checks()
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_empty();
+                if !registered {
+                    // The process serves before its services began to start.
+                    return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned());
+                }
                 let failed = failures().await;
                 if failed.is_empty() {
                     return (StatusCode::OK, "ready\n".to_owned());

@@ -82,6 +82,7 @@ impl Bound {
 
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let starting = corral_common::admin::starting("event-ingest");
         let config = self.config;
         if config.token_secret.expose().is_empty() {
             return Err(Error::NoSecret);
@@ -131,6 +132,7 @@ impl Bound {
             client: client.clone(),
             liveness: Default::default(),
         });
+        starting.done();
         tracing::info!(listen = %config.listen, prefix = subjects.prefix(), "event ingest started");
         let persist = persister::run(
             js,

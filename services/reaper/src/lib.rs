@@ -61,6 +61,7 @@ pub enum Error {
 
 /// Runs the reaper until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let starting = corral_common::admin::starting("reaper");
     let subjects = Subjects::new(&config.subject_prefix)?;
     let home = config.home_dir();
     let provider = corral_provider::build(
@@ -90,6 +91,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     .map_err(Error::Lease)?;
     let leader = lease.leader_flag();
     let lease_task = tokio::spawn(lease.run(shutdown.clone()));
+    starting.done();
     tracing::info!(reaper_id = %id, prefix = subjects.prefix(), "reaper started");
 
     // A node-local provider's sandboxes are this node's business: kills

@@ -109,6 +109,7 @@ impl Spawner {
 /// commands, lets owned runs go on for `shutdown_grace_ms`, ends the rest
 /// (`failed`, reason `spawner_shutdown`) and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let starting = corral_common::admin::starting("spawner");
     let subjects = Subjects::new(&config.subject_prefix)?;
     let home = config.home_dir();
     let provider = corral_provider::build(
@@ -141,6 +142,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         config,
         id,
     });
+    starting.done();
     tracing::info!(spawner_id = %spawner.id, home = %home.display(), prefix = subjects.prefix(), "spawner started");
 
     let heartbeat = tokio::spawn(heartbeat(spawner.clone(), shutdown.clone()));

@@ -59,6 +59,7 @@ pub enum Error {
 
 /// Runs the tracker until `shutdown` is cancelled; finishes requests in hand.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let starting = corral_common::admin::starting("tracker");
     let subjects = Subjects::new(&config.subject_prefix)?;
     let defaults = Defaults {
         timeout_secs: config.default_timeout_secs,
@@ -87,6 +88,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let handlers = ping.clone();
         async move { handlers.store.ping().await.map_err(|err| err.to_string()) }
     });
+    starting.done();
     tracing::info!(prefix = subjects.prefix(), "tracker started");
 
     let requests = serve_requests(
