@@ -259,7 +259,9 @@ async fn a_fork_bomb_is_contained_and_stopped_within_the_grace() {
     let client = env.client().await;
 
     let n = unique_secs();
-    let script = format!("echo armed; b() {{ sleep {n} & b | b & }}; b; wait");
+    // The bomb runs in a subshell: when forks start failing it dies, and
+    // the agent itself lives on (no fork needed for `exec`) until stopped.
+    let script = format!("echo armed; (b() {{ sleep {n} & b | b & }}; b); exec sleep {n}");
     let command = env.command(&["sh", "-c", &script]);
     client.start_run(&command).await.expect("submit");
     let run = env
