@@ -466,3 +466,45 @@ async fn a_run_pending_with_no_command_to_carry_it_is_failed_saying_so() {
     tracker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_returns_every_live_run_past_the_size_of_one_reply() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let client = env.client().await;
+    // 12,000 live runs: one reply of them all would pass NATS's 1 MiB limit
+    // (about 8,000, as one message each).
+    let pool = env.pool().await;
+    sqlx::query(
+        "INSERT INTO runs (run_id, state, spec, provider, timeout_secs, idle_timeout_secs, owner, sandbox_id)
+         SELECT 'live-' || lpad(i::text, 6, '0'), 'running', '\\x'::bytea, 'local', 300, 60,
+                'some-spawner-with-a-long-enough-name-' || i, 'sbx-0123456789abcdef0123456789abcdef-node-' || i
+         FROM generate_series(1, 12000) AS i",
+    )
+    .execute(&pool)
+    .await
+    .expect("seed");
+    pool.close().await;
+
+    let request = corral_proto::v1::SweepRequest {
+        include_live: true,
+        ..Default::default()
+    };
+    // Asked in one page, the reply would not fit.
+    let one_page = corral_proto::v1::SweepRequest {
+        live_limit: 20_000,
+        ..request.clone()
+    };
+    assert!(
+        client.sweep(&one_page).await.is_err(),
+        "12,000 live runs should not fit in one reply"
+    );
+    let (_, live) = client.sweep(&request).await.expect("sweep");
+    assert_eq!(live.len(), 12_000, "every live run, over several pages");
+    let ids: std::collections::BTreeSet<&str> = live.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(ids.len(), 12_000, "no run twice");
+    assert!(live.iter().all(|r| r.provider == "local"));
+
+    tracker.stop().await;
+    env.cleanup().await;
+}

@@ -410,14 +410,27 @@ impl Client {
     }
 
     /// The live runs the reaper must act on now and, with
-    /// `include_live`, every live run.
+    /// `include_live`, every live run, fetched page by page so that no
+    /// reply exceeds NATS's payload limit however many runs are live.
     pub async fn sweep(
         &self,
         request: &SweepRequest,
     ) -> Result<(Vec<DueRun>, Vec<Run>), ClientError> {
         let reply: SweepReply = self.request("sweep", request).await?;
         check(reply.error)?;
-        Ok((reply.due, reply.live))
+        let (due, mut live, mut next) = (reply.due, reply.live, reply.live_next);
+        while request.include_live && !next.is_empty() {
+            let page = SweepRequest {
+                live_after: std::mem::take(&mut next),
+                live_only: true,
+                ..request.clone()
+            };
+            let reply: SweepReply = self.request("sweep", &page).await?;
+            check(reply.error)?;
+            live.extend(reply.live);
+            next = reply.live_next;
+        }
+        Ok((due, live))
     }
 
     pub async fn heartbeat(&self, spawner_id: &str, owned_runs: u32) -> Result<(), ClientError> {

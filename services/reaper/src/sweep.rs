@@ -84,9 +84,10 @@ impl Reaper {
                 boot_limit_ms: config.boot_limit_ms,
                 pending_limit_ms: config.pending_limit_ms,
                 backstop_grace_ms: config.backstop_grace_ms,
-                limit: 10_000,
+                // Due runs travel in one reply: a bounded number per sweep.
+                limit: 1000,
                 include_live: true,
-                live_only: false,
+                ..Default::default()
             },
             deployment: config.deployment_label(),
             suspects: Default::default(),
@@ -115,7 +116,7 @@ impl Reaper {
         };
         let request = SweepRequest {
             include_live: !node_local,
-            ..self.request
+            ..self.request.clone()
         };
         let (due, live) = self.client.sweep(&request).await?;
 
@@ -166,7 +167,7 @@ impl Reaper {
         let request = SweepRequest {
             include_live: true,
             live_only: true,
-            ..self.request
+            ..self.request.clone()
         };
         let (_, live) = self.client.sweep(&request).await?;
         let mut report = Report::default();

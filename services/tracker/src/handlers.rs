@@ -218,19 +218,25 @@ impl Handlers {
     }
 
     async fn handle_sweep(&self, request: SweepRequest) -> Answer<SweepReply> {
-        let due = if request.live_only {
+        // The due runs come with the first page only.
+        let due = if request.live_only || !request.live_after.is_empty() {
             Vec::new()
         } else {
             stored(self.store.sweep(&request).await)?
         };
-        let live = if request.include_live {
-            stored(self.store.live().await)?
+        let (live, live_next) = if request.include_live {
+            stored(
+                self.store
+                    .live(&request.live_after, request.live_limit)
+                    .await,
+            )?
         } else {
-            Vec::new()
+            (Vec::new(), String::new())
         };
         Ok(SweepReply {
             due,
             live,
+            live_next,
             error: None,
         })
     }

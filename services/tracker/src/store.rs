@@ -110,7 +110,15 @@ struct AppliedRow {
 }
 
 /// run_id, state, owner, sandbox_id, sandbox_epoch, version.
-type LiveRow = (String, String, Option<String>, Option<String>, i32, i64);
+type LiveRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    i32,
+    i64,
+    String,
+);
 
 #[derive(FromRow)]
 struct DueRow {
@@ -762,25 +770,42 @@ impl Store {
     /// applies. Scans the live-runs partial index only.
     /// Every live run, with only what reconciliation needs: run id, state,
     /// owner, sandbox id and epoch, version.
-    pub async fn live(&self) -> Result<Vec<Run>, StoreError> {
-        let rows: Vec<LiveRow> = sqlx::query_as(
-            "SELECT run_id, state, owner, sandbox_id, sandbox_epoch, version FROM runs
-             WHERE state NOT IN ('completed', 'failed', 'stopped', 'timed_out')",
+    /// One page of live runs by run id: those after `after`, at most
+    /// `limit`, and the cursor of the next page ("" when this is the last).
+    pub async fn live(&self, after: &str, limit: u32) -> Result<(Vec<Run>, String), StoreError> {
+        let limit = if limit == 0 { 5000 } else { limit.min(20_000) };
+        let mut rows: Vec<LiveRow> = sqlx::query_as(
+            "SELECT run_id, state, owner, sandbox_id, sandbox_epoch, version, provider FROM runs
+             WHERE state NOT IN ('completed', 'failed', 'stopped', 'timed_out') AND run_id > $1
+             ORDER BY run_id
+             LIMIT $2",
         )
+        .bind(after)
+        .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
+        let next = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            rows.last().map(|row| row.0.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let runs = rows
             .into_iter()
-            .map(|(run_id, state, owner, sandbox_id, epoch, version)| Run {
-                run_id,
-                state: RunState::from_name(&state).unwrap_or(RunState::Unspecified) as i32,
-                owner: owner.unwrap_or_default(),
-                sandbox_id: sandbox_id.unwrap_or_default(),
-                sandbox_epoch: epoch as u32,
-                version: version as u64,
-                ..Default::default()
-            })
-            .collect())
+            .map(
+                |(run_id, state, owner, sandbox_id, epoch, version, provider)| Run {
+                    run_id,
+                    state: RunState::from_name(&state).unwrap_or(RunState::Unspecified) as i32,
+                    owner: owner.unwrap_or_default(),
+                    sandbox_id: sandbox_id.unwrap_or_default(),
+                    sandbox_epoch: epoch as u32,
+                    version: version as u64,
+                    provider,
+                    ..Default::default()
+                },
+            )
+            .collect();
+        Ok((runs, next))
     }
 
     pub async fn sweep(&self, request: &SweepRequest) -> Result<Vec<DueRun>, StoreError> {
