@@ -250,7 +250,9 @@ impl SandboxGroups {
             .collect()
     }
 
-    /// Every process in the sandbox's groups.
+    /// Every live process in the sandbox's groups (zombies aside: a dead
+    /// process whose parent has not reaped it, e.g. a frozen spawner's
+    /// `nsenter`, runs nothing and cannot be killed again).
     pub fn members(&self) -> Vec<i32> {
         let mut pids: Vec<i32> = self
             .dirs
@@ -264,6 +266,7 @@ impl SandboxGroups {
             .collect();
         pids.sort_unstable();
         pids.dedup();
+        pids.retain(|pid| procfs::stat(*pid).is_some_and(|s| s.alive()));
         pids
     }
 
@@ -319,8 +322,12 @@ impl SandboxGroups {
     /// Removes the groups, waiting up to `limit` for the last members to be
     /// reaped (a group with members cannot be removed).
     pub fn remove(&self, limit: Duration) {
+        // One deadline for all: a group kept busy by an unreaped straggler
+        // must not cost `limit` per controller.
+        let deadline = std::time::Instant::now() + limit;
         for dir in &self.dirs {
-            procfs::wait_until(limit, || match std::fs::remove_dir(dir) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            procfs::wait_until(left, || match std::fs::remove_dir(dir) {
                 Ok(()) => true,
                 Err(err) => err.kind() == io::ErrorKind::NotFound,
             });

@@ -675,7 +675,9 @@ impl Inner {
                     "sandbox control group still has members after SIGKILL"
                 );
             }
-            state.cgroups.remove(Duration::from_secs(1));
+            // A straggler not yet reaped (its parent frozen or gone) keeps a
+            // group busy: what is left is collected by a later `list`.
+            state.cgroups.remove(Duration::from_millis(20));
         } else {
             self.signal_groups(&state, libc::SIGKILL);
             // A paused group must be continued for SIGKILL to finish it promptly.
