@@ -416,24 +416,18 @@ impl LocalProvider {
                 rlimits: &rlimits,
                 argv: &spec.argv,
             }))
-            .current_dir("/")
-            .env_clear()
-            .env("PATH", SANDBOX_PATH)
-            .env("HOME", SANDBOX_WORK)
-            .env("LANG", "C.UTF-8")
-            .envs(&spec.env)
-            .env(ENV_MARKER, &state.id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+            .current_dir("/");
+        agent_environment(
+            &mut command,
+            SANDBOX_PATH,
+            Path::new(SANDBOX_WORK),
+            spec,
+            &state.id,
+        );
         let child = command
             .spawn()
             .map_err(|err| ProviderError::Failed(format!("cannot enter the sandbox: {err}")))?;
-        let pgid = child
-            .id()
-            .map(|pid| pid as i32)
-            .ok_or_else(|| ProviderError::Failed("child exited before it had a pid".into()))?;
+        let pgid = pid_of(&child)?;
         Ok((child, Box::new(SessionControl { wrapper: pgid }), pgid))
     }
 
@@ -448,28 +442,12 @@ impl LocalProvider {
         // with a bare name forces fork, which copies this whole process).
         let program = resolve(&spec.argv[0], &inner.host_path);
         let mut command = tokio::process::Command::new(&program);
-        command
-            .args(&spec.argv[1..])
-            .current_dir(&work)
-            .env_clear()
-            .env("PATH", &inner.host_path)
-            .env("HOME", &work)
-            .env("LANG", "C.UTF-8")
-            .envs(&spec.env)
-            .env(ENV_MARKER, &state.id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // A new process group, started with posix_spawn (no fork of
-            // this large, multi-threaded process).
-            .process_group(0);
+        command.args(&spec.argv[1..]).current_dir(&work);
+        agent_environment(&mut command, &inner.host_path, &work, spec, &state.id);
         let child = command
             .spawn()
             .map_err(|err| ProviderError::Invalid(format!("cannot start {program:?}: {err}")))?;
-        let pgid = child
-            .id()
-            .map(|pid| pid as i32)
-            .ok_or_else(|| ProviderError::Failed("child exited before it had a pid".into()))?;
+        let pgid = pid_of(&child)?;
         // Limits are applied right after the spawn (posix_spawn cannot set
         // them): the agent runs unlimited for the few microseconds between
         // its exec and this call; children it forks later inherit them.
@@ -481,6 +459,37 @@ impl LocalProvider {
         );
         Ok((child, Box::new(GroupControl { pgid }), pgid))
     }
+}
+
+/// What every agent command gets: only the run's environment, the
+/// `CORRAL_*` variables, `PATH`, `HOME` and `LANG`; no stdin; its output
+/// piped; a process group of its own (started with posix_spawn: no fork of
+/// this large, multi-threaded process).
+fn agent_environment(
+    command: &mut tokio::process::Command,
+    path: &str,
+    home: &Path,
+    spec: &ExecSpec,
+    sandbox_id: &str,
+) {
+    command
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", home)
+        .env("LANG", "C.UTF-8")
+        .envs(&spec.env)
+        .env(ENV_MARKER, sandbox_id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+}
+
+fn pid_of(child: &tokio::process::Child) -> Result<i32, ProviderError> {
+    child
+        .id()
+        .map(|pid| pid as i32)
+        .ok_or_else(|| ProviderError::Failed("child exited before it had a pid".into()))
 }
 
 /// Reads bwrap's `--info-fd` JSON up to its closing brace; the pid of the
