@@ -58,26 +58,7 @@ where
     }
 }
 
-/// Live processes on this machine whose command line contains `needle`,
-/// read from /proc (not from corral's bookkeeping).
-pub fn processes_with_cmdline(needle: &str) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| corral_provider::local::is_alive(*pid))
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|raw| {
-                    String::from_utf8_lossy(&raw)
-                        .replace('\0', " ")
-                        .contains(needle)
-                })
-                .unwrap_or(false)
-        })
-        .collect()
-}
+pub use corral_provider::local::processes_with_cmdline;
 
 /// A number for a test's unique `sleep N` command lines, so a check by
 /// command line finds this test's processes and no other's.

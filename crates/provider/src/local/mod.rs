@@ -72,6 +72,25 @@ pub fn is_alive(pid: i32) -> bool {
     procfs::stat(pid).is_some_and(|s| s.alive())
 }
 
+/// Live processes on this machine whose command line contains `needle`,
+/// read from /proc (not from any bookkeeping of corral's). For tests and
+/// diagnostics that check what is really running.
+pub fn processes_with_cmdline(needle: &str) -> Vec<i32> {
+    procfs::pids()
+        .into_iter()
+        .filter(|pid| is_alive(*pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|raw| {
+                    String::from_utf8_lossy(&raw)
+                        .replace('\0', " ")
+                        .contains(needle)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
 /// The node a local sandbox id names (`sbx-<uuid>-<node>`), if any.
 pub fn node_of_sandbox(sandbox_id: &str) -> Option<&str> {
     sandbox_id
@@ -1159,24 +1178,6 @@ mod tests {
         }
     }
 
-    /// Live processes whose command line contains `needle` (read from
-    /// /proc, not from the provider's bookkeeping).
-    fn with_cmdline(needle: &str) -> Vec<i32> {
-        procfs::pids()
-            .into_iter()
-            .filter(|pid| procfs::stat(*pid).is_some_and(|s| s.alive()))
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|raw| {
-                        String::from_utf8_lossy(&raw)
-                            .replace('\0', " ")
-                            .contains(needle)
-                    })
-                    .unwrap_or(false)
-            })
-            .collect()
-    }
-
     fn argv(args: &[&str]) -> ExecSpec {
         ExecSpec {
             argv: args.iter().map(|s| s.to_string()).collect(),
@@ -1274,7 +1275,7 @@ mod tests {
             KillOutcome::Killed
         );
         assert_eq!(
-            with_cmdline("sleep 3031"),
+            processes_with_cmdline("sleep 3031"),
             Vec::<i32>::new(),
             "processes survived the kill"
         );
