@@ -235,15 +235,6 @@ impl LocalProvider {
         self.inner.cgroups.remove_parents();
     }
 
-    /// This provider's node id (the `corral.node` label of its sandboxes).
-    pub fn node_id(&self) -> &str {
-        &self.inner.node
-    }
-
-    pub fn isolation(&self) -> Isolation {
-        self.inner.config.isolation
-    }
-
     /// Process ids (on this machine) of every live process of an
     /// unisolated sandbox, found by its environment marker. For tests and
     /// diagnostics: it scans /proc.
