@@ -22,7 +22,7 @@ use corral_client::{ActivityReporter, Client};
 use corral_common::nats::NatsError;
 use corral_proto::Subjects;
 use corral_provider::Provider;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -66,6 +66,8 @@ pub(crate) struct Spawner {
     pub deployment: String,
     /// Run ids this instance owns right now.
     pub active: Mutex<HashSet<String>>,
+    /// Woken whenever a run leaves `active`.
+    pub released: Notify,
     /// One permit per owned run.
     pub permits: Arc<Semaphore>,
     /// The supervisors of owned runs.
@@ -102,6 +104,27 @@ impl Spawner {
         if let Ok(mut active) = self.active.lock() {
             active.remove(run_id);
         }
+        self.released.notify_waiters();
+    }
+
+    /// Marks the run as handled by this instance, waiting up to `limit` for
+    /// a supervisor of it here to finish first. A kept run's turn is over
+    /// for the tracker (idle, no owner) a moment before its supervisor
+    /// returns: a continue sent in that moment is for the next turn.
+    pub async fn activate_within(&self, run_id: &str, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            // Registered before the check, so a release in between is seen.
+            released.as_mut().enable();
+            if self.activate(run_id) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return false;
+            }
+        }
     }
 }
 
@@ -135,6 +158,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         actor: format!("spawner:{id}"),
         permits: Arc::new(Semaphore::new(config.max_runs.max(1))),
         active: Mutex::new(HashSet::new()),
+        released: Notify::new(),
         runs: TaskTracker::new(),
         end_runs: CancellationToken::new(),
         activity: ActivityReporter::start(client.clone(), shutdown.clone()),

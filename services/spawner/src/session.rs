@@ -23,6 +23,10 @@ use crate::Spawner;
 use crate::consumer::{accept, backoff, dead_letter, within_horizon};
 use crate::supervisor::Turn;
 
+/// How long a continue waits for this spawner's supervisor of the run's
+/// previous turn to return (it has recorded the turn's end by then).
+const TURN_WIND_DOWN: Duration = Duration::from_secs(5);
+
 fn retry_policy() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
@@ -38,7 +42,10 @@ pub(crate) async fn handle_continue(
 ) -> Option<Turn> {
     let validate = corral_proto::validate::continue_command;
     let command: ContinueCommand = accept(spawner, message, validate, |c| &c.run_id).await?;
-    if !spawner.activate(&command.run_id) {
+    if !spawner
+        .activate_within(&command.run_id, TURN_WIND_DOWN)
+        .await
+    {
         // This spawner runs a turn of it right now: the run is not idle.
         let reason = format!(
             "run {} is running a turn: continue applies to an idle or paused kept run",
