@@ -63,10 +63,20 @@ impl RunEvent {
             RunEvent::Pause => "pause",
             RunEvent::Continue => "continue",
             RunEvent::Resume => "resume",
+            RunEvent::ReplaceSandbox => "replace_sandbox",
         }
     }
 
-    /// Every event but `unspecified`.
+    /// Parses a lower-case name as printed by [`RunEvent::name`].
+    pub fn from_name(name: &str) -> Option<RunEvent> {
+        RunEvent::ALL
+            .into_iter()
+            .chain([RunEvent::ReplaceSandbox])
+            .find(|event| event.name() == name)
+    }
+
+    /// Every event of the state machine (all but `unspecified` and
+    /// `replace_sandbox`, which changes no state).
     pub const ALL: [RunEvent; 11] = [
         RunEvent::Claim,
         RunEvent::Start,

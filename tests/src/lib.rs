@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use corral_client::Client;
 use corral_common::Secret;
 use corral_proto::Subjects;
-use corral_proto::v1::{Run, RunCommand, RunSpec};
+use corral_proto::v1::{LifecycleEvent, Run, RunCommand, RunSpec};
+use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 pub mod sessions;
@@ -148,6 +149,11 @@ pub const SHARED_IN_SANDBOX: &str = "/shared";
 
 impl TestEnv {
     pub async fn new() -> TestEnv {
+        TestEnv::with_nats(&nats_url()).await
+    }
+
+    /// A test environment on a NATS server of the test's own.
+    pub async fn with_nats(nats_url: &str) -> TestEnv {
         let suffix = random_suffix();
         let prefix = format!("t{suffix}");
         let db_name = format!("corral_test_{suffix}");
@@ -175,7 +181,7 @@ impl TestEnv {
         TestEnv {
             subjects: Subjects::new(&prefix).expect("test prefix should be valid"),
             prefix,
-            nats_url: nats_url(),
+            nats_url: nats_url.to_owned(),
             database_url: url,
             db_name,
             home,
@@ -508,6 +514,67 @@ impl TestEnv {
             .collect()
     }
 
+    /// The run's lifecycle announcements as the stream holds them, in
+    /// stream order, with each message's `Nats-Msg-Id`.
+    pub async fn lifecycle(&self, run_id: &str) -> Vec<(String, LifecycleEvent)> {
+        let messages = self
+            .stream_messages(
+                &self.subjects.lifecycle_stream(),
+                &self.subjects.lifecycle(run_id),
+            )
+            .await;
+        messages
+            .iter()
+            .map(|m| {
+                let msg_id = m
+                    .headers
+                    .get("Nats-Msg-Id")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
+                let event =
+                    LifecycleEvent::decode(m.payload.clone()).expect("a lifecycle message decodes");
+                (msg_id, event)
+            })
+            .collect()
+    }
+
+    /// Waits until the run's history (`run_transitions`) has `rows` rows and
+    /// the lifecycle stream announces exactly those rows, once each, in
+    /// order; returns the announcements.
+    pub async fn wait_lifecycle(&self, run_id: &str, rows: usize) -> Vec<LifecycleEvent> {
+        let pool = self.pool().await;
+        let announced = eventually(
+            &format!("the lifecycle stream announces the {rows} transitions of run {run_id}"),
+            Duration::from_secs(30),
+            || async {
+                let history: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT to_state, version FROM run_transitions WHERE run_id = $1 ORDER BY id",
+                )
+                .bind(run_id)
+                .fetch_all(&pool)
+                .await
+                .ok()?;
+                let announced = self.lifecycle(run_id).await;
+                (history.len() == rows && announced.len() >= rows).then_some((history, announced))
+            },
+        )
+        .await;
+        pool.close().await;
+        let (history, announced) = announced;
+        let announced_rows: Vec<(String, i64)> = announced
+            .iter()
+            .map(|(_, e)| (e.to().name().to_owned(), e.version as i64))
+            .collect();
+        assert_eq!(
+            announced_rows, history,
+            "the lifecycle stream holds exactly the run's history, in order"
+        );
+        for (msg_id, event) in &announced {
+            assert_eq!(msg_id, &format!("{run_id}:{}", event.version));
+        }
+        announced.into_iter().map(|(_, e)| e).collect()
+    }
+
     pub async fn stream_messages(
         &self,
         stream: &str,
@@ -700,6 +767,81 @@ impl Drop for PrivatePostgres {
             .arg(&data)
             .args(["-m", "immediate", "stop"])
             .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A NATS server (JetStream on, file storage) of a test's own, on a free
+/// port, that the test may stop and start again with its streams intact.
+pub struct PrivateNats {
+    dir: PathBuf,
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateNats {
+    pub fn start() -> PrivateNats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("corral-nats-{}", random_suffix()));
+        std::fs::create_dir_all(&dir).expect("nats store dir");
+        let mut server = PrivateNats {
+            dir,
+            port,
+            child: None,
+        };
+        server.start_again();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and store, and waits until it
+    /// accepts connections.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the NATS server is already running");
+        let child = std::process::Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.join("store"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server on PATH (Debian package nats-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {} within 20 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops it now (SIGKILL: clients see the connection drop).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -53,14 +53,24 @@ async fn a_run_that_prints_and_exits_zero_completes_with_its_output_events() {
         "{lines:?}"
     );
 
-    // Every transition was announced on the lifecycle subject.
-    let lifecycle = env
-        .stream_messages(
-            &env.subjects.lifecycle_stream(),
-            &env.subjects.lifecycle(&command.run_id),
-        )
-        .await;
-    assert_eq!(lifecycle.len(), 4, "pending, booting, running, completed");
+    // Every transition was announced on the lifecycle subject, once, in order.
+    let lifecycle = env.wait_lifecycle(&command.run_id, 4).await;
+    let steps: Vec<(RunState, RunState)> = lifecycle.iter().map(|e| (e.from(), e.to())).collect();
+    assert_eq!(
+        steps,
+        [
+            (RunState::Unspecified, RunState::Pending),
+            (RunState::Pending, RunState::Booting),
+            (RunState::Booting, RunState::Running),
+            (RunState::Running, RunState::Completed),
+        ]
+    );
+    assert!(
+        lifecycle.windows(2).all(|w| w[0].version < w[1].version),
+        "versions increase: {lifecycle:?}"
+    );
+    assert_eq!(lifecycle[3].exit_code, Some(0));
+    assert_eq!(lifecycle[3].sandbox_id, run.sandbox_id);
 
     // The sandbox is gone once the run is terminal.
     let provider = env.local_provider();

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod fault;
 pub mod nats;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,26 +1,31 @@
 //! One `handle_<op>` per tracker request, plus the stop commands clients
-//! published on the command stream. Every applied transition is published on
-//! `<prefix>.lifecycle.<run_id>` after it is committed and before the reply.
+//! published on the command stream. Every applied transition wakes the
+//! lifecycle relay ([`crate::relay`]), which announces it on
+//! `<prefix>.lifecycle.<run_id>` from its row in `run_transitions`.
+
+use std::sync::Arc;
 
 use async_nats::jetstream;
 use bytes::Bytes;
 use corral_common::nats::publish_durable;
 use corral_proto::v1::{
     ActivityReply, ActivityRequest, ClaimReply, ClaimRequest, CostReply, CostRequest,
-    GetRunRequest, HeartbeatReply, HeartbeatRequest, LifecycleEvent, ListRunsReply,
-    ListRunsRequest, RecordSandboxRequest, ReleaseRequest, RunReply, RunState, SessionCommand,
-    StopCommand, StopReply, SubmitRequest, SweepReply, SweepRequest, TrackerError,
-    TransitionRequest, session_command, stop_reply, tracker_error::Code,
+    GetRunRequest, HeartbeatReply, HeartbeatRequest, ListRunsReply, ListRunsRequest,
+    RecordSandboxRequest, ReleaseRequest, RunReply, RunState, SessionCommand, StopCommand,
+    StopReply, SubmitRequest, SweepReply, SweepRequest, TrackerError, TransitionRequest,
+    session_command, stop_reply, tracker_error::Code,
 };
 use corral_proto::{Subjects, validate};
 use prost::Message;
 
+use crate::relay::Relay;
 use crate::store::{Applied, Store, StoreError};
 
 pub struct Handlers {
     pub store: Store,
     pub js: jetstream::Context,
     pub subjects: Subjects,
+    pub relay: Arc<Relay>,
 }
 
 fn error(code: Code, message: impl Into<String>) -> Option<TrackerError> {
@@ -114,7 +119,12 @@ impl Handlers {
             "claim" => answer(payload, async |r| self.handle_claim(r).await).await,
             "record_sandbox" => {
                 answer(payload, async |r: RecordSandboxRequest| {
-                    run_reply(stored(self.store.record_sandbox(&r).await)?)
+                    let run = stored(self.store.record_sandbox(&r).await)?;
+                    if !r.replaced_because.is_empty() {
+                        // The replacement's row is in the outbox.
+                        self.relay.wake();
+                    }
+                    run_reply(run)
                 })
                 .await
             }
@@ -177,7 +187,7 @@ impl Handlers {
         validate::run_command(&command).map_err(|message| error(Code::Invalid, message))?;
         let (run, created) = stored(self.store.submit(&command).await)?;
         if let Some(applied) = created {
-            self.publish_lifecycle(&applied).await;
+            self.applied(&applied).await;
         }
         run_reply(run)
     }
@@ -188,7 +198,7 @@ impl Handlers {
         }
         let (outcome, run, applied) = stored(self.store.claim(&request).await)?;
         for applied in &applied {
-            self.publish_lifecycle(applied).await;
+            self.applied(applied).await;
         }
         Ok(ClaimReply {
             outcome: outcome as i32,
@@ -199,7 +209,7 @@ impl Handlers {
 
     async fn handle_transition(&self, request: TransitionRequest) -> Answer<RunReply> {
         let applied = stored(self.store.transition(&request).await)?;
-        self.publish_lifecycle(&applied).await;
+        self.applied(&applied).await;
         Ok(RunReply {
             from: applied.from as i32,
             run: Some(applied.run),
@@ -258,7 +268,7 @@ impl Handlers {
             (outcome, run, applied) = self.store.request_stop(stop, false).await?;
         }
         if let Some(applied) = &applied {
-            self.publish_lifecycle(applied).await;
+            self.applied(applied).await;
         }
         let owned = run.as_ref().is_some_and(|r| !r.owner.is_empty());
         let between_turns = run
@@ -299,29 +309,12 @@ impl Handlers {
         }
     }
 
-    /// Publishes a committed transition; a failure is logged, not returned:
-    /// the database is the record, the lifecycle stream its announcement.
-    pub async fn publish_lifecycle(&self, applied: &Applied) {
+    /// A transition was committed: its row is in the outbox; the relay
+    /// announces it. Counted and logged here.
+    pub async fn applied(&self, applied: &Applied) {
         let run = &applied.run;
-        let event = LifecycleEvent {
-            run_id: run.run_id.clone(),
-            from: applied.from as i32,
-            to: run.state,
-            event: applied.event as i32,
-            reason: run.reason.clone(),
-            actor: applied.actor.clone(),
-            at_ms: run.updated_at_ms,
-            version: run.version,
-            exit_code: run.exit_code,
-            sandbox_id: run.sandbox_id.clone(),
-        };
-        let msg_id = format!("{}-{}", run.run_id, run.version);
-        let subject = self.subjects.lifecycle(&run.run_id);
-        if let Err(err) =
-            publish_durable(&self.js, subject, &msg_id, event.encode_to_vec().into()).await
-        {
-            tracing::error!(run_id = %run.run_id, version = run.version, error = %err, "lifecycle publish failed");
-        }
+        corral_common::fault::point("tracker.after_commit");
+        self.relay.wake();
         metrics::counter!("corral_transitions_total", "to" => run.state().name()).increment(1);
         tracing::info!(
             run_id = %run.run_id,

@@ -4,12 +4,14 @@
 //! (decided by [`state::next`]), answers request-reply on
 //! `<prefix>.tracker.<op>` in the queue group `tracker` (so instances share
 //! the load), records stop requests durably — both those asked of it and
-//! those clients published on `<prefix>.cmd.stop.<run_id>` — and publishes
-//! each applied transition on `<prefix>.lifecycle.<run_id>`.
+//! those clients published on `<prefix>.cmd.stop.<run_id>` — and announces
+//! each applied transition on `<prefix>.lifecycle.<run_id>` through the
+//! outbox relay ([`relay`]): exactly once, in order per run.
 
 pub mod config;
 pub mod cost;
 pub mod handlers;
+pub mod relay;
 pub mod state;
 pub mod store;
 
@@ -77,10 +79,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let client = nats::connect(&config.nats_url, "corral-tracker", Duration::from_secs(5)).await?;
     let js = jetstream::new(client.clone());
     nats::ensure_streams(&js, &subjects).await?;
+    let relay = relay::Relay::new(store.pool().clone(), js.clone(), subjects.clone());
     let handlers = Arc::new(Handlers {
         store,
         js: js.clone(),
         subjects: subjects.clone(),
+        relay: relay.clone(),
     });
     corral_common::admin::nats_check("tracker.nats", client.clone());
     let ping = handlers.clone();
@@ -98,8 +102,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         shutdown.clone(),
     );
     let stops = consume_stops(&js, handlers.clone(), shutdown.clone());
+    let relaying = tokio::spawn(relay.run(shutdown.clone()));
     let result = tokio::try_join!(requests, stops);
     shutdown.cancel();
+    // The relay's last round announces what the last requests committed.
+    let _ = relaying.await;
     handlers.store.close().await;
     let _ = client.flush().await;
     tracing::info!("tracker stopped");

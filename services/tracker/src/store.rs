@@ -1,6 +1,7 @@
-//! All of the tracker's SQL. Every change to a run is a compare-and-set on
-//! its `version`, decided by [`crate::state::next`], and records a row in
-//! `run_transitions` in the same statement.
+//! The tracker's SQL for runs. Every change to a run is a compare-and-set
+//! on its `version`, decided by [`crate::state::next`], and records a row in
+//! `run_transitions` in the same statement: the run's history and the
+//! lifecycle outbox ([`crate::relay`] announces the rows).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -48,7 +49,8 @@ pub struct Defaults {
 /// that died lets go by itself after this.
 const HOLD_SECS: i32 = 30;
 
-/// A transition that was committed: what to publish on the lifecycle subject.
+/// A transition that was committed (its row in `run_transitions` is what
+/// the relay announces).
 #[derive(Clone, Debug)]
 pub struct Applied {
     pub from: RunState,
@@ -317,8 +319,10 @@ impl Store {
                 ON CONFLICT (run_id) DO NOTHING
                 RETURNING {COLUMNS}
             ), t AS (
-                INSERT INTO run_transitions (run_id, from_state, to_state, event, reason, actor)
-                SELECT run_id, NULL, 'pending', 'submit', '', $5 FROM i
+                INSERT INTO run_transitions (run_id, from_state, to_state, event, reason, actor,
+                                             version, exit_code, sandbox_id)
+                SELECT run_id, NULL, 'pending', 'submit', '', $5, version, exit_code, sandbox_id
+                FROM i
             )
             SELECT {COLUMNS} FROM i"
         ))
@@ -435,8 +439,11 @@ impl Store {
                   AND state NOT IN ('completed', 'failed', 'stopped', 'timed_out')
                 RETURNING {COLUMNS}
             ), t AS (
-                INSERT INTO run_transitions (run_id, from_state, to_state, event, reason, actor)
-                SELECT run_id, state, state, 'replace_sandbox', $5, 'spawner:' || $2 FROM u WHERE $5 <> ''
+                INSERT INTO run_transitions (run_id, from_state, to_state, event, reason, actor,
+                                             version, exit_code, sandbox_id)
+                SELECT run_id, state, state, 'replace_sandbox', $5, 'spawner:' || $2,
+                       version, exit_code, sandbox_id
+                FROM u WHERE $5 <> ''
             )
             SELECT * FROM u"
         ))
@@ -590,8 +597,9 @@ impl Store {
                   AND ($2::bigint IS NULL OR r.version = $2) {guard}
                 RETURNING o.state AS prev_state, {returning}
             ), t AS (
-                INSERT INTO run_transitions (run_id, from_state, to_state, event, reason, actor)
-                SELECT run_id, prev_state, state, $8, $4, $9 FROM u
+                INSERT INTO run_transitions (run_id, from_state, to_state, event, reason, actor,
+                                             version, exit_code, sandbox_id)
+                SELECT run_id, prev_state, state, $8, $4, $9, version, exit_code, sandbox_id FROM u
             )
             SELECT * FROM u",
             returning = prefixed_columns("r"),
