@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use corral_client::{Client, RunUpdate};
 use corral_proto::v1::{
-    ListRunsRequest, Run, RunCommand, RunSpec, RunState, StopCommand, agent_event, output,
+    ListRunsRequest, Run, RunCommand, RunSpec, RunState, Spawner, StopCommand, agent_event, output,
     stop_reply,
 };
 
@@ -312,16 +312,45 @@ pub async fn ls(global: &Global, args: LsArgs) -> anyhow::Result<ExitCode> {
             before_run_id: args.before.unwrap_or_default(),
         })
         .await?;
+    // Which owners drain (got SIGTERM): their runs finish, then they go.
+    let draining: Vec<Spawner> = match client.spawners().await {
+        Ok(spawners) => spawners
+            .into_iter()
+            // A drained spawner stops heartbeating and leaves the list.
+            .filter(|s| {
+                s.draining_since_ms > 0 && s.heartbeat_at_ms > corral_common::now_ms() - 30_000
+            })
+            .collect(),
+        Err(err) => {
+            eprintln!("warning: cannot list spawners ({err}); draining owners are not marked");
+            Vec::new()
+        }
+    };
+    let drains = |owner: &str| draining.iter().any(|s| s.spawner_id == owner);
     if global.json {
-        let views: Vec<RunView> = runs.iter().map(RunView::from).collect();
+        let views: Vec<RunView> = runs
+            .iter()
+            .map(|run| RunView {
+                owner_draining: drains(&run.owner),
+                ..RunView::from(run)
+            })
+            .collect();
         println!("{}", serde_json::to_string_pretty(&views)?);
     } else {
         println!(
-            "{:<36}  {:<10}  {:>4}  {:<24}  {:>10}  COMMAND",
-            "RUN", "STATE", "EXIT", "CREATED", "COST (USD)"
+            "{:<36}  {:<10}  {:>4}  {:<24}  {:>10}  {:<32}  COMMAND",
+            "RUN", "STATE", "EXIT", "CREATED", "COST (USD)", "OWNER"
         );
         for run in &runs {
-            println!("{}", view::row(run));
+            println!("{}", view::row(run, drains(&run.owner)));
+        }
+        for spawner in &draining {
+            println!(
+                "spawner {} is draining: {} run(s) left; what is left is ended at {}",
+                spawner.spawner_id,
+                spawner.owned_runs,
+                view::time(spawner.drain_deadline_ms).unwrap_or_else(|| "-".into())
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -135,19 +135,27 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     if spawner.events_url == corral_spawner::Config::default().events_url {
         spawner.events_url = format!("http://{}", ingest.listen.replace("0.0.0.0", "127.0.0.1"));
     }
+    // Ctrl-C on a workstation: runs get half a minute to finish, not the
+    // ten minutes a cluster's drain allows (unless configured).
+    if spawner.drain_timeout_ms == corral_spawner::Config::default().drain_timeout_ms {
+        spawner.drain_timeout_ms = 30_000;
+    }
     let telemetry = corral_common::telemetry::init("corral").map_err(anyhow::Error::msg)?;
     corral_common::admin::serve_from_env()
         .await
         .map_err(anyhow::Error::msg)?;
     let shutdown = corral_common::shutdown::signal_token();
 
+    // The spawner drains first (its runs record their outcomes through the
+    // tracker, their events through ingest); the others stop after it.
+    let after_spawner = tokio_util::sync::CancellationToken::new();
     // The tracker first: it creates the database and the spawner claims through it.
-    let tracker_task = tokio::spawn(corral_tracker::run(tracker, shutdown.clone()));
+    let tracker_task = tokio::spawn(corral_tracker::run(tracker, after_spawner.clone()));
     let client = global.client().await?;
     wait_for_tracker(&client, &tracker_task).await?;
     let spawner_task = tokio::spawn(corral_spawner::run(spawner, shutdown.clone()));
-    let reaper_task = tokio::spawn(corral_reaper::run(reaper, shutdown.clone()));
-    let ingest_task = tokio::spawn(corral_event_ingest::run(ingest, shutdown.clone()));
+    let reaper_task = tokio::spawn(corral_reaper::run(reaper, after_spawner.clone()));
+    let ingest_task = tokio::spawn(corral_event_ingest::run(ingest, after_spawner.clone()));
     eprintln!("corral is up (prefix {}); stop with Ctrl-C", global.prefix);
 
     if args.demo {
@@ -164,8 +172,10 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         });
     }
 
-    let (tracker_result, spawner_result, reaper_result, ingest_result) =
-        tokio::join!(tracker_task, spawner_task, reaper_task, ingest_task);
+    let spawner_result = spawner_task.await;
+    after_spawner.cancel();
+    let (tracker_result, reaper_result, ingest_result) =
+        tokio::join!(tracker_task, reaper_task, ingest_task);
     telemetry.shutdown();
     ingest_result.context("event ingest panicked")??;
     reaper_result.context("reaper panicked")??;

@@ -13,6 +13,8 @@ pub struct RunView {
     pub exit_code: Option<i32>,
     pub reason: String,
     pub owner: String,
+    /// The owner got SIGTERM and is draining (`corral ls` fills it in).
+    pub owner_draining: bool,
     pub sandbox_id: String,
     pub sandbox_epoch: u32,
     pub provider: String,
@@ -62,6 +64,7 @@ impl From<&Run> for RunView {
             exit_code: run.exit_code,
             reason: run.reason.clone(),
             owner: run.owner.clone(),
+            owner_draining: false,
             sandbox_id: run.sandbox_id.clone(),
             sandbox_epoch: run.sandbox_epoch,
             provider: run.provider.clone(),
@@ -189,20 +192,26 @@ pub fn hms(ms: i64) -> String {
 }
 
 /// One line of `corral ls`.
-pub fn row(run: &Run) -> String {
+pub fn row(run: &Run, draining: bool) -> String {
     let spec = run.spec.clone().unwrap_or_default();
     let exit = run
         .exit_code
         .map(|c| c.to_string())
         .unwrap_or_else(|| "-".into());
     let created = time(run.created_at_ms).unwrap_or_default();
+    let owner = match (run.owner.as_str(), draining) {
+        ("", _) => "-".to_owned(),
+        (owner, true) => format!("{owner} (draining)"),
+        (owner, false) => owner.to_owned(),
+    };
     format!(
-        "{:<36}  {:<10}  {:>4}  {:<24}  {:>10.6}  {}",
+        "{:<36}  {:<10}  {:>4}  {:<24}  {:>10.6}  {:<32}  {}",
         run.run_id,
         run.state().name(),
         exit,
         created,
         run.cost_usd,
+        owner,
         spec.argv.join(" ")
     )
 }

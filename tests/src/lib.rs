@@ -222,7 +222,7 @@ impl TestEnv {
             home: self.home.clone(),
             kill_grace_ms: 1000,
             heartbeat_ms: 500,
-            shutdown_grace_ms: 2000,
+            drain_timeout_ms: 2000,
             ..Default::default()
         }
     }

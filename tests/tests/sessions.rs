@@ -444,7 +444,7 @@ async fn a_spawner_shutting_down_interrupts_the_turn_and_keeps_the_session() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
     let mut config = env.spawner_config();
-    config.shutdown_grace_ms = 100;
+    config.drain_timeout_ms = 100;
     let spawner = env.start_spawner_with(config).await;
     let client = env.client().await;
 

@@ -11,9 +11,9 @@ use corral_proto::v1::{
     ActivityReply, ActivityRequest, AgentEvent, ClaimReply, ClaimRequest, ContinueCommand,
     CostReply, CostRequest, DueRun, GetRunRequest, HeartbeatReply, HeartbeatRequest,
     LifecycleEvent, ListRunsReply, ListRunsRequest, RecordSandboxRequest, ReleaseRequest, Run,
-    RunCommand, RunReply, RunState, SessionCommand, StopCommand, StopReply, SubmitRequest,
-    SweepReply, SweepRequest, TrackerError, TransitionRequest, claim_reply, stop_reply,
-    tracker_error::Code,
+    RunCommand, RunReply, RunState, SessionCommand, Spawner, SpawnersReply, SpawnersRequest,
+    StopCommand, StopReply, SubmitRequest, SweepReply, SweepRequest, TrackerError,
+    TransitionRequest, claim_reply, stop_reply, tracker_error::Code,
 };
 use futures::StreamExt;
 use prost::Message;
@@ -433,12 +433,27 @@ impl Client {
         Ok((due, live))
     }
 
-    pub async fn heartbeat(&self, spawner_id: &str, owned_runs: u32) -> Result<(), ClientError> {
+    /// Proves the spawner alive; `drain_deadline_ms` set while it drains.
+    pub async fn heartbeat(
+        &self,
+        spawner_id: &str,
+        owned_runs: u32,
+        drain_deadline_ms: Option<i64>,
+    ) -> Result<(), ClientError> {
         let request = HeartbeatRequest {
             spawner_id: spawner_id.to_owned(),
             owned_runs,
+            draining: drain_deadline_ms.is_some(),
+            drain_deadline_ms: drain_deadline_ms.unwrap_or_default(),
         };
         let reply: HeartbeatReply = self.request("heartbeat", &request).await?;
         check(reply.error)
+    }
+
+    /// The spawners that heartbeat within the last ten minutes.
+    pub async fn spawners(&self) -> Result<Vec<Spawner>, ClientError> {
+        let reply: SpawnersReply = self.request("spawners", &SpawnersRequest {}).await?;
+        check(reply.error)?;
+        Ok(reply.spawners)
     }
 }

@@ -34,8 +34,13 @@ pub struct Config {
     pub claim_horizon_ms: u64,
     /// Liveness heartbeat period, ms.
     pub heartbeat_ms: u64,
-    /// On shutdown, how long owned runs may go on before they are ended, ms.
-    pub shutdown_grace_ms: u64,
+    /// Drain: after SIGTERM the spawner takes no new command and lets its
+    /// runs go on for this long before it ends what is left (`failed`,
+    /// reason `spawner_shutdown`; a kept run's turn is interrupted), ms.
+    /// Match it to the orchestrator's grace (Kubernetes'
+    /// `terminationGracePeriodSeconds`). (Formerly `shutdown_grace_ms`.)
+    #[serde(alias = "shutdown_grace_ms")]
+    pub drain_timeout_ms: u64,
     /// How long a pulled command may stay unacknowledged before NATS
     /// redelivers it to another spawner (one that died before claiming), ms.
     pub command_ack_wait_ms: u64,
@@ -75,7 +80,7 @@ impl Default for Config {
             cpu_secs: 0,
             claim_horizon_ms: 600_000,
             heartbeat_ms: 2000,
-            shutdown_grace_ms: 10_000,
+            drain_timeout_ms: 600_000,
             command_ack_wait_ms: 30_000,
             token_secret: corral_common::Secret::default(),
             events_url: "http://127.0.0.1:8470".into(),
@@ -125,6 +130,10 @@ pub struct Flags {
     #[arg(long, value_name = "MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kill_grace_ms: Option<u64>,
+    /// After SIGTERM, how long runs may finish before the rest are ended, ms [env: CORRAL_DRAIN_TIMEOUT_MS; default 600000].
+    #[arg(long, value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_timeout_ms: Option<u64>,
 }
 
 impl Flags {

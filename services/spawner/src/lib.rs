@@ -128,11 +128,15 @@ impl Spawner {
     }
 }
 
-/// Runs the spawner until `shutdown` is cancelled. Then it takes no new
-/// commands, lets owned runs go on for `shutdown_grace_ms`, ends the rest
-/// (`failed`, reason `spawner_shutdown`) and returns.
+/// Runs the spawner until `shutdown` is cancelled (SIGTERM). Then it drains:
+/// it takes no new commands, keeps heartbeating (saying it drains, and
+/// until when) and reporting activity while its runs go on for up to
+/// `drain_timeout_ms`, ends the rest (`failed`, reason `spawner_shutdown`;
+/// a kept run's turn is interrupted) and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let starting = corral_common::admin::starting("spawner");
+    // Cancelled once the last owned run is over (after the drain).
+    let stopped = CancellationToken::new();
     let subjects = Subjects::new(&config.subject_prefix)?;
     let home = config.home_dir();
     let provider = corral_provider::build(
@@ -161,7 +165,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         released: Notify::new(),
         runs: TaskTracker::new(),
         end_runs: CancellationToken::new(),
-        activity: ActivityReporter::start(client.clone(), shutdown.clone()),
+        activity: ActivityReporter::start(client.clone(), stopped.clone()),
         client,
         config,
         id,
@@ -169,40 +173,68 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     starting.done();
     tracing::info!(spawner_id = %spawner.id, home = %home.display(), prefix = subjects.prefix(), "spawner started");
 
-    let heartbeat = tokio::spawn(heartbeat(spawner.clone(), shutdown.clone()));
+    let draining = Arc::new(std::sync::OnceLock::new());
+    let heartbeat = tokio::spawn(heartbeat(
+        spawner.clone(),
+        draining.clone(),
+        stopped.clone(),
+    ));
     let consumed = consumer::consume(spawner.clone(), shutdown.clone()).await;
 
     spawner.runs.close();
-    let grace = Duration::from_millis(spawner.config.shutdown_grace_ms);
-    if tokio::time::timeout(grace, spawner.runs.wait())
+    let drain = Duration::from_millis(spawner.config.drain_timeout_ms);
+    let deadline = corral_common::now_ms() + drain.as_millis() as i64;
+    let _ = draining.set(deadline);
+    if spawner.owned() > 0 {
+        tracing::info!(
+            owned = spawner.owned(),
+            drain_timeout_ms = spawner.config.drain_timeout_ms,
+            "draining: no new commands; owned runs may finish"
+        );
+        // Say so now, not at the next beat.
+        beat(&spawner, Some(deadline)).await;
+    }
+    if tokio::time::timeout(drain, spawner.runs.wait())
         .await
         .is_err()
     {
-        tracing::warn!(owned = spawner.owned(), "ending owned runs at shutdown");
+        tracing::warn!(owned = spawner.owned(), "drain timeout: ending owned runs");
         spawner.end_runs.cancel();
         spawner.runs.wait().await;
     }
-    heartbeat.abort();
+    stopped.cancel();
+    let _ = heartbeat.await;
     let _ = spawner.client.nats().flush().await;
     tracing::info!(spawner_id = %spawner.id, "spawner stopped");
     consumed
 }
 
-async fn heartbeat(spawner: Arc<Spawner>, shutdown: CancellationToken) {
+/// Heartbeats until `stopped`; from when `draining` is set (the drain
+/// deadline, ms), each beat says the spawner drains.
+async fn heartbeat(
+    spawner: Arc<Spawner>,
+    draining: Arc<std::sync::OnceLock<i64>>,
+    stopped: CancellationToken,
+) {
     let mut tick =
         tokio::time::interval(Duration::from_millis(spawner.config.heartbeat_ms.max(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = stopped.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(err) = spawner
-            .client
-            .heartbeat(&spawner.id, spawner.owned() as u32)
-            .await
-        {
-            tracing::warn!(error = %err, "heartbeat failed");
-        }
+        beat(&spawner, draining.get().copied()).await;
+    }
+}
+
+async fn beat(spawner: &Spawner, drain_deadline_ms: Option<i64>) {
+    let owned = spawner.owned() as u32;
+    if let Err(err) = spawner
+        .client
+        .heartbeat(&spawner.id, owned, drain_deadline_ms)
+        .await
+    {
+        tracing::warn!(error = %err, "heartbeat failed");
     }
 }

@@ -11,9 +11,9 @@ use corral_common::nats::publish_durable;
 use corral_proto::v1::{
     ActivityReply, ActivityRequest, ClaimReply, ClaimRequest, CostReply, CostRequest,
     GetRunRequest, HeartbeatReply, HeartbeatRequest, ListRunsReply, ListRunsRequest,
-    RecordSandboxRequest, ReleaseRequest, RunReply, RunState, SessionCommand, StopCommand,
-    StopReply, SubmitRequest, SweepReply, SweepRequest, TrackerError, TransitionRequest,
-    session_command, stop_reply, tracker_error::Code,
+    RecordSandboxRequest, ReleaseRequest, RunReply, RunState, SessionCommand, SpawnersReply,
+    SpawnersRequest, StopCommand, StopReply, SubmitRequest, SweepReply, SweepRequest, TrackerError,
+    TransitionRequest, session_command, stop_reply, tracker_error::Code,
 };
 use corral_proto::{Subjects, validate};
 use prost::Message;
@@ -74,7 +74,8 @@ replies!(
     HeartbeatReply,
     ActivityReply,
     SweepReply,
-    CostReply
+    CostReply,
+    SpawnersReply
 );
 
 type Answer<R> = Result<R, Option<TrackerError>>;
@@ -147,8 +148,17 @@ impl Handlers {
             "stop" => answer(payload, async |r| self.handle_stop(r).await).await,
             "heartbeat" => {
                 answer(payload, async |r: HeartbeatRequest| {
-                    stored(self.store.heartbeat(&r.spawner_id, r.owned_runs).await)?;
+                    stored(self.store.heartbeat(&r).await)?;
                     Ok(HeartbeatReply { error: None })
+                })
+                .await
+            }
+            "spawners" => {
+                answer(payload, async |_: SpawnersRequest| {
+                    Ok(SpawnersReply {
+                        spawners: stored(self.store.spawners().await)?,
+                        error: None,
+                    })
                 })
                 .await
             }

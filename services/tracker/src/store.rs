@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use corral_proto::v1::{
-    ClaimRequest, DueRun, ListRunsRequest, RecordSandboxRequest, Run, RunCommand, RunEvent,
-    RunSpec, RunState, StopCommand, SweepRequest, TransitionRequest, claim_reply, due_run,
-    stop_reply,
+    ClaimRequest, DueRun, HeartbeatRequest, ListRunsRequest, RecordSandboxRequest, Run, RunCommand,
+    RunEvent, RunSpec, RunState, StopCommand, SweepRequest, TransitionRequest, claim_reply,
+    due_run, stop_reply,
 };
 use prost::Message;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -900,16 +900,55 @@ impl Store {
         }
     }
 
-    pub async fn heartbeat(&self, spawner_id: &str, owned_runs: u32) -> Result<(), StoreError> {
+    pub async fn heartbeat(&self, request: &HeartbeatRequest) -> Result<(), StoreError> {
+        let deadline = (request.draining && request.drain_deadline_ms > 0)
+            .then(|| DateTime::<Utc>::from_timestamp_millis(request.drain_deadline_ms))
+            .flatten();
         sqlx::query(
-            "INSERT INTO spawners (spawner_id, heartbeat_at, owned_runs) VALUES ($1, now(), $2)
-             ON CONFLICT (spawner_id) DO UPDATE SET heartbeat_at = now(), owned_runs = $2",
+            "INSERT INTO spawners (spawner_id, heartbeat_at, owned_runs, draining_since, drain_deadline)
+             VALUES ($1, now(), $2, CASE WHEN $3 THEN now() END, $4)
+             ON CONFLICT (spawner_id) DO UPDATE SET heartbeat_at = now(), owned_runs = $2,
+                 draining_since = CASE WHEN $3 THEN COALESCE(spawners.draining_since, now()) END,
+                 drain_deadline = $4",
         )
-        .bind(spawner_id)
-        .bind(owned_runs as i32)
+        .bind(&request.spawner_id)
+        .bind(request.owned_runs as i32)
+        .bind(request.draining)
+        .bind(deadline)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// The spawners that heartbeat within the last ten minutes, by id.
+    pub async fn spawners(&self) -> Result<Vec<corral_proto::v1::Spawner>, StoreError> {
+        type Row = (
+            String,
+            DateTime<Utc>,
+            i32,
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT spawner_id, heartbeat_at, owned_runs, draining_since, drain_deadline
+             FROM spawners WHERE heartbeat_at > now() - interval '10 minutes'
+             ORDER BY spawner_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let ms = |t: Option<DateTime<Utc>>| t.map_or(0, |t| t.timestamp_millis());
+        Ok(rows
+            .into_iter()
+            .map(
+                |(spawner_id, heartbeat_at, owned, since, deadline)| corral_proto::v1::Spawner {
+                    spawner_id,
+                    heartbeat_at_ms: heartbeat_at.timestamp_millis(),
+                    owned_runs: owned.max(0) as u32,
+                    draining_since_ms: ms(since),
+                    drain_deadline_ms: ms(deadline),
+                },
+            )
+            .collect())
     }
 }
 
