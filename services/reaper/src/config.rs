@@ -32,6 +32,16 @@ pub struct Config {
     pub owner_timeout_ms: u32,
     /// A run booting longer than this is stuck, ms.
     pub boot_limit_ms: u32,
+    /// Large disruptions: when the runs due as `owner_lost` in one sweep
+    /// belong to more than this fraction of the spawners seen in the last
+    /// ten minutes (and there are at least `disruption_min_spawners`), the
+    /// reaper suspects itself or the network rather than them, and fails a
+    /// run as `owner_lost` only once its owner has been silent for
+    /// `disruption_grace_ms` (Kubernetes' node controller slows evictions in
+    /// the same case).
+    pub disruption_fraction: f64,
+    pub disruption_min_spawners: u32,
+    pub disruption_grace_ms: u32,
     /// A run pending longer than this, with no spawner claiming it (its
     /// command was dead-lettered or lost), is failed (`pending_unclaimed`),
     /// ms; keep it above the spawners' `claim_horizon_ms`.
@@ -66,6 +76,9 @@ impl Default for Config {
             stop_grace_ms: 5000,
             owner_timeout_ms: 10_000,
             boot_limit_ms: 60_000,
+            disruption_fraction: 0.5,
+            disruption_min_spawners: 3,
+            disruption_grace_ms: 300_000,
             pending_limit_ms: 900_000,
             backstop_grace_ms: 2000,
             max_parallel_kills: 32,

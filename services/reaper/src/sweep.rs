@@ -43,6 +43,9 @@ pub struct Report {
     pub idle_pauses: usize,
     /// Actions whose transition lost a race (the run had moved on).
     pub raced: usize,
+    /// Runs due on evidence the reaper does not trust yet (right after an
+    /// outage, or a large disruption): judged at a later sweep.
+    pub deferred: usize,
 }
 
 impl Report {
@@ -71,6 +74,15 @@ pub struct Reaper {
     /// judged `sandbox_lost` only if still so a grace later.
     suspects: std::sync::Mutex<HashMap<String, (u64, Instant)>>,
     lost_grace: Duration,
+    /// Since when every sweep reached the tracker (None: the last failed,
+    /// or none ran yet).
+    trusted_since: std::sync::Mutex<Option<Instant>>,
+    /// How long after that owners' heartbeats, activity reports and boots
+    /// are evidence again: an owner timeout and a sweep period.
+    evidence_after: Duration,
+    disruption_fraction: f64,
+    disruption_min_spawners: usize,
+    disruption_grace_ms: i64,
 }
 
 impl Reaper {
@@ -97,6 +109,13 @@ impl Reaper {
             lost_grace: Duration::from_millis(config.sweep_period_ms.max(1000)),
             actor: format!("reaper:{id}"),
             parallel: config.max_parallel_kills.max(1),
+            trusted_since: Default::default(),
+            evidence_after: Duration::from_millis(
+                config.owner_timeout_ms as u64 + config.sweep_period_ms,
+            ),
+            disruption_fraction: config.disruption_fraction,
+            disruption_min_spawners: config.disruption_min_spawners as usize,
+            disruption_grace_ms: config.disruption_grace_ms as i64,
         }
     }
 
@@ -118,9 +137,16 @@ impl Reaper {
             include_live: !node_local,
             ..self.request.clone()
         };
-        let (due, live) = self.client.sweep(&request).await?;
+        let (due, live) = match self.client.sweep(&request).await {
+            Ok(answer) => answer,
+            Err(err) => {
+                self.distrust();
+                return Err(err.into());
+            }
+        };
 
         let mut report = Report::default();
+        let due = self.judgeable(due, &mut report).await;
         let outcomes: Vec<(Why, bool)> = futures::stream::iter(due)
             .map(|due| async move {
                 let why = due.why();
@@ -152,6 +178,93 @@ impl Reaper {
         Ok(report)
     }
 
+    /// The tracker could not be reached: what owners did meanwhile
+    /// (heartbeats, activity, boots) may not have been recorded.
+    fn distrust(&self) {
+        *self.trusted_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Whether records of the owners' doings are evidence: the tracker has
+    /// been reachable for `evidence_after` (this reaper's start counts as
+    /// an outage: it knows nothing of the time before).
+    fn evidence_holds(&self) -> bool {
+        let mut since = self.trusted_since.lock().unwrap_or_else(|p| p.into_inner());
+        since.get_or_insert_with(Instant::now).elapsed() >= self.evidence_after
+    }
+
+    /// The due runs this sweep may judge. Right after an outage, only
+    /// deadlines, ignored stops, pending runs and idle pauses (what the
+    /// clock and the stop record decide); the rest wait until owners have
+    /// had an owner timeout to heartbeat, report activity and record their
+    /// boots. In a large disruption (owners lost are more than
+    /// `disruption_fraction` of the spawners), an owner is lost only once
+    /// silent for `disruption_grace_ms`.
+    async fn judgeable(&self, due: Vec<DueRun>, report: &mut Report) -> Vec<DueRun> {
+        let evidence = self.evidence_holds();
+        let before = due.len();
+        let mut due: Vec<DueRun> = due
+            .into_iter()
+            .filter(|d| {
+                evidence
+                    || !matches!(
+                        d.why(),
+                        Why::OwnerLost | Why::Inactivity | Why::StuckBoot | Why::Unspecified
+                    )
+            })
+            .collect();
+        let lost_owners: std::collections::HashSet<String> = due
+            .iter()
+            .filter(|d| d.why() == Why::OwnerLost)
+            .filter_map(|d| d.run.as_ref().map(|r| r.owner.clone()))
+            .collect();
+        if !lost_owners.is_empty() {
+            match self.client.spawners().await {
+                Ok(spawners) => {
+                    let seen = spawners.len().max(lost_owners.len());
+                    let large = seen >= self.disruption_min_spawners
+                        && lost_owners.len() as f64 > self.disruption_fraction * seen as f64;
+                    if large {
+                        let now = corral_common::now_ms();
+                        let silent_long: std::collections::HashSet<String> = lost_owners
+                            .iter()
+                            .filter(|owner| {
+                                spawners
+                                    .iter()
+                                    .find(|s| &&s.spawner_id == owner)
+                                    .is_none_or(|s| {
+                                        now - s.heartbeat_at_ms >= self.disruption_grace_ms
+                                    })
+                            })
+                            .cloned()
+                            .collect();
+                        tracing::warn!(
+                            lost = lost_owners.len(),
+                            spawners = seen,
+                            failing_now = silent_long.len(),
+                            "large disruption: most spawners look lost; failing only owners silent for disruption_grace_ms"
+                        );
+                        due.retain(|d| {
+                            d.why() != Why::OwnerLost
+                                || d.run
+                                    .as_ref()
+                                    .is_some_and(|r| silent_long.contains(&r.owner))
+                        });
+                    }
+                }
+                Err(err) => {
+                    // Cannot tell a disruption from a loss: wait.
+                    tracing::warn!(error = %err, "spawners not listed; owner_lost judgments wait");
+                    due.retain(|d| d.why() != Why::OwnerLost);
+                }
+            }
+        }
+        report.deferred = before - due.len();
+        if report.deferred > 0 {
+            metrics::counter!("corral_reaper_deferred_total").increment(report.deferred as u64);
+        }
+        due
+    }
+
     /// Reconciles this node's sandboxes (a node-local provider) against the
     /// live records: what every reaper of the node does each period, leader
     /// or not, and first of all when it starts (a node coming back kills
@@ -169,7 +282,13 @@ impl Reaper {
             live_only: true,
             ..self.request.clone()
         };
-        let (_, live) = self.client.sweep(&request).await?;
+        let (_, live) = match self.client.sweep(&request).await {
+            Ok(answer) => answer,
+            Err(err) => {
+                self.distrust();
+                return Err(err.into());
+            }
+        };
         let mut report = Report::default();
         self.reconcile(&sandboxes, &live, &mut report).await;
         report.duration = started.elapsed();
@@ -225,13 +344,18 @@ impl Reaper {
             }
         }
         let mut seen = std::collections::HashSet::new();
+        // Right after an outage an owner may have ended its sandbox and not
+        // yet recorded the run's end: no run is judged lost before owners
+        // have had the time to.
+        let evidence = self.evidence_holds();
         for run in live.values() {
             // A kept run between turns (idle, paused) whose sandbox is gone
             // is not lost: its next continue probes and replaces it.
             let holds_sandbox = matches!(run.state(), RunState::Running | RunState::Finalizing);
             let ours = (run.provider.is_empty() || run.provider == self.provider.name())
                 && self.holds(&run.sandbox_id);
-            if !holds_sandbox
+            if !evidence
+                || !holds_sandbox
                 || !ours
                 || run.sandbox_id.is_empty()
                 || listed.contains(run.sandbox_id.as_str())

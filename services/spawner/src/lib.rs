@@ -11,6 +11,7 @@
 
 pub mod config;
 mod consumer;
+mod outcomes;
 mod session;
 mod supervisor;
 
@@ -72,8 +73,11 @@ pub(crate) struct Spawner {
     pub permits: Arc<Semaphore>,
     /// The supervisors of owned runs.
     pub runs: TaskTracker,
-    /// Cancelled when owned runs must end (shutdown grace over).
+    /// Cancelled when owned runs must end (drain timeout over).
     pub end_runs: CancellationToken,
+    /// Cancelled when the spawner must exit now: outcomes not recorded yet
+    /// are kept on disk ([`outcomes`]).
+    pub exiting: CancellationToken,
     /// Progress reports to the tracker, coalesced.
     pub activity: Arc<ActivityReporter>,
 }
@@ -86,6 +90,11 @@ impl Spawner {
     /// Notes progress of a run; reported to the tracker about once a second.
     pub fn note_activity(&self, run_id: &str) {
         self.activity.note(run_id);
+    }
+
+    /// Where outcomes the tracker could not record before exit are kept.
+    pub fn outcomes_dir(&self) -> std::path::PathBuf {
+        self.config.home_dir().join("outcomes")
     }
 
     pub fn owned(&self) -> usize {
@@ -128,6 +137,10 @@ impl Spawner {
     }
 }
 
+/// After the drain timeout, how long ended runs have to report their
+/// outcomes before those not recorded are kept on disk.
+const OUTCOME_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs the spawner until `shutdown` is cancelled (SIGTERM). Then it drains:
 /// it takes no new commands, keeps heartbeating (saying it drains, and
 /// until when) and reporting activity while its runs go on for up to
@@ -165,6 +178,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         released: Notify::new(),
         runs: TaskTracker::new(),
         end_runs: CancellationToken::new(),
+        exiting: CancellationToken::new(),
         activity: ActivityReporter::start(client.clone(), stopped.clone()),
         client,
         config,
@@ -173,6 +187,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     starting.done();
     tracing::info!(spawner_id = %spawner.id, home = %home.display(), prefix = subjects.prefix(), "spawner started");
 
+    // What an earlier spawner with this home could not record before it exited.
+    let replaying = spawner.clone();
+    spawner
+        .runs
+        .spawn(async move { outcomes::replay(&replaying).await });
     let draining = Arc::new(std::sync::OnceLock::new());
     let heartbeat = tokio::spawn(heartbeat(
         spawner.clone(),
@@ -200,7 +219,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     {
         tracing::warn!(owned = spawner.owned(), "drain timeout: ending owned runs");
         spawner.end_runs.cancel();
-        spawner.runs.wait().await;
+        // Ended runs report their outcomes; what the tracker cannot take
+        // by now is kept on disk.
+        if tokio::time::timeout(OUTCOME_GRACE, spawner.runs.wait())
+            .await
+            .is_err()
+        {
+            spawner.exiting.cancel();
+            spawner.runs.wait().await;
+        }
     }
     stopped.cancel();
     let _ = heartbeat.await;

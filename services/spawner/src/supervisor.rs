@@ -31,7 +31,7 @@ use prost::Message;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::Spawner;
+use crate::{Spawner, outcomes};
 
 /// A run this spawner claimed.
 pub(crate) struct Start {
@@ -431,13 +431,12 @@ impl Supervisor {
             session_id,
             owner: String::new(),
         };
-        let client = &self.spawner.client;
-        let ended = (|| client.transition(&request))
-            .retry(retry_policy())
-            .when(ClientError::is_transient)
-            .await;
-        match ended {
+        match outcomes::record(&self.spawner, &request).await {
             Ok(run) => self.run = run,
+            Err(err) if err.is_transient() => {
+                // Kept on disk: the spawner is exiting.
+                tracing::warn!(error = %err, "turn end not recorded before exit");
+            }
             Err(err) => self.refused(err).await,
         }
     }
@@ -633,9 +632,19 @@ impl Supervisor {
     }
 
     /// Kills the sandbox, then reports the terminal transition.
+    /// Kills the sandbox, then records the end: retried until the tracker
+    /// takes it, however long it is away ([`outcomes::record`]).
     async fn end(&mut self, event: RunEvent, reason: &str, exit_code: Option<i32>) {
         self.kill_sandbox().await;
-        match self.transition(event, reason, exit_code).await {
+        let request = TransitionRequest {
+            run_id: self.run_id.clone(),
+            event: event as i32,
+            reason: reason.to_owned(),
+            actor: self.spawner.actor.clone(),
+            exit_code,
+            ..Default::default()
+        };
+        match outcomes::record(&self.spawner, &request).await {
             Ok(run) => self.run = run,
             Err(err) => {
                 tracing::warn!(event = event.name(), error = %err, "terminal transition failed");
