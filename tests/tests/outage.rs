@@ -168,7 +168,7 @@ async fn most_spawners_silent_at_once_get_the_disruption_grace_one_does_not() {
         let beating = beating.clone();
         tokio::spawn(async move {
             loop {
-                let ids = beating.lock().unwrap().clone();
+                let ids = beating.lock().expect("beating list").clone();
                 for id in ids {
                     let _ = client.heartbeat(id, 1, None).await;
                 }
@@ -183,7 +183,10 @@ async fn most_spawners_silent_at_once_get_the_disruption_grace_one_does_not() {
     let reaper = env.start_reaper_with(reaper_config).await;
 
     // One of three goes silent: an ordinary loss, judged at the owner timeout.
-    beating.lock().unwrap().retain(|id| *id != "spawner-a");
+    beating
+        .lock()
+        .expect("beating list")
+        .retain(|id| *id != "spawner-a");
     let a_silent = corral_common::now_ms();
     let a = eventually("spawner-a's run fails as owner_lost", LIMIT, || async {
         let run = client.get(&runs[0]).await.ok()?;
@@ -199,7 +202,7 @@ async fn most_spawners_silent_at_once_get_the_disruption_grace_one_does_not() {
     );
 
     // Then the other two at once: more than half of the three seen.
-    beating.lock().unwrap().clear();
+    beating.lock().expect("beating list").clear();
     let silent = corral_common::now_ms();
     for run_id in &runs[1..] {
         let run = eventually(
