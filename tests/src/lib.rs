@@ -238,6 +238,9 @@ impl TestEnv {
             owner_timeout_ms: 2000,
             boot_limit_ms: 5000,
             backstop_grace_ms: 500,
+            // Chaos tests kill most spawners at once on purpose: a large
+            // disruption, at test scale like the other timings.
+            disruption_grace_ms: 3000,
             ..Default::default()
         }
     }
