@@ -110,7 +110,7 @@ async fn an_e2b_session_pauses_resumes_and_replaces_an_expired_sandbox_once() {
 }
 
 #[tokio::test]
-async fn a_daytona_sandbox_gone_410_is_replaced_and_a_stop_between_turns_deletes_it() {
+async fn a_daytona_sandbox_auto_deleted_is_replaced_and_a_stop_between_turns_deletes_it() {
     let env = TestEnv::new().await;
     let emulator = DaytonaEmulator::start(&env.home.join("daytona"))
         .await

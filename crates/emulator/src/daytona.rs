@@ -4,11 +4,28 @@
 //! A session command runs as `sh -c <command>` in the sandbox; its stdout
 //! and stderr go, line by line, into one log that `logs?follow=true`
 //! streams as plain text until the command has ended and its exit code is
-//! known. Deleting a session kills its commands (SIGKILL). A sandbox
-//! expires `autoStopInterval` minutes after its create or start (0: never)
-//! and answers 410 Gone from then on; a stopped one does not expire. (Real
-//! Daytona stops an idle sandbox and deletes it later; the emulator folds
-//! both into one expiry, which is what a reaper sees.)
+//! known. Deleting a session kills its commands (SIGKILL).
+//!
+//! It answers as Daytona does at tag `v0.190.0` of `daytonaio/daytona`
+//! (written from reading the source, not copied: AGPL-3.0), where that
+//! source says:
+//! - create refuses `cpu`, `gpu`, `memory` and `disk` (400 "Cannot specify
+//!   Sandbox resources when using a snapshot", `sandbox.controller.ts`) and
+//!   an unknown snapshot (400, `sandbox.service.ts`); it answers once the
+//!   sandbox runs (a `hold_creates` fault makes that slow);
+//! - `GET /sandbox` pages by `cursor` with `limit` 1..200 (default 100) and
+//!   answers `{items, nextCursor}` (`list-sandboxes-*.dto.ts`);
+//! - stop of a sandbox not started: 400 "Sandbox is not in a stoppable
+//!   state"; start answers while the sandbox is still `starting`;
+//! - a toolbox call to a sandbox not started (stopped, starting, deleted):
+//!   400 "Sandbox is not running" (`toolbox.deprecated.service.ts`);
+//! - a deleted sandbox is 404 on the API ("Sandbox with ID or name X not
+//!   found"); nothing answers 410.
+//!
+//! Not in that source, the emulator's own choices: a sandbox past its
+//! `autoStopInterval` (0: never) is auto-stopped and, as `autoDeleteInterval`
+//! would have it, deleted at once (the two folded into one expiry: what a
+//! reaper sees); `starting` lasts [`START_DELAY`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -34,6 +51,13 @@ use crate::sandboxes::{Lookup, Sandbox, Sandboxes};
 
 /// Daytona's auto-stop when a create names none, minutes.
 const DEFAULT_AUTO_STOP_MINUTES: u32 = 15;
+/// How long a started sandbox stays `starting`.
+const START_DELAY: Duration = Duration::from_millis(300);
+/// The snapshots every organization has.
+const SNAPSHOTS: [&str; 3] = ["daytona-small", "daytona-medium", "daytona-large"];
+/// `limit` of a list page when none is given, and its most.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 200;
 
 /// An emulated Daytona, stopped when dropped.
 pub struct DaytonaEmulator {
@@ -47,6 +71,9 @@ impl DaytonaEmulator {
         let state = Arc::new(DaytonaState {
             sandboxes: Sandboxes::start(home)?,
             faults: Arc::new(Faults::default()),
+            create_hold: std::sync::Mutex::new(Duration::ZERO),
+            page_size: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            deleted: Default::default(),
         });
         let server = Server::start(router(state.clone())).await?;
         Ok(DaytonaEmulator { server, state })
@@ -75,19 +102,56 @@ impl DaytonaEmulator {
     pub fn created(&self) -> usize {
         self.state.sandboxes.created()
     }
+
+    /// Creates answer only this long after the sandbox was made.
+    pub fn hold_creates(&self, hold: Duration) {
+        *self
+            .state
+            .create_hold
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = hold;
+    }
+
+    /// List pages hold at most `n` sandboxes, whatever `limit` asks.
+    pub fn set_page_size(&self, n: usize) {
+        self.state
+            .page_size
+            .store(n.max(1), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the sandbox was created with resources (`cpu`, `memory`,
+    /// `disk`) or an auto-delete interval, as the last create asked.
+    pub fn auto_delete_minutes(&self, sandbox_id: &str) -> Option<i32> {
+        match self
+            .state
+            .sandboxes
+            .with(sandbox_id, |s| s.api.auto_delete_minutes)
+        {
+            Lookup::Live(minutes) => minutes,
+            _ => None,
+        }
+    }
 }
 
 struct DaytonaState {
     sandboxes: Arc<Sandboxes<DaytonaSandbox>>,
     faults: Arc<Faults>,
+    /// How long a create is held before it answers (as Daytona holds one
+    /// until the sandbox runs).
+    create_hold: std::sync::Mutex<Duration>,
+    /// A smaller page than asked for, to exercise paging.
+    page_size: std::sync::atomic::AtomicUsize,
+    /// Deleted sandboxes: Daytona keeps them on record (soft delete), and
+    /// its toolbox answers them "not running", not "not found".
+    deleted: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 struct DaytonaSandbox {
     snapshot: String,
-    cpu: u32,
-    memory: u32,
-    disk: u32,
     auto_stop_minutes: u32,
+    auto_delete_minutes: Option<i32>,
+    /// `starting` until then (after a start).
+    starting_until: Option<std::time::Instant>,
     env: BTreeMap<String, String>,
     /// Commands by id, by session id.
     sessions: HashMap<String, HashMap<String, Arc<Command>>>,
@@ -157,16 +221,45 @@ async fn require_bearer(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
+/// NestJS's error body.
 fn error(status: StatusCode, message: &str) -> Response {
-    let body = json!({ "statusCode": status.as_u16(), "message": message });
+    let body = json!({
+        "statusCode": status.as_u16(),
+        "message": message,
+        "error": status.canonical_reason().unwrap_or(""),
+    });
     (status, axum::Json(body)).into_response()
 }
 
-/// 404 for what never was (or was deleted), 410 for what expired.
-fn missing<T>(lookup: Lookup<T>, id: &str) -> Response {
+/// A sandbox that never was, or was deleted (expired ones included).
+fn missing<T>(_lookup: Lookup<T>, id: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        &format!("Sandbox with ID or name {id} not found"),
+    )
+}
+
+/// The toolbox's answer for a sandbox it cannot reach: not started, or
+/// deleted (still on record); 404 only for an id never seen.
+fn not_running<T>(lookup: Lookup<T>, id: &str) -> Response {
     match lookup {
-        Lookup::Expired => error(StatusCode::GONE, &format!("sandbox {id} has expired")),
-        _ => error(StatusCode::NOT_FOUND, &format!("sandbox {id} not found")),
+        Lookup::Unknown => missing(lookup, id),
+        _ => error(StatusCode::BAD_REQUEST, "Sandbox is not running"),
+    }
+}
+
+impl DaytonaSandbox {
+    fn state(&self, paused: bool) -> &'static str {
+        if paused {
+            "stopped"
+        } else if self
+            .starting_until
+            .is_some_and(|until| std::time::Instant::now() < until)
+        {
+            "starting"
+        } else {
+            "started"
+        }
     }
 }
 
@@ -177,13 +270,15 @@ fn failed(err: ProviderError) -> Response {
 fn described(sandbox: &Sandbox<DaytonaSandbox>) -> Value {
     json!({
         "id": sandbox.id,
-        "state": if sandbox.paused { "stopped" } else { "started" },
+        "state": sandbox.api.state(sandbox.paused),
         "labels": sandbox.labels,
         "snapshot": sandbox.api.snapshot,
-        "cpu": sandbox.api.cpu,
-        "memory": sandbox.api.memory,
-        "disk": sandbox.api.disk,
+        // The snapshot's size (daytona-small).
+        "cpu": 1,
+        "memory": 1,
+        "disk": 3,
         "autoStopInterval": sandbox.api.auto_stop_minutes,
+        "autoDeleteInterval": sandbox.api.auto_delete_minutes.unwrap_or(-1),
         "env": sandbox.api.env,
         "createdAt": sandbox.started_at.to_rfc3339(),
     })
@@ -194,22 +289,34 @@ fn described(sandbox: &Sandbox<DaytonaSandbox>) -> Value {
 struct NewSandbox {
     snapshot: Option<String>,
     cpu: Option<u32>,
+    gpu: Option<u32>,
     memory: Option<u32>,
     disk: Option<u32>,
     #[serde(default)]
     labels: Labels,
     auto_stop_interval: Option<u32>,
+    auto_delete_interval: Option<i32>,
     #[serde(default)]
     env: BTreeMap<String, String>,
 }
 
 async fn create(State(state): Shared, axum::Json(body): axum::Json<NewSandbox>) -> Response {
+    let resources = [body.cpu, body.gpu, body.memory, body.disk];
+    if resources.iter().any(|r| r.is_some_and(|n| n > 0)) {
+        let message = "Cannot specify Sandbox resources when using a snapshot";
+        return error(StatusCode::BAD_REQUEST, message);
+    }
+    let snapshot = body.snapshot.unwrap_or_else(|| SNAPSHOTS[0].into());
+    if !SNAPSHOTS.contains(&snapshot.as_str()) {
+        let message =
+            format!("Snapshot {snapshot} not found. Did you add it through the Daytona Dashboard?");
+        return error(StatusCode::BAD_REQUEST, &message);
+    }
     let api = DaytonaSandbox {
-        snapshot: body.snapshot.unwrap_or_else(|| "daytonaio/sandbox".into()),
-        cpu: body.cpu.unwrap_or(1),
-        memory: body.memory.unwrap_or(1),
-        disk: body.disk.unwrap_or(3),
+        snapshot,
         auto_stop_minutes: body.auto_stop_interval.unwrap_or(DEFAULT_AUTO_STOP_MINUTES),
+        auto_delete_minutes: body.auto_delete_interval,
+        starting_until: None,
         env: body.env,
         sessions: HashMap::new(),
     };
@@ -219,6 +326,10 @@ async fn create(State(state): Shared, axum::Json(body): axum::Json<NewSandbox>) 
         Ok(id) => id,
         Err(err) => return failed(err),
     };
+    let hold = *state.create_hold.lock().unwrap_or_else(|p| p.into_inner());
+    if !hold.is_zero() {
+        tokio::time::sleep(hold).await;
+    }
     if state.faults.take_lost_create() {
         return error(StatusCode::BAD_GATEWAY, "injected fault: response lost");
     }
@@ -232,22 +343,38 @@ async fn create(State(state): Shared, axum::Json(body): axum::Json<NewSandbox>) 
 struct ListQuery {
     /// A JSON object of labels every sandbox listed carries.
     labels: Option<String>,
+    limit: Option<usize>,
+    /// The id of the last sandbox of the previous page.
+    cursor: Option<String>,
 }
 
 async fn list(State(state): Shared, Query(query): Query<ListQuery>) -> Response {
     let wanted: Labels = match query.labels.as_deref().map(serde_json::from_str) {
         None => Labels::new(),
         Some(Ok(labels)) => labels,
-        Some(Err(err)) => {
-            let message = format!("labels must be a JSON object of strings: {err}");
-            return error(StatusCode::BAD_REQUEST, &message);
-        }
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "Invalid labels JSON format"),
     };
-    let found = state.sandboxes.list(|s| {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        let message = format!("limit must not be greater than {MAX_PAGE}");
+        return error(StatusCode::BAD_REQUEST, &message);
+    }
+    let page = limit.min(state.page_size.load(std::sync::atomic::Ordering::SeqCst));
+    let after = query.cursor.unwrap_or_default();
+    let mut found = state.sandboxes.list(|s| {
         let labelled = wanted.iter().all(|(k, v)| s.labels.get(k) == Some(v));
-        labelled.then(|| described(s))
+        (labelled && s.id.as_str() > after.as_str()).then(|| (s.id.clone(), described(s)))
     });
-    axum::Json(found).into_response()
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    let more = found.len() > page;
+    found.truncate(page);
+    let next_cursor = if more {
+        found.last().map(|(id, _)| Value::from(id.clone()))
+    } else {
+        None
+    };
+    let items: Vec<Value> = found.into_iter().map(|(_, body)| body).collect();
+    axum::Json(json!({ "items": items, "nextCursor": next_cursor })).into_response()
 }
 
 async fn detail(State(state): Shared, UrlPath(id): UrlPath<String>) -> Response {
@@ -258,46 +385,91 @@ async fn detail(State(state): Shared, UrlPath(id): UrlPath<String>) -> Response 
 }
 
 async fn kill(State(state): Shared, UrlPath(id): UrlPath<String>) -> Response {
+    state
+        .deleted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.clone());
     match state.sandboxes.kill(&id).await {
         Lookup::Live(()) => StatusCode::OK.into_response(),
         lookup => missing(lookup, &id),
     }
 }
 
-/// Stopping a stopped sandbox is fine.
+/// Only a started sandbox stops; its processes are frozen.
 async fn stop(State(state): Shared, UrlPath(id): UrlPath<String>) -> Response {
-    let was_stopped = match state
-        .sandboxes
-        .with(&id, |s| std::mem::replace(&mut s.paused, true))
-    {
-        Lookup::Live(was_stopped) => was_stopped,
+    let stoppable = match state.sandboxes.with(&id, |s| {
+        let started = s.api.state(s.paused) == "started";
+        if started {
+            s.paused = true;
+        }
+        (started, described(s))
+    }) {
+        Lookup::Live(stoppable) => stoppable,
         lookup => return missing(lookup, &id),
     };
-    if was_stopped {
-        return StatusCode::OK.into_response();
+    let (started, _) = stoppable;
+    if !started {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Sandbox is not in a stoppable state",
+        );
     }
-    match state.sandboxes.local().pause(&id).await {
-        Ok(()) => StatusCode::OK.into_response(),
-        Err(err) => failed(err),
+    if let Err(err) = state.sandboxes.local().pause(&id).await {
+        return failed(err);
+    }
+    match state.sandboxes.with(&id, |s| described(s)) {
+        Lookup::Live(body) => axum::Json(body).into_response(),
+        lookup => missing(lookup, &id),
     }
 }
 
-/// Starting restarts the auto-stop clock; starting a started sandbox is fine.
+/// Starting restarts the auto-stop clock and answers while the sandbox is
+/// still `starting`; starting a started sandbox answers it as it is.
 async fn start(State(state): Shared, UrlPath(id): UrlPath<String>) -> Response {
     let was_stopped = match state.sandboxes.with(&id, |s| {
         let lifetime = s.api.lifetime();
         s.expire_in(lifetime);
-        std::mem::replace(&mut s.paused, false)
+        let was_stopped = std::mem::replace(&mut s.paused, false);
+        if was_stopped {
+            s.api.starting_until = Some(std::time::Instant::now() + START_DELAY);
+        }
+        was_stopped
     }) {
         Lookup::Live(was_stopped) => was_stopped,
         lookup => return missing(lookup, &id),
     };
-    if !was_stopped {
-        return StatusCode::OK.into_response();
+    if was_stopped && let Err(err) = state.sandboxes.local().resume(&id).await {
+        return failed(err);
     }
-    match state.sandboxes.local().resume(&id).await {
-        Ok(()) => StatusCode::OK.into_response(),
-        Err(err) => failed(err),
+    match state.sandboxes.with(&id, |s| described(s)) {
+        Lookup::Live(body) => axum::Json(body).into_response(),
+        lookup => missing(lookup, &id),
+    }
+}
+
+/// The sandbox, if the toolbox can reach it (started).
+fn running<T>(
+    state: &DaytonaState,
+    id: &str,
+    f: impl FnOnce(&mut Sandbox<DaytonaSandbox>) -> T,
+) -> Result<T, Box<Response>> {
+    match state
+        .sandboxes
+        .with(id, |s| (s.api.state(s.paused) == "started").then(|| f(s)))
+    {
+        Lookup::Live(Some(value)) => Ok(value),
+        Lookup::Live(None) => Err(Box::new(not_running(Lookup::Live(()), id))),
+        Lookup::Unknown
+            if state
+                .deleted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(id) =>
+        {
+            Err(Box::new(not_running(Lookup::<()>::Expired, id)))
+        }
+        lookup => Err(Box::new(not_running(lookup, id))),
     }
 }
 
@@ -312,7 +484,7 @@ async fn create_session(
     UrlPath(id): UrlPath<String>,
     axum::Json(body): axum::Json<NewSession>,
 ) -> Response {
-    let created = state.sandboxes.with(&id, |s| {
+    let created = running(&state, &id, |s| {
         if s.api.sessions.contains_key(&body.session_id) {
             return false;
         }
@@ -320,9 +492,9 @@ async fn create_session(
         true
     });
     match created {
-        Lookup::Live(true) => StatusCode::CREATED.into_response(),
-        Lookup::Live(false) => error(StatusCode::CONFLICT, "session already exists"),
-        lookup => missing(lookup, &id),
+        Ok(true) => StatusCode::CREATED.into_response(),
+        Ok(false) => error(StatusCode::CONFLICT, "session already exists"),
+        Err(refused) => *refused,
     }
 }
 
@@ -331,13 +503,10 @@ async fn delete_session(
     State(state): Shared,
     UrlPath((id, session)): UrlPath<(String, String)>,
 ) -> Response {
-    let commands = match state
-        .sandboxes
-        .with(&id, |s| s.api.sessions.remove(&session))
-    {
-        Lookup::Live(Some(commands)) => commands,
-        Lookup::Live(None) => return error(StatusCode::NOT_FOUND, "session not found"),
-        lookup => return missing(lookup, &id),
+    let commands = match running(&state, &id, |s| s.api.sessions.remove(&session)) {
+        Ok(Some(commands)) => commands,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "session not found"),
+        Err(refused) => return *refused,
     };
     for command in commands.values() {
         command.process.kill().await;
@@ -358,15 +527,15 @@ async fn exec(
     UrlPath((id, session)): UrlPath<(String, String)>,
     axum::Json(body): axum::Json<ExecRequest>,
 ) -> Response {
-    let env = match state.sandboxes.with(&id, |s| {
+    let env = match running(&state, &id, |s| {
         s.api
             .sessions
             .contains_key(&session)
             .then(|| s.api.env.clone())
     }) {
-        Lookup::Live(Some(env)) => env,
-        Lookup::Live(None) => return error(StatusCode::NOT_FOUND, "session not found"),
-        lookup => return missing(lookup, &id),
+        Ok(Some(env)) => env,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "session not found"),
+        Err(refused) => return *refused,
     };
     let spec = ExecSpec {
         argv: vec!["sh".into(), "-c".into(), body.command.clone()],
@@ -374,7 +543,7 @@ async fn exec(
     };
     let execution = match state.sandboxes.local().exec(&id, &spec).await {
         Ok(execution) => execution,
-        Err(ProviderError::NotFound(_)) => return missing(Lookup::<()>::Unknown, &id),
+        Err(ProviderError::NotFound(_)) => return not_running(Lookup::<()>::Expired, &id),
         Err(err) => return failed(err),
     };
     let cmd_id = uuid::Uuid::now_v7().simple().to_string();
@@ -426,8 +595,8 @@ fn find_command(
     id: &str,
     session: &str,
     cmd: &str,
-) -> Lookup<Option<Arc<Command>>> {
-    state.sandboxes.with(id, |s| {
+) -> Result<Option<Arc<Command>>, Box<Response>> {
+    running(state, id, |s| {
         s.api
             .sessions
             .get(session)
@@ -440,9 +609,9 @@ async fn command(
     UrlPath((id, session, cmd)): UrlPath<(String, String, String)>,
 ) -> Response {
     let command = match find_command(&state, &id, &session, &cmd) {
-        Lookup::Live(Some(command)) => command,
-        Lookup::Live(None) => return error(StatusCode::NOT_FOUND, "command not found"),
-        lookup => return missing(lookup, &id),
+        Ok(Some(command)) => command,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "command not found"),
+        Err(refused) => return *refused,
     };
     let exit_code = command.log.borrow().exit_code;
     let body = json!({ "id": cmd, "command": command.command, "exitCode": exit_code });
@@ -461,9 +630,9 @@ async fn logs(
     Query(query): Query<LogsQuery>,
 ) -> Response {
     let command = match find_command(&state, &id, &session, &cmd) {
-        Lookup::Live(Some(command)) => command,
-        Lookup::Live(None) => return error(StatusCode::NOT_FOUND, "command not found"),
-        lookup => return missing(lookup, &id),
+        Ok(Some(command)) => command,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "command not found"),
+        Err(refused) => return *refused,
     };
     let plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     if !query.follow {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use corral_emulator::DaytonaEmulator;
 use corral_provider::{
     CreateSpec, DaytonaConfig, DaytonaProvider, ExecSpec, ExitStatus, Health, KillOutcome,
-    LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, OutputLine, OutputStream, Provider,
-    ProviderError,
+    LABEL_CREATE, LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, OutputLine, OutputStream,
+    Provider, ProviderError,
 };
 use tempfile::TempDir;
 
@@ -169,7 +169,12 @@ async fn list_finds_sandboxes_by_label() {
     let by_run = h.provider.list(&labels("r1")).await.expect("list r1");
     assert_eq!(by_run.len(), 1, "{by_run:?}");
     assert_eq!(by_run[0].id, first.id);
-    assert_eq!(by_run[0].labels, labels("r1"));
+    let mut listed_labels = by_run[0].labels.clone();
+    assert!(
+        listed_labels.remove(LABEL_CREATE).is_some(),
+        "each create is labelled with its own id"
+    );
+    assert_eq!(listed_labels, labels("r1"));
     assert!(by_run[0].created_at_ms > 0);
 
     let other = Labels::from([(LABEL_RUN_ID.to_owned(), "r3".to_owned())]);
@@ -342,28 +347,118 @@ async fn a_slow_api_still_answers() {
 }
 
 #[tokio::test]
-async fn a_lost_create_response_leaves_a_sandbox_that_list_finds() {
+async fn a_create_whose_answer_was_lost_is_adopted_not_made_twice() {
     let h = harness().await;
     h.emulator.faults().lose_next_creates(1);
     let learned = h
         .provider
         .create(&spec("r1"))
         .await
-        .expect("the retried create");
-    assert_eq!(
-        h.emulator.created(),
-        2,
-        "the lost create made a sandbox too"
-    );
-
+        .expect("the create, its answer lost");
+    assert_eq!(h.emulator.created(), 1, "one sandbox, not a second");
     let listed = h.provider.list(&labels("r1")).await.expect("list");
-    assert_eq!(listed.len(), 2, "{listed:?}");
-    let unknown: Vec<_> = listed.iter().filter(|s| s.id != learned.id).collect();
-    assert_eq!(unknown.len(), 1, "the sandbox the client never learned of");
-    for sandbox in &listed {
-        h.provider.kill(&sandbox.id).await.expect("reap");
-    }
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].id, learned.id);
+    h.provider.kill(&learned.id).await.expect("kill");
     assert!(h.emulator.sandbox_ids().is_empty());
+}
+
+#[tokio::test]
+async fn a_create_slower_than_the_clients_timeout_results_in_exactly_one_sandbox() {
+    let h = harness().await;
+    let provider = DaytonaProvider::new(DaytonaConfig {
+        create_timeout_secs: 1,
+        ..config(&h.emulator)
+    })
+    .expect("provider");
+    // Daytona holds a create until the sandbox runs: here past the timeout.
+    h.emulator.hold_creates(Duration::from_secs(3));
+    let sandbox = provider.create(&spec("r1")).await.expect("create");
+    assert_eq!(h.emulator.created(), 1, "exactly one sandbox");
+    assert_eq!(h.emulator.sandbox_ids(), vec![sandbox.id.clone()]);
+    let (lines, status) = run(&provider, &sandbox.id, &argv(&["echo", "here"])).await;
+    assert_eq!((lines.len(), status), (1, ExitStatus::Code(0)));
+}
+
+#[tokio::test]
+async fn a_create_sends_no_resources_and_asks_for_auto_delete() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    assert_eq!(h.emulator.auto_delete_minutes(&sandbox.id), Some(24 * 60));
+    // What the client must not send: Daytona refuses it.
+    let refused = reqwest::Client::new()
+        .post(format!("{}/sandbox", h.emulator.url()))
+        .bearer_auth("test-key")
+        .json(&serde_json::json!({ "snapshot": "daytona-small", "cpu": 2 }))
+        .send()
+        .await
+        .expect("the emulator answers");
+    assert_eq!(refused.status(), 400);
+    let body: serde_json::Value = refused.json().await.expect("json");
+    assert_eq!(
+        body["message"],
+        "Cannot specify Sandbox resources when using a snapshot"
+    );
+    // A snapshot nobody registered is refused, by name.
+    let provider = DaytonaProvider::new(DaytonaConfig {
+        snapshot: "daytonaio/sandbox".into(),
+        ..config(&h.emulator)
+    })
+    .expect("provider");
+    let err = provider
+        .create(&spec("r2"))
+        .await
+        .expect_err("unknown snapshot");
+    assert!(
+        matches!(&err, ProviderError::Invalid(m) if m.contains("Snapshot daytonaio/sandbox not found")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn list_reads_every_page() {
+    let h = harness().await;
+    h.emulator.set_page_size(2);
+    let mut created = Vec::new();
+    for i in 0..5 {
+        created.push(
+            h.provider
+                .create(&spec(&format!("p{i}")))
+                .await
+                .expect("create")
+                .id,
+        );
+    }
+    let deployment = Labels::from([(LABEL_DEPLOYMENT.to_owned(), "test".to_owned())]);
+    let mut listed: Vec<String> = h
+        .provider
+        .list(&deployment)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    listed.sort();
+    created.sort();
+    assert_eq!(listed, created);
+}
+
+#[tokio::test]
+async fn a_resumed_sandbox_runs_commands_at_once() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    h.provider.pause(&sandbox.id).await.expect("pause");
+    // Stopped: the toolbox refuses, and that is no "invalid request".
+    let err = h.provider.exec(&sandbox.id, &argv(&["true"])).await.err();
+    assert!(matches!(err, Some(ProviderError::NotFound(_))), "{err:?}");
+    // Start answers while Daytona is still starting it: resume waits.
+    h.provider.resume(&sandbox.id).await.expect("resume");
+    let (_, status) = run(&h.provider, &sandbox.id, &argv(&["true"])).await;
+    assert_eq!(status, ExitStatus::Code(0));
+    h.provider
+        .resume(&sandbox.id)
+        .await
+        .expect("resuming again is fine");
 }
 
 /// Daytona cannot signal one command: interrupt already deletes the

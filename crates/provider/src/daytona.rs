@@ -14,8 +14,27 @@
 //! therefore shows as exit code 127 with `env`'s message on the output, not
 //! as an error of `exec`.
 //!
-//! Pause is Daytona's stop and resume its start. Every API call is retried
-//! while its failure is transient (see [`crate::remote`]).
+//! Pause is Daytona's stop and resume its start; both wait until the
+//! sandbox is in the state asked for, and both take "already there" as done
+//! (Daytona answers 400 to stopping a stopped sandbox, 409 while a change of
+//! state is in progress). Every API call is retried while its failure is
+//! transient (see [`crate::remote`]), except a create: Daytona holds a
+//! create up to 30 s until the sandbox runs, so a create gets a longer
+//! timeout, carries a label of its own ([`crate::LABEL_CREATE`]), and after
+//! a failure that leaves its fate unknown the sandbox is looked up by that
+//! label before another create is sent.
+//!
+//! What this follows, from `daytonaio/daytona` at tag `v0.190.0` (read, not
+//! copied: the repository is AGPL-3.0): `apps/api/src/sandbox/controllers/
+//! sandbox.controller.ts` (create refuses `cpu`/`memory`/`disk` unless the
+//! sandbox is built; create and start wait up to 30 s for `started`),
+//! `dto/list-sandboxes-query.dto.ts` and `list-sandboxes-response.dto.ts`
+//! (`GET /sandbox` is paged by `cursor`, `limit` 1..200, and answers
+//! `{items, nextCursor}`), `services/sandbox.service.ts` (`stop` of a
+//! sandbox not started: 400 "Sandbox is not in a stoppable state"; a state
+//! change in progress: 409), `services/toolbox.deprecated.service.ts` (a
+//! toolbox call to a sandbox not started, deleted ones included: 400
+//! "Sandbox is not running").
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,8 +48,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::remote::{self, Opened, Reply};
 use crate::{
-    CreateSpec, ExecControl, ExecSpec, Execution, ExitStatus, Health, KillOutcome, Labels,
-    OutputLine, OutputStream, Process, Provider, ProviderError, SandboxInfo,
+    CreateSpec, ExecControl, ExecSpec, Execution, ExitStatus, Health, KillOutcome, LABEL_CREATE,
+    Labels, OutputLine, OutputStream, Process, Provider, ProviderError, SandboxInfo,
 };
 
 const DAYTONA: &str = "daytona";
@@ -38,6 +57,11 @@ const DAYTONA: &str = "daytona";
 const START_WAIT: Duration = Duration::from_secs(60);
 /// Polls for an exit code right after the logs end, before slowing down.
 const QUICK_EXIT_POLLS: u32 = 50;
+/// Creates sent before giving up (each after looking for the last one's
+/// sandbox).
+const CREATE_ATTEMPTS: u32 = 3;
+/// Sandboxes a list page asks for (Daytona's maximum).
+const LIST_PAGE: u32 = 200;
 
 /// Where and how to reach Daytona. Defaults are Daytona's cloud; the API key
 /// comes from the environment ([`DaytonaConfig::with_env_api_key`]).
@@ -48,14 +72,20 @@ pub struct DaytonaConfig {
     pub api_url: String,
     /// Sent as `Authorization: Bearer <key>`.
     pub api_key: String,
-    /// Snapshot sandboxes are created from.
+    /// Snapshot sandboxes are created from; it sets their CPU, memory and
+    /// disk (`daytona-small`, `daytona-medium`, `daytona-large`, or one of
+    /// your organization's).
     pub snapshot: String,
-    pub cpu: u32,
-    pub memory_gib: u32,
-    pub disk_gib: u32,
     /// Minutes without activity before Daytona stops a sandbox (0: never),
     /// when [`CreateSpec::lifetime_secs`] is 0.
     pub auto_stop_minutes: u32,
+    /// Minutes after a sandbox stopped (paused, or auto-stopped) before
+    /// Daytona deletes it; negative: never. Not 0: Daytona deletes a
+    /// sandbox with 0 as soon as it stops, and a pause is a stop.
+    pub auto_delete_minutes: i32,
+    /// How long one create request may take: Daytona answers once the
+    /// sandbox runs, up to 30 s later.
+    pub create_timeout_secs: u64,
 }
 
 impl Default for DaytonaConfig {
@@ -63,11 +93,10 @@ impl Default for DaytonaConfig {
         DaytonaConfig {
             api_url: "https://app.daytona.io/api".into(),
             api_key: String::new(),
-            snapshot: "daytonaio/sandbox".into(),
-            cpu: 1,
-            memory_gib: 1,
-            disk_gib: 3,
+            snapshot: "daytona-small".into(),
             auto_stop_minutes: 15,
+            auto_delete_minutes: 24 * 60,
+            create_timeout_secs: 75,
         }
     }
 }
@@ -87,10 +116,9 @@ impl fmt::Debug for DaytonaConfig {
             .field("api_url", &self.api_url)
             .field("api_key", &remote::redacted(&self.api_key))
             .field("snapshot", &self.snapshot)
-            .field("cpu", &self.cpu)
-            .field("memory_gib", &self.memory_gib)
-            .field("disk_gib", &self.disk_gib)
             .field("auto_stop_minutes", &self.auto_stop_minutes)
+            .field("auto_delete_minutes", &self.auto_delete_minutes)
+            .field("create_timeout_secs", &self.create_timeout_secs)
             .finish()
     }
 }
@@ -190,21 +218,135 @@ impl DaytonaProvider {
         }
     }
 
-    /// stop or start: both idempotent, both "not found" when it is gone.
-    async fn lifecycle(&self, sandbox_id: &str, action: &str) -> Result<(), ProviderError> {
+    /// A created sandbox once it runs, as [`Provider::create`] returns it.
+    async fn created(
+        &self,
+        sandbox: SandboxBody,
+        spec: &CreateSpec,
+    ) -> Result<SandboxInfo, ProviderError> {
+        let sandbox = self.wait_started(sandbox).await?;
+        let mut info = sandbox.into_info();
+        if info.labels.is_empty() {
+            info.labels = spec.labels.clone();
+        }
+        if info.created_at_ms == 0 {
+            info.created_at_ms = remote::now_ms();
+        }
+        Ok(info)
+    }
+
+    /// Every sandbox with `labels`, page by page (`cursor`, 200 a page).
+    async fn list_bodies(&self, labels: &Labels) -> Result<Vec<SandboxBody>, ProviderError> {
+        let mut found = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut url = reqwest::Url::parse(&format!("{}/sandbox", self.api.base))
+                .map_err(|err| ProviderError::Invalid(format!("daytona: api_url: {err}")))?;
+            {
+                let mut query = url.query_pairs_mut();
+                query.append_pair("limit", &LIST_PAGE.to_string());
+                if !labels.is_empty() {
+                    let filter = serde_json::to_string(labels).expect("labels should serialize");
+                    query.append_pair("labels", &filter);
+                }
+                if let Some(cursor) = &cursor {
+                    query.append_pair("cursor", cursor);
+                }
+            }
+            let request = || {
+                self.api
+                    .http
+                    .get(url.clone())
+                    .header("Authorization", &self.api.auth)
+            };
+            let reply = remote::call(DAYTONA, "list sandboxes", request, |_| false).await?;
+            if reply.status != StatusCode::OK {
+                return Err(reply.error(DAYTONA, "list sandboxes"));
+            }
+            let page: SandboxPage = reply.json(DAYTONA, "list sandboxes")?;
+            found.extend(page.items);
+            match page.next_cursor {
+                Some(next) if !next.is_empty() && Some(&next) != cursor.as_ref() => {
+                    cursor = Some(next)
+                }
+                _ => return Ok(found),
+            }
+        }
+    }
+
+    /// stop or start, then wait until the sandbox is `target` (`stopped`,
+    /// `started`): Daytona answers before the change is done. "Not found"
+    /// when it is gone; "already there" is done.
+    async fn lifecycle(
+        &self,
+        sandbox_id: &str,
+        action: &str,
+        target: &str,
+    ) -> Result<(), ProviderError> {
         let path = format!(
             "/sandbox/{}/{action}",
             remote::path_id(DAYTONA, sandbox_id)?
         );
         let what = format!("{action} sandbox");
-        let reply = self.api.call(&what, Method::POST, &path, None).await?;
-        match reply.status.as_u16() {
-            // 409: already in the state asked for.
-            200..=299 | 409 => Ok(()),
-            404 | 410 => Err(ProviderError::NotFound(sandbox_id.to_owned())),
-            _ => Err(reply.error(DAYTONA, &what)),
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        loop {
+            let reply = self.api.call(&what, Method::POST, &path, None).await?;
+            match reply.status.as_u16() {
+                200..=299 => break,
+                404 => return Err(ProviderError::NotFound(sandbox_id.to_owned())),
+                // Another change of state is under way: let it finish.
+                409 if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                // "Not in a stoppable state": maybe already `target`.
+                400 => match self.get(sandbox_id).await? {
+                    None => return Err(ProviderError::NotFound(sandbox_id.to_owned())),
+                    Some(sandbox) if sandbox.state == target => return Ok(()),
+                    Some(sandbox) if is_dead(&sandbox.state) => {
+                        return Err(ProviderError::NotFound(sandbox_id.to_owned()));
+                    }
+                    Some(_) => return Err(reply.error(DAYTONA, &what)),
+                },
+                _ => return Err(reply.error(DAYTONA, &what)),
+            }
+        }
+        self.wait_state(sandbox_id, target, deadline).await
+    }
+
+    async fn wait_state(
+        &self,
+        sandbox_id: &str,
+        target: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ProviderError> {
+        loop {
+            let state = match self.get(sandbox_id).await? {
+                None => return Err(ProviderError::NotFound(sandbox_id.to_owned())),
+                Some(sandbox) => sandbox.state,
+            };
+            if state == target {
+                return Ok(());
+            }
+            if is_dead(&state) {
+                return Err(ProviderError::NotFound(sandbox_id.to_owned()));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ProviderError::Transient(format!(
+                    "daytona: sandbox {sandbox_id} still {state}, not {target}, after {START_WAIT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SandboxPage {
+    #[serde(default)]
+    items: Vec<SandboxBody>,
+    #[serde(default)]
+    next_cursor: Option<String>,
 }
 
 /// States from which a sandbox does not come back.
@@ -224,31 +366,54 @@ impl Provider for DaytonaProvider {
             0 => self.config.auto_stop_minutes,
             secs => u32::try_from(secs.div_ceil(60)).unwrap_or(u32::MAX),
         };
+        let mut labels = spec.labels.clone();
+        let create_id = uuid::Uuid::now_v7().simple().to_string();
+        labels.insert(LABEL_CREATE.into(), create_id.clone());
+        // No cpu/memory/disk: the snapshot sets them (Daytona refuses both).
         let body = json!({
             "snapshot": self.config.snapshot,
-            "cpu": self.config.cpu,
-            "memory": self.config.memory_gib,
-            "disk": self.config.disk_gib,
-            "labels": spec.labels,
+            "labels": labels,
             "autoStopInterval": auto_stop,
+            "autoDeleteInterval": self.config.auto_delete_minutes,
         });
-        let reply = self
-            .api
-            .call("create sandbox", Method::POST, "/sandbox", Some(&body))
-            .await?;
-        if !reply.status.is_success() {
-            return Err(reply.error(DAYTONA, "create sandbox"));
+        let timeout = Duration::from_secs(self.config.create_timeout_secs.max(1));
+        let mut last = String::new();
+        for attempt in 0..CREATE_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            }
+            let request = self
+                .api
+                .http
+                .post(format!("{}/sandbox", self.api.base))
+                .header("Authorization", &self.api.auth)
+                .json(&body);
+            let reply = remote::call_once(DAYTONA, "create sandbox", request, timeout).await;
+            match reply {
+                Ok(reply) if reply.status.is_success() => {
+                    let created: SandboxBody = reply.json(DAYTONA, "create sandbox")?;
+                    return self.created(created, spec).await;
+                }
+                Ok(reply) if !remote::transient_status(reply.status) => {
+                    return Err(reply.error(DAYTONA, "create sandbox"));
+                }
+                Ok(reply) => last = reply.error(DAYTONA, "create sandbox").to_string(),
+                Err(err) => last = err.to_string(),
+            }
+            // No answer, or a transient one: the create may have happened.
+            // Adopt it rather than make a second sandbox.
+            let mut mine = Labels::new();
+            mine.insert(LABEL_CREATE.into(), create_id.clone());
+            if let Ok(found) = self.list_bodies(&mine).await
+                && let Some(sandbox) = found.into_iter().next()
+            {
+                tracing::info!(sandbox_id = %sandbox.id, "daytona create answered late: adopting the sandbox it made");
+                return self.created(sandbox, spec).await;
+            }
         }
-        let created: SandboxBody = reply.json(DAYTONA, "create sandbox")?;
-        let sandbox = self.wait_started(created).await?;
-        let mut info = sandbox.into_info();
-        if info.labels.is_empty() {
-            info.labels = spec.labels.clone();
-        }
-        if info.created_at_ms == 0 {
-            info.created_at_ms = remote::now_ms();
-        }
-        Ok(info)
+        Err(ProviderError::Transient(format!(
+            "daytona create sandbox: {CREATE_ATTEMPTS} attempts: {last}"
+        )))
     }
 
     async fn exec(&self, sandbox_id: &str, spec: &ExecSpec) -> Result<Execution, ProviderError> {
@@ -302,11 +467,11 @@ impl Provider for DaytonaProvider {
     }
 
     async fn pause(&self, sandbox_id: &str) -> Result<(), ProviderError> {
-        self.lifecycle(sandbox_id, "stop").await
+        self.lifecycle(sandbox_id, "stop", "stopped").await
     }
 
     async fn resume(&self, sandbox_id: &str) -> Result<(), ProviderError> {
-        self.lifecycle(sandbox_id, "start").await
+        self.lifecycle(sandbox_id, "start", "started").await
     }
 
     async fn probe(&self, sandbox_id: &str) -> Result<Health, ProviderError> {
@@ -322,24 +487,9 @@ impl Provider for DaytonaProvider {
     }
 
     async fn list(&self, labels: &Labels) -> Result<Vec<SandboxInfo>, ProviderError> {
-        let mut url = reqwest::Url::parse(&format!("{}/sandbox", self.api.base))
-            .map_err(|err| ProviderError::Invalid(format!("daytona: api_url: {err}")))?;
-        if !labels.is_empty() {
-            let filter = serde_json::to_string(labels).expect("labels should serialize");
-            url.query_pairs_mut().append_pair("labels", &filter);
-        }
-        let request = || {
-            self.api
-                .http
-                .get(url.clone())
-                .header("Authorization", &self.api.auth)
-        };
-        let reply = remote::call(DAYTONA, "list sandboxes", request, |_| false).await?;
-        if reply.status != StatusCode::OK {
-            return Err(reply.error(DAYTONA, "list sandboxes"));
-        }
-        let sandboxes: Vec<SandboxBody> = reply.json(DAYTONA, "list sandboxes")?;
-        let mut found: Vec<SandboxInfo> = sandboxes
+        let mut found: Vec<SandboxInfo> = self
+            .list_bodies(labels)
+            .await?
             .into_iter()
             .filter(|s| !is_dead(&s.state))
             .map(SandboxBody::into_info)
@@ -433,9 +583,15 @@ struct CommandReply {
 }
 
 impl Session {
+    /// A toolbox refusal: Daytona's toolbox answers 400 "Sandbox is not
+    /// running" for a sandbox that is stopped or deleted; either way the
+    /// command cannot run there.
     fn not_found(&self, reply: &Reply, what: &str) -> ProviderError {
+        let not_running = reply.status == StatusCode::BAD_REQUEST
+            && reply.text().to_ascii_lowercase().contains("not running");
         match reply.status.as_u16() {
             404 | 410 => ProviderError::NotFound(self.sandbox_id.clone()),
+            _ if not_running => ProviderError::NotFound(self.sandbox_id.clone()),
             _ => reply.error(DAYTONA, what),
         }
     }

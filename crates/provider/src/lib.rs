@@ -53,6 +53,9 @@ pub const LABEL_DEPLOYMENT: &str = "corral.deployment";
 pub const LABEL_NODE: &str = "corral.node";
 /// Label `none` on a sandbox that is not isolated (`local.isolation: none`).
 pub const LABEL_ISOLATION: &str = "corral.isolation";
+/// A remote create's own id, so that a create whose answer was lost (a
+/// timeout, a dropped connection) is found and adopted instead of made twice.
+pub const LABEL_CREATE: &str = "corral.create";
 
 pub type Labels = BTreeMap<String, String>;
 

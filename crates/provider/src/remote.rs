@@ -228,6 +228,34 @@ pub(crate) async fn call(
     .await
 }
 
+/// One attempt of an API call, with its own timeout and no retry: the reply
+/// whatever its status, or [`ProviderError::Transient`] when none came
+/// (the request may still have been carried out: see the creates).
+pub(crate) async fn call_once(
+    provider: &str,
+    what: &str,
+    request: reqwest::RequestBuilder,
+    timeout: Duration,
+) -> Result<Reply, ProviderError> {
+    let failed = |err: reqwest::Error| {
+        ProviderError::Transient(format!("{provider} {what}: {}", error_chain(&err)))
+    };
+    let response = request.timeout(timeout).send().await.map_err(failed)?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.bytes().await.map_err(failed)?;
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Whether a reply's status means "try again" (408, 429, 5xx).
+pub(crate) fn transient_status(status: StatusCode) -> bool {
+    is_transient(status)
+}
+
 /// What opening a stream gave: the stream, or a final refusal.
 pub(crate) enum Opened {
     Stream(reqwest::Response),

@@ -62,7 +62,7 @@ pub struct Config {
     pub local: corral_provider::LocalConfig,
     /// E2B settings (`e2b: {api_url, template, envd_url, timeout_secs}`).
     pub e2b: corral_provider::E2bConfig,
-    /// Daytona settings (`daytona: {api_url, snapshot, cpu, memory_gib, ...}`).
+    /// Daytona settings (`daytona: {api_url, snapshot, auto_stop_minutes, auto_delete_minutes, create_timeout_secs}`).
     pub daytona: corral_provider::DaytonaConfig,
 }
 
