@@ -84,11 +84,10 @@ async fn an_e2b_session_pauses_resumes_and_replaces_an_expired_sandbox_once() {
     assert_eq!(third.exit_code, Some(0), "a fresh sandbox has no notes");
     assert_eq!(third.sandbox_epoch, 2);
 
-    // Expired again while every create's answer is lost: the one
-    // replacement this turn allows fails, and the run fails — no loop.
+    // Expired again while E2B refuses every create: the one replacement
+    // this turn allows fails, and the run fails — no loop.
     emulator.expire(&third.sandbox_id);
-    emulator.faults().lose_next_creates(1000);
-    let created = emulator.created();
+    emulator.faults().refuse_next_creates(1000);
     continue_run(&client, &run_id, &["true"]).await;
     let failed = env.wait_terminal(&client, &run_id, LIMIT).await;
     assert_eq!(failed.state(), RunState::Failed);
@@ -97,7 +96,7 @@ async fn an_e2b_session_pauses_resumes_and_replaces_an_expired_sandbox_once() {
         "{}",
         failed.reason
     );
-    let attempts = emulator.created() - created;
+    let attempts = emulator.faults().creates_refused();
     assert!(
         (1..=60).contains(&attempts),
         "one replacement, retried a bounded number of times: {attempts} creates"

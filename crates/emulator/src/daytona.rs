@@ -301,6 +301,9 @@ struct NewSandbox {
 }
 
 async fn create(State(state): Shared, axum::Json(body): axum::Json<NewSandbox>) -> Response {
+    if let Some(refused) = state.faults.take_refused_create() {
+        return refused;
+    }
     let resources = [body.cpu, body.gpu, body.memory, body.disk];
     if resources.iter().any(|r| r.is_some_and(|n| n > 0)) {
         let message = "Cannot specify Sandbox resources when using a snapshot";

@@ -2,12 +2,20 @@
 //! `/envd/{sandbox_id}`, each sandbox's envd `process.Process` Connect
 //! service (`Start` streaming JSON envelopes, `SendSignal` unary).
 //!
-//! As on E2B, an expired or killed sandbox answers 404 on the API and 502
-//! "sandbox not found" on envd, and paused sandboxes do not time out. A
-//! program that cannot start ends the `Start` stream with a Connect
-//! `invalid_argument` error. Not emulated: `autoPause` (an expiry always
-//! kills), a command's `cwd` (it runs in the sandbox's work directory),
-//! stdin and PTYs, and envd's keepalive messages.
+//! As on E2B (`e2b-dev/infra`: `spec/openapi.yml`, the client proxy, envd's
+//! `process.proto` and handlers), an expired or killed sandbox answers 404
+//! on the API and, on envd, 502 `{"sandboxId", "message": "The sandbox was
+//! not found", "code": 502}` (`packages/shared/pkg/proxy/template/
+//! sandbox_not_found.go`); paused sandboxes do not time out; a sandbox gets
+//! an envd access token only when created with `secure: true`, and envd then
+//! wants it in `X-Access-Token`; a command runs through `/bin/sh -c 'exec
+//! "$@"'`, so a program that does not exist exits 127 with the shell's
+//! message on stderr. `StartRequest.stdin` defaults to true on envd (the
+//! command's stdin stays open); the emulator gives every command /dev/null
+//! but counts the starts that did not ask for `stdin: false`
+//! ([`E2bEmulator::open_stdin_starts`]). Not emulated: `autoPause` (an expiry
+//! always kills), a command's `cwd` (it runs in the sandbox's work
+//! directory), PTYs, and envd's keepalive messages.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
@@ -56,6 +64,7 @@ impl E2bEmulator {
             faults: Arc::new(Faults::default()),
             page_size: AtomicUsize::new(100),
             next_synthetic_pid: AtomicU32::new(SYNTHETIC_PIDS),
+            open_stdin_starts: AtomicUsize::new(0),
         });
         let server = Server::start(router(state.clone())).await?;
         Ok(E2bEmulator { server, state })
@@ -90,6 +99,21 @@ impl E2bEmulator {
         self.state.sandboxes.created()
     }
 
+    /// Commands started without asking for `stdin: false`.
+    pub fn open_stdin_starts(&self) -> usize {
+        self.state.open_stdin_starts.load(Ordering::SeqCst)
+    }
+
+    /// Whether the sandbox was created `secure` (envd wants its token).
+    pub fn is_secure(&self, sandbox_id: &str) -> bool {
+        matches!(
+            self.state
+                .sandboxes
+                .with(sandbox_id, |s| s.api.token.is_some()),
+            Lookup::Live(true)
+        )
+    }
+
     /// Caps the page size of `GET /v2/sandboxes`, to exercise pagination.
     pub fn set_page_size(&self, n: usize) {
         self.state.page_size.store(n.max(1), Ordering::SeqCst);
@@ -101,11 +125,15 @@ struct E2bState {
     faults: Arc<Faults>,
     page_size: AtomicUsize,
     next_synthetic_pid: AtomicU32,
+    /// Commands started without `stdin: false` (envd would leave their
+    /// stdin open).
+    open_stdin_starts: AtomicUsize,
 }
 
 struct E2bSandbox {
     template: String,
-    token: String,
+    /// envd's access token: only for a sandbox created `secure`.
+    token: Option<String>,
     commands: HashMap<u32, Command>,
 }
 
@@ -174,6 +202,8 @@ struct NewSandbox {
     timeout: Option<u64>,
     #[serde(default)]
     metadata: Labels,
+    #[serde(default)]
+    secure: bool,
 }
 
 #[derive(Deserialize)]
@@ -214,9 +244,14 @@ fn described(sandbox: &Sandbox<E2bSandbox>) -> Value {
 }
 
 async fn create(State(state): Shared, axum::Json(body): axum::Json<NewSandbox>) -> Response {
+    if let Some(refused) = state.faults.take_refused_create() {
+        return refused;
+    }
     let api = E2bSandbox {
         template: body.template_id.unwrap_or_else(|| "base".into()),
-        token: uuid::Uuid::now_v7().simple().to_string(),
+        token: body
+            .secure
+            .then(|| uuid::Uuid::now_v7().simple().to_string()),
         commands: HashMap::new(),
     };
     let sandboxes = &state.sandboxes;
@@ -353,7 +388,7 @@ async fn list(State(state): Shared, Query(query): Query<ListQuery>) -> Response 
 
 /// What envd answers for a sandbox the proxy cannot reach.
 fn proxy_not_found(id: &str) -> Response {
-    let body = json!({ "sandboxId": id, "message": "sandbox not found", "code": 502 });
+    let body = json!({ "sandboxId": id, "message": "The sandbox was not found", "code": 502 });
     (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response()
 }
 
@@ -368,10 +403,10 @@ fn connect_error(status: StatusCode, code: &str, message: &str) -> Response {
 /// The envd token check: `Some(response)` refuses the request.
 fn check_token(state: &E2bState, id: &str, headers: &HeaderMap) -> Option<Response> {
     let given = headers.get("x-access-token").and_then(|t| t.to_str().ok());
-    match state
-        .sandboxes
-        .with(id, |s| given == Some(s.api.token.as_str()))
-    {
+    match state.sandboxes.with(id, |s| match &s.api.token {
+        Some(token) => given == Some(token.as_str()),
+        None => true,
+    }) {
         Lookup::Live(true) => None,
         Lookup::Live(false) => Some(connect_error(
             StatusCode::UNAUTHORIZED,
@@ -385,6 +420,7 @@ fn check_token(state: &E2bState, id: &str, headers: &HeaderMap) -> Option<Respon
 #[derive(Deserialize)]
 struct StartRequest {
     process: ProcessConfig,
+    stdin: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -428,8 +464,15 @@ async fn start(
             return connect_error(StatusCode::BAD_REQUEST, "invalid_argument", message);
         }
     };
+    if request.stdin != Some(false) {
+        state.open_stdin_starts.fetch_add(1, Ordering::SeqCst);
+    }
+    // As envd does: through a shell, so a missing program exits 127.
     let spec = ExecSpec {
-        argv: std::iter::once(request.process.cmd)
+        argv: ["/bin/sh", "-c", "exec \"$@\"", "sh"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(std::iter::once(request.process.cmd))
             .chain(request.process.args)
             .collect(),
         env: request.process.envs,

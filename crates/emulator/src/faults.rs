@@ -24,6 +24,9 @@ struct FaultState {
     rate_limited: usize,
     delay: Duration,
     lost_creates: usize,
+    refused_creates: usize,
+    /// Creates refused so far (served faults, for tests to confirm).
+    creates_refused: usize,
 }
 
 impl Faults {
@@ -50,14 +53,38 @@ impl Faults {
         self.lock().lost_creates = n;
     }
 
-    /// No more faults.
+    /// The next `n` creates answer 503 and create nothing (a provider out
+    /// of capacity).
+    pub fn refuse_next_creates(&self, n: usize) {
+        self.lock().refused_creates = n;
+    }
+
+    /// How many creates were refused by [`Faults::refuse_next_creates`].
+    pub fn creates_refused(&self) -> usize {
+        self.lock().creates_refused
+    }
+
+    /// No more faults (the counts stay).
     pub fn clear(&self) {
-        *self.lock() = FaultState::default();
+        let mut state = self.lock();
+        let refused = state.creates_refused;
+        *state = FaultState::default();
+        state.creates_refused = refused;
     }
 
     /// Whether the create being answered loses its response.
     pub(crate) fn take_lost_create(&self) -> bool {
         take(&mut self.lock().lost_creates)
+    }
+
+    /// The answer for a create to refuse, if it is one.
+    pub(crate) fn take_refused_create(&self) -> Option<Response> {
+        let mut state = self.lock();
+        if !take(&mut state.refused_creates) {
+            return None;
+        }
+        state.creates_refused += 1;
+        Some(injected(StatusCode::SERVICE_UNAVAILABLE))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FaultState> {

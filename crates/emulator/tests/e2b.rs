@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use corral_emulator::E2bEmulator;
 use corral_provider::{
-    CreateSpec, E2bConfig, E2bProvider, ExecSpec, ExitStatus, Health, KillOutcome,
+    CreateSpec, E2bConfig, E2bProvider, ExecSpec, ExitStatus, Health, KillOutcome, LABEL_CREATE,
     LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, OutputLine, OutputStream, Provider,
     ProviderError,
 };
@@ -145,17 +145,64 @@ async fn the_command_gets_its_environment_and_a_last_line_without_newline() {
 }
 
 #[tokio::test]
-async fn a_missing_program_is_an_invalid_request() {
+async fn a_missing_program_exits_127_with_the_shells_message() {
     let h = harness().await;
     let sandbox = h.provider.create(&spec("r1")).await.expect("create");
-    let err = h
-        .provider
-        .exec(&sandbox.id, &argv(&["/no/such/agent"]))
+    let (lines, status) = run(&h.provider, &sandbox.id, &argv(&["/no/such/agent"])).await;
+    assert_eq!(status, ExitStatus::Code(127));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.stream == OutputStream::Stderr && l.line.contains("/no/such/agent")),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn sandboxes_are_created_secure_and_commands_get_no_stdin() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    assert!(
+        h.emulator.is_secure(&sandbox.id),
+        "created with secure: true"
+    );
+    // envd wants the token: a request without it is refused.
+    let refused = reqwest::Client::new()
+        .post(format!(
+            "{}/envd/{}/process.Process/Start",
+            h.emulator.url(),
+            sandbox.id
+        ))
+        .header("Content-Type", "application/connect+json")
+        .body(vec![0u8, 0, 0, 0, 2, b'{', b'}'])
+        .send()
         .await
-        .err()
-        .expect("a missing program should fail");
-    assert!(matches!(err, ProviderError::Invalid(_)), "{err}");
-    assert!(err.to_string().contains("/no/such/agent"), "{err}");
+        .expect("the emulator answers");
+    assert_eq!(refused.status(), 401);
+    // A command that reads stdin ends: it reads nothing.
+    let (_, status) = run(&h.provider, &sandbox.id, &argv(&["cat"])).await;
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(
+        h.emulator.open_stdin_starts(),
+        0,
+        "every start sent stdin: false"
+    );
+}
+
+#[tokio::test]
+async fn a_gone_sandbox_is_recognised_from_the_proxys_answer() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    h.emulator.expire(&sandbox.id);
+    let started = Instant::now();
+    let err = h.provider.exec(&sandbox.id, &argv(&["true"])).await.err();
+    assert!(matches!(err, Some(ProviderError::NotFound(_))), "{err:?}");
+    // Not retried as an outage (the backoff alone takes seconds).
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -168,7 +215,12 @@ async fn list_finds_sandboxes_by_label_across_pages() {
     let by_run = h.provider.list(&labels("r1")).await.expect("list r1");
     assert_eq!(by_run.len(), 1, "{by_run:?}");
     assert_eq!(by_run[0].id, first.id);
-    assert_eq!(by_run[0].labels, labels("r1"));
+    let mut listed_labels = by_run[0].labels.clone();
+    assert!(
+        listed_labels.remove(LABEL_CREATE).is_some(),
+        "each create is labelled with its own id"
+    );
+    assert_eq!(listed_labels, labels("r1"));
     assert!(by_run[0].created_at_ms > 0);
 
     let other = Labels::from([(LABEL_RUN_ID.to_owned(), "r3".to_owned())]);
@@ -360,27 +412,22 @@ async fn a_slow_api_still_answers() {
 }
 
 #[tokio::test]
-async fn a_lost_create_response_leaves_a_sandbox_that_list_finds() {
+async fn a_create_whose_answer_was_lost_is_adopted_not_made_twice() {
     let h = harness().await;
     h.emulator.faults().lose_next_creates(1);
     let learned = h
         .provider
         .create(&spec("r1"))
         .await
-        .expect("the retried create");
-    assert_eq!(
-        h.emulator.created(),
-        2,
-        "the lost create made a sandbox too"
-    );
-
+        .expect("the create, its answer lost");
+    assert_eq!(h.emulator.created(), 1, "one sandbox, not a second");
     let listed = h.provider.list(&labels("r1")).await.expect("list");
-    assert_eq!(listed.len(), 2, "{listed:?}");
-    let unknown: Vec<_> = listed.iter().filter(|s| s.id != learned.id).collect();
-    assert_eq!(unknown.len(), 1, "the sandbox the client never learned of");
-    for sandbox in &listed {
-        h.provider.kill(&sandbox.id).await.expect("reap");
-    }
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].id, learned.id);
+    // The adopted sandbox runs commands (its envd token came with the list).
+    let (_, status) = run(&h.provider, &learned.id, &argv(&["true"])).await;
+    assert_eq!(status, ExitStatus::Code(0));
+    h.provider.kill(&learned.id).await.expect("kill");
     assert!(h.emulator.sandbox_ids().is_empty());
 }
 

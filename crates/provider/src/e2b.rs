@@ -4,10 +4,19 @@
 //! of JSON envelopes).
 //!
 //! Labels travel as E2B metadata, so `list` finds by label what any process
-//! created. envd wants the access token E2B hands out at creation; it is
-//! remembered per sandbox and fetched from the API for sandboxes another
-//! process created. Every API call is retried while its failure is transient
-//! (see [`crate::remote`]).
+//! created. Sandboxes are created `secure`, so envd wants the access token
+//! E2B hands out at creation; it is remembered per sandbox and fetched from
+//! the API for sandboxes another process created. Commands start with
+//! `stdin: false` (envd would keep stdin open, and a command reading it
+//! would wait for ever). Every API call is retried while its failure is
+//! transient (see [`crate::remote`]), except a create: it carries a label of
+//! its own ([`crate::LABEL_CREATE`]), and after a failure that leaves its fate
+//! unknown the sandbox is looked up by that label before another is asked for.
+//!
+//! What this follows: `e2b-dev/infra` (`spec/openapi.yml` for `NewSandbox`
+//! and `secure`; `packages/envd/spec/process/process.proto` for
+//! `StartRequest.stdin`; the client proxy's 502 body for a sandbox that is
+//! gone, `packages/shared/pkg/proxy/template/sandbox_not_found.go`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -25,11 +34,14 @@ use tokio::sync::{mpsc, watch};
 
 use crate::remote::{self, Opened, Reply};
 use crate::{
-    CreateSpec, ExecControl, ExecSpec, Execution, ExitStatus, Health, KillOutcome, Labels,
-    OutputLine, OutputStream, Process, Provider, ProviderError, SandboxInfo,
+    CreateSpec, ExecControl, ExecSpec, Execution, ExitStatus, Health, KillOutcome, LABEL_CREATE,
+    Labels, OutputLine, OutputStream, Process, Provider, ProviderError, SandboxInfo,
 };
 
 const E2B: &str = "e2b";
+/// Creates sent before giving up (each after looking for the last one's
+/// sandbox by its `corral.create` label).
+const CREATE_ATTEMPTS: u32 = 4;
 /// envd picks the user a command runs as from Basic auth: `user:` (no
 /// password), the default user of E2B's templates and SDKs.
 const ENVD_USER_AUTH: &str = "Basic dXNlcjo=";
@@ -273,8 +285,11 @@ impl E2bProvider {
         let mut envs = spec.env.clone();
         envs.entry("CORRAL_SANDBOX_ID".into())
             .or_insert_with(|| sandbox_id.to_owned());
+        // stdin: envd keeps a command's stdin open unless told not to, and
+        // a command that reads it would wait for ever.
         let message = json!({
-            "process": { "cmd": program, "args": &spec.argv[1..], "envs": envs }
+            "process": { "cmd": program, "args": &spec.argv[1..], "envs": envs },
+            "stdin": false,
         });
         let body = envelope(0, &message);
         let url = self.envd_url(sandbox_id, "Start");
@@ -341,14 +356,22 @@ impl E2bProvider {
     }
 }
 
-/// E2B's edge proxy answers 502 "sandbox not found" for a sandbox that is
-/// gone: an answer, not an outage.
+/// E2B's edge proxy answers a sandbox that is gone with 502 and
+/// `{"sandboxId", "message": "The sandbox was not found", "code": 502}`
+/// (`e2b-dev/infra`, `packages/shared/pkg/proxy/template/sandbox_not_found.go`):
+/// an answer, not an outage. Any other 502 is the proxy failing.
 fn proxy_lost_sandbox(reply: &Reply) -> bool {
+    #[derive(Deserialize)]
+    struct NotFound {
+        #[serde(rename = "sandboxId", default)]
+        sandbox_id: String,
+        #[serde(default)]
+        message: String,
+    }
     reply.status == StatusCode::BAD_GATEWAY
-        && reply
-            .text()
-            .to_ascii_lowercase()
-            .contains("sandbox not found")
+        && serde_json::from_slice::<NotFound>(&reply.body).is_ok_and(|body| {
+            !body.sandbox_id.is_empty() && body.message.to_ascii_lowercase().contains("not found")
+        })
 }
 
 fn refused_exec(sandbox_id: &str, reply: &Reply) -> ProviderError {
@@ -376,26 +399,63 @@ impl Provider for E2bProvider {
             secs => secs,
         }
         .min(MAX_TIMEOUT_SECS);
+        let mut labels = spec.labels.clone();
+        let create_id = uuid::Uuid::now_v7().simple().to_string();
+        labels.insert(LABEL_CREATE.into(), create_id.clone());
+        // `secure`: envd gets an access token, without which anyone who
+        // knows the sandbox's address could run commands in it (the
+        // official SDK sends it too).
         let body = json!({
             "templateID": self.config.template,
             "timeout": timeout,
-            "metadata": spec.labels,
+            "metadata": labels,
             "autoPause": self.config.auto_pause,
+            "secure": true,
         });
-        let reply = self
-            .call("create sandbox", Method::POST, "/sandboxes", Some(&body))
-            .await?;
-        if !reply.status.is_success() {
-            return Err(reply.error(E2B, "create sandbox"));
+        let url = format!("{}/sandboxes", self.config.api_url.trim_end_matches('/'));
+        let mut last = String::new();
+        for attempt in 0..CREATE_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+            }
+            let request = self
+                .http
+                .post(&url)
+                .header("X-API-Key", &self.config.api_key)
+                .json(&body);
+            let reply =
+                remote::call_once(E2B, "create sandbox", request, remote::API_TIMEOUT).await;
+            match reply {
+                Ok(reply) if reply.status.is_success() => {
+                    let created: CreatedSandbox = reply.json(E2B, "create sandbox")?;
+                    self.remember_token(&created.sandbox_id, created.envd_access_token);
+                    return Ok(SandboxInfo {
+                        id: created.sandbox_id,
+                        labels,
+                        created_at_ms: remote::now_ms(),
+                        paused: false,
+                    });
+                }
+                Ok(reply) if !remote::transient_status(reply.status) => {
+                    return Err(reply.error(E2B, "create sandbox"));
+                }
+                Ok(reply) => last = reply.error(E2B, "create sandbox").to_string(),
+                Err(err) => last = err.to_string(),
+            }
+            // The create may have happened: adopt it, never make a second.
+            let mut mine = Labels::new();
+            mine.insert(LABEL_CREATE.into(), create_id.clone());
+            if let Ok((found, _)) = self.list_page(&mine, None).await
+                && let Some(sandbox) = found.into_iter().next()
+            {
+                tracing::info!(sandbox_id = %sandbox.sandbox_id, "e2b create answer lost: adopting the sandbox it made");
+                self.remember_token(&sandbox.sandbox_id, sandbox.envd_access_token.clone());
+                return Ok(sandbox.into_info());
+            }
         }
-        let created: CreatedSandbox = reply.json(E2B, "create sandbox")?;
-        self.remember_token(&created.sandbox_id, created.envd_access_token);
-        Ok(SandboxInfo {
-            id: created.sandbox_id,
-            labels: spec.labels.clone(),
-            created_at_ms: remote::now_ms(),
-            paused: false,
-        })
+        Err(ProviderError::Transient(format!(
+            "e2b create sandbox: {CREATE_ATTEMPTS} attempts: {last}"
+        )))
     }
 
     async fn exec(&self, sandbox_id: &str, spec: &ExecSpec) -> Result<Execution, ProviderError> {
