@@ -551,6 +551,9 @@ fn command_line(sandbox_id: &str, spec: &ExecSpec) -> Result<String, ProviderErr
         words.push(shell_quote(&format!("{name}={value}")));
     }
     words.extend(spec.argv.iter().map(|arg| shell_quote(arg)));
+    // A session command's stdin is a pipe Daytona keeps open: a command
+    // that reads it would wait for ever.
+    words.push("</dev/null".to_owned());
     Ok(words.join(" "))
 }
 
@@ -784,7 +787,7 @@ mod tests {
         };
         assert_eq!(
             command_line("sbx1", &spec).expect("command line"),
-            r#"env 'CORRAL_SANDBOX_ID=sbx1' 'GREETING=it'\''s me' 'sh' '-c' 'echo '\''hi'\''; exit 3'"#
+            r#"env 'CORRAL_SANDBOX_ID=sbx1' 'GREETING=it'\''s me' 'sh' '-c' 'echo '\''hi'\''; exit 3' </dev/null"#
         );
     }
 
