@@ -327,6 +327,17 @@ async fn orphan_chaos_leaves_the_provider_and_the_records_in_exact_agreement() {
         spawner = env.spawn_service_process("spawner", &spawner_env);
     }
 
+    // Survivors: runs the last spawner takes run, each in its sandbox.
+    let mut survivors = Vec::new();
+    for _ in 0..4 {
+        let command = env.command(&["sleep", "300"]);
+        client.start_run(&command).await.expect("submit a survivor");
+        survivors.push(command.run_id);
+    }
+    for run_id in &survivors {
+        env.wait_state(&client, run_id, RunState::Running).await;
+    }
+
     // Quiet: after reconciliation every sandbox is claimed by a live run and
     // every live run that should hold a sandbox holds a listed one.
     let provider = env.local_provider();
@@ -336,20 +347,34 @@ async fn orphan_chaos_leaves_the_provider_and_the_records_in_exact_agreement() {
         || provider_and_records_agree(&client, &provider, &env.prefix),
     )
     .await;
-
-    let counts = env.outcome_counts().await;
-    println!(
-        "orphan chaos: {} runs submitted over {rounds} rounds; {} sandboxes listed, {} live runs, 0 orphans, 0 live runs without a sandbox; outcomes {counts:?}",
-        submitted.len(),
-        sandboxes.len(),
-        live.len()
-    );
     assert_eq!(
         sandboxes.len(),
         live.iter()
             .filter(|r| r.state() != RunState::Pending)
             .count()
     );
+    for run_id in &survivors {
+        assert!(
+            sandboxes
+                .iter()
+                .any(|s| s.labels.get(LABEL_RUN_ID) == Some(run_id)),
+            "survivor {run_id} holds its sandbox"
+        );
+    }
+    // Every run submitted in the chaos is recorded; one that ended says why.
+    for run_id in &submitted {
+        let run = eventually(&format!("run {run_id} is recorded"), LIMIT, || async {
+            client.get(run_id).await.ok()
+        })
+        .await;
+        if run.state().is_terminal() {
+            assert!(
+                !run.reason.is_empty() || run.state() == RunState::Completed,
+                "run {run_id} ended {} without a reason",
+                run.state().name()
+            );
+        }
+    }
 
     spawner.kill().await.ok();
     reaper.stop().await;

@@ -230,20 +230,26 @@ async fn orphan_chaos_against_e2b_ends_in_exact_agreement() {
 
     let provider: Arc<dyn Provider> =
         Arc::new(E2bProvider::new(e2b_config(&emulator)).expect("provider"));
+    // An orphan for certain: a sandbox of this deployment that no record
+    // claims (a spawner that died right after its create). Only the
+    // reaper removes such a sandbox.
+    let mut orphan_labels = Labels::new();
+    orphan_labels.insert(LABEL_RUN_ID.into(), "never-recorded".into());
+    orphan_labels.insert(corral_provider::LABEL_DEPLOYMENT.into(), env.prefix.clone());
+    let orphan = provider
+        .create(&corral_provider::CreateSpec {
+            run_id: "never-recorded".into(),
+            labels: orphan_labels,
+            ..Default::default()
+        })
+        .await
+        .expect("create the orphan");
     let (sandboxes, live) = eventually(
         "E2B and the records agree",
         Duration::from_secs(120),
         || provider_and_records_agree(&client, provider.as_ref(), &env.prefix),
     )
     .await;
-    let counts = env.outcome_counts().await;
-    println!(
-        "e2b orphan chaos: {} runs submitted over {rounds} rounds (+4 survivors), {} sandboxes created at E2B; {} listed, {} live runs, 0 orphans, 0 live runs without a sandbox; outcomes {counts:?}",
-        submitted.len(),
-        emulator.created(),
-        sandboxes.len(),
-        live.len()
-    );
     assert!(
         sandboxes.len() >= survivors.len(),
         "the survivors hold their sandboxes"
@@ -254,9 +260,21 @@ async fn orphan_chaos_against_e2b_ends_in_exact_agreement() {
         "E2B's own view (not only its listing) holds no orphan"
     );
     assert!(
-        emulator.created() > sandboxes.len(),
-        "the faults made orphans for the reaper to find"
+        !emulator.sandbox_ids().contains(&orphan.id),
+        "the reaper removed the orphan"
     );
+    for run_id in &survivors {
+        assert!(
+            sandboxes
+                .iter()
+                .any(|s| s.labels.get(LABEL_RUN_ID) == Some(run_id)),
+            "survivor {run_id} holds its sandbox"
+        );
+        assert!(
+            live.iter().any(|r| &r.run_id == run_id),
+            "survivor {run_id} is live"
+        );
+    }
 
     spawner.kill().await.ok();
     reaper.stop().await;

@@ -305,7 +305,7 @@ async fn two_spawner_processes_share_a_burst_of_fifty_runs_each_run_executed_onc
 }
 
 #[tokio::test]
-async fn a_spawner_restarted_after_sigkill_can_list_and_kill_the_sandboxes_the_killed_one_left() {
+async fn a_spawner_restarted_after_sigkill_runs_again_and_what_the_killed_one_left_is_ended() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
     let mut spawner = env.spawn_spawner_process(&[]).await;
@@ -326,21 +326,40 @@ async fn a_spawner_restarted_after_sigkill_can_list_and_kill_the_sandboxes_the_k
         LocalProvider::live_processes(&run.sandbox_id).len() >= 2,
         "the agent outlives its spawner: that is what must be found"
     );
-
-    // What a restarted spawner (or the reaper) sees: the same directory.
-    let restarted = env.local_provider();
+    // What the killed one left is on disk, labelled with its run.
     let mut labels = Labels::new();
     labels.insert(LABEL_DEPLOYMENT.into(), env.prefix.clone());
-    let left = restarted.list(&labels).await.expect("list");
+    let left = env.local_provider().list(&labels).await.expect("list");
     assert_eq!(left.len(), 1, "{left:?}");
-    assert_eq!(left[0].id, run.sandbox_id);
     assert_eq!(left[0].labels.get(LABEL_RUN_ID), Some(&command.run_id));
-    restarted.kill(&left[0].id).await.expect("kill");
-    assert!(
-        LocalProvider::live_processes(&run.sandbox_id).is_empty(),
-        "no process survives the kill"
-    );
 
+    // A spawner restarted on the same home, and the reaper beside it.
+    let restarted = env.spawn_spawner_process(&[]).await;
+    let reaper = env.start_reaper_with(env.reaper_config()).await;
+    let ended = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    assert_eq!(
+        (ended.state(), ended.reason.as_str()),
+        (RunState::Failed, "owner_lost")
+    );
+    eventually(
+        "no process of the killed spawner's run survives",
+        LIMIT,
+        || async {
+            LocalProvider::live_processes(&run.sandbox_id)
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    // The restarted spawner runs new work in the same home.
+    let next = env.command(&["true"]);
+    client.start_run(&next).await.expect("submit");
+    let done = env.wait_terminal(&client, &next.run_id, LIMIT).await;
+    assert_eq!(done.state(), RunState::Completed, "{}", done.reason);
+    assert_eq!(done.owner, restarted.spawner_id);
+
+    reaper.stop().await;
+    restarted.stop().await;
     tracker.stop().await;
     env.cleanup().await;
 }

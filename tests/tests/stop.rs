@@ -353,8 +353,29 @@ async fn finalize_pushes_only_runs_that_completed_without_a_stop() {
     assert_eq!(run.finalizing_at_ms, 0);
     assert!(!pushed(&bare, &stopped.run_id));
 
+    // A stop that meets a finalize in progress (the branch the race below
+    // may or may not hit): the finalize is past the fence and finishes.
+    let mut slow = git_run(&env, "0");
+    slow.spec.as_mut().expect("spec").finalize =
+        "sleep 2; cd repo && git push -q origin HEAD".into();
+    client.start_run(&slow).await.expect("submit");
+    env.wait_state(&client, &slow.run_id, RunState::Finalizing)
+        .await;
+    let (outcome, _) = client
+        .stop(&stop_command(&slow.run_id, "during finalize"))
+        .await
+        .expect("stop");
+    assert_eq!(outcome, Outcome::FinalizeInProgress);
+    let run = env.wait_terminal(&client, &slow.run_id, LIMIT).await;
+    assert_eq!(run.state(), RunState::Completed, "{}", run.reason);
+    assert!(
+        pushed(&bare, &slow.run_id),
+        "the finalize finished its push"
+    );
+
     // The race: stops at random moments around the agent's exit, 100 times.
     let (mut accepted, mut in_finalize, mut too_late, mut pushes) = (0, 0, 0, 0);
+    let mut completed_too_late = 0;
     for i in 0..100u64 {
         let command = git_run(&env, "0.02");
         client.start_run(&command).await.expect("submit");
@@ -393,6 +414,7 @@ async fn finalize_pushes_only_runs_that_completed_without_a_stop() {
             }
             Outcome::AlreadyTerminal => {
                 too_late += 1;
+                completed_too_late += (run.state() == RunState::Completed) as u32;
                 assert_eq!(
                     was_pushed,
                     run.state() == RunState::Completed,
@@ -406,7 +428,17 @@ async fn finalize_pushes_only_runs_that_completed_without_a_stop() {
         "finalize race: {accepted} stops acknowledged (0 pushes among them), {in_finalize} during finalize, \
          {too_late} after the end; {pushes} pushes in all"
     );
+    assert_eq!(
+        accepted + in_finalize + too_late,
+        100,
+        "every stop answered"
+    );
     assert!(accepted > 0, "the race should include acknowledged stops");
+    assert_eq!(
+        pushes,
+        in_finalize + completed_too_late,
+        "a push for exactly the runs that completed"
+    );
 
     spawner.stop().await;
     tracker.stop().await;
