@@ -204,30 +204,38 @@ async fn duplicates_over_http_and_nats_are_stored_once_and_read_back_in_pages() 
     })
     .await;
 
-    // Cursor pages: 4 + 4 + 2, no gap, no duplicate.
+    // Cursor pages: 4 + 4 + 2, no gap, no duplicate (pages are served up
+    // to the settled watermark: read again until the acks have landed).
     let http = reqwest::Client::new();
-    let mut after = 0;
-    let mut seen = Vec::new();
-    loop {
-        let page: Value = http
-            .get(format!("{url}/v1/runs/run-d/events?after={after}&limit=4"))
-            .send()
-            .await
-            .expect("page")
-            .json()
-            .await
-            .expect("json");
-        let events = page["events"].as_array().cloned().unwrap_or_default();
-        if events.is_empty() {
-            break;
+    let (seen, sizes) = eventually("ten events served in pages", LIMIT, || async {
+        let mut after = 0;
+        let mut seen = Vec::new();
+        let mut sizes = Vec::new();
+        loop {
+            let page: Value = http
+                .get(format!("{url}/v1/runs/run-d/events?after={after}&limit=4"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let events = page["events"].as_array().cloned().unwrap_or_default();
+            if events.is_empty() {
+                break;
+            }
+            sizes.push(events.len());
+            seen.extend(
+                events
+                    .iter()
+                    .map(|e| e["event_id"].as_str().unwrap_or_default().to_owned()),
+            );
+            after = page["next_after"].as_i64()?;
         }
-        seen.extend(
-            events
-                .iter()
-                .map(|e| e["event_id"].as_str().unwrap_or_default().to_owned()),
-        );
-        after = page["next_after"].as_i64().expect("cursor");
-    }
+        (seen.len() >= 10).then_some((seen, sizes))
+    })
+    .await;
+    assert_eq!(sizes, [4, 4, 2]);
     assert_eq!(seen, (1..=10).map(|i| format!("e-{i}")).collect::<Vec<_>>());
 
     ingest.stop().await;
@@ -550,6 +558,139 @@ async fn a_run_token_stops_working_when_the_run_ends() {
 
     ingest.stop().await;
     spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+/// Publishes one `agent.tool_use` event for `run_id` on NATS (a trusted
+/// service's way), acknowledged by the stream; returns its stream sequence.
+async fn publish_event(
+    env: &TestEnv,
+    client: &corral_client::Client,
+    run_id: &str,
+    id: &str,
+) -> u64 {
+    let event = corral_proto::v1::AgentEvent {
+        event_id: id.into(),
+        run_id: run_id.into(),
+        seq: 1,
+        at_ms: corral_common::now_ms(),
+        kind: "agent.tool_use".into(),
+        payload: None,
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("{run_id}:{id}").as_str());
+    client
+        .jetstream()
+        .publish_with_headers(
+            env.subjects.events(run_id, "agent.tool_use"),
+            headers,
+            event.encode_to_vec().into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack")
+        .sequence
+}
+
+/// Reads every page from `after`; returns the cursors read and the last.
+async fn read_pages(url: &str, run_id: &str, mut after: i64) -> (Vec<i64>, i64) {
+    let http = reqwest::Client::new();
+    let mut cursors = Vec::new();
+    loop {
+        let page: Value = http
+            .get(format!(
+                "{url}/v1/runs/{run_id}/events?after={after}&limit=7"
+            ))
+            .send()
+            .await
+            .expect("ingest answers")
+            .json()
+            .await
+            .expect("a page");
+        let events = page["events"].as_array().cloned().unwrap_or_default();
+        if events.is_empty() {
+            return (cursors, after);
+        }
+        for event in &events {
+            cursors.push(event["cursor"].as_i64().expect("cursor"));
+        }
+        after = page["next_after"].as_i64().expect("next_after");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_have_no_gap_while_three_ingests_commit_out_of_order() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let (first, url) = env.start_ingest().await;
+    let (second, _) = env.start_ingest().await;
+    let (third, _) = env.start_ingest().await;
+    let client = env.client().await;
+    let run_id = "run-w";
+
+    let early = publish_event(&env, &client, run_id, "e-early").await;
+    eventually("the first event is stored", LIMIT, || async {
+        (!stored(&env, run_id).await.is_empty()).then_some(())
+    })
+    .await;
+
+    // One event's commit is held back: the test holds its key, so the
+    // instance that stores it waits, while the others store later events.
+    let pool = env.pool().await;
+    let mut holding = pool.begin().await.expect("a transaction");
+    sqlx::query(
+        "INSERT INTO sandbox_events (event_id, run_id, stream_seq, seq, kind, at, payload)
+         VALUES ('e-held', $1, 0, 0, 'agent.tool_use', now(), '{}')",
+    )
+    .bind(run_id)
+    .execute(&mut *holding)
+    .await
+    .expect("hold the key");
+    let held = publish_event(&env, &client, run_id, "e-held").await;
+    let mut later = Vec::new();
+    for i in 0..30 {
+        later.push(publish_event(&env, &client, run_id, &format!("e-{i}")).await);
+    }
+    eventually(
+        "later events are stored by the other instances",
+        LIMIT,
+        || async {
+            let rows = stored(&env, run_id).await;
+            (rows.iter().filter(|(_, seq)| *seq as u64 > held).count() >= 5).then_some(())
+        },
+    )
+    .await;
+
+    // A reader now gets nothing past the held event: its cursor cannot skip it.
+    let (cursors, reached) = read_pages(&url, run_id, 0).await;
+    assert_eq!(
+        cursors,
+        vec![early as i64],
+        "pages stop below the unsettled event"
+    );
+    assert!((reached as u64) < held);
+
+    holding.rollback().await.expect("let the held commit go");
+    let mut all = cursors;
+    let (rest, _) = eventually("the reader gets every later event", LIMIT, || async {
+        let (rest, last) = read_pages(&url, run_id, reached).await;
+        (rest.len() == 1 + later.len()).then_some((rest, last))
+    })
+    .await;
+    all.extend(rest);
+    let mut expected = vec![early as i64, held as i64];
+    expected.extend(later.iter().map(|s| *s as i64));
+    assert_eq!(
+        all, expected,
+        "every event once, in cursor order, none skipped"
+    );
+    pool.close().await;
+
+    first.stop().await;
+    second.stop().await;
+    third.stop().await;
     tracker.stop().await;
     env.cleanup().await;
 }

@@ -1,6 +1,8 @@
 //! The HTTP API: agents post their run's events with the run token; anyone
-//! on the internal network reads them (paged, or as a live Server-Sent
-//! Events tail that continues a cursor with no gap and no duplicate).
+//! on the internal network reads them (paged up to the settled watermark,
+//! so pages have no gap however many instances commit in whatever order, or
+//! as a live Server-Sent Events tail that continues a cursor with no gap
+//! and no duplicate).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -201,10 +203,20 @@ async fn list_events(
     Query(query): Query<PageQuery>,
 ) -> Response {
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let watermark = match watermark(&state).await {
+        Ok(watermark) => watermark,
+        Err(err) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("events unavailable: {err}"),
+            );
+        }
+    };
     match store::page(
         &state.pool,
         &run_id,
         query.after,
+        watermark,
         query.kind.as_deref(),
         limit,
     )
@@ -222,6 +234,21 @@ async fn list_events(
             format!("events unavailable: {err}"),
         ),
     }
+}
+
+/// The highest stream sequence below which every event is settled (stored,
+/// or dead-lettered): the persisting consumer's ack floor. Instances commit
+/// batches in any order, and an event with a lower cursor may still be in
+/// flight after a higher one is stored; a page never goes past the floor,
+/// so a reader that continues from a page's last cursor skips nothing.
+async fn watermark(state: &AppState) -> Result<i64, String> {
+    let mut consumer: consumer::PullConsumer = state
+        .js
+        .get_consumer_from_stream(crate::persister::CONSUMER, state.subjects.events_stream())
+        .await
+        .map_err(|err| err.to_string())?;
+    let info = consumer.info().await.map_err(|err| err.to_string())?;
+    Ok(info.ack_floor.stream_sequence as i64)
 }
 
 #[derive(Deserialize)]

@@ -73,12 +73,13 @@ pub async fn insert(pool: &PgPool, rows: &[Row]) -> Result<u64, sqlx::Error> {
     Ok(done.rows_affected())
 }
 
-/// Events of a run after `after` (a stream sequence), oldest first, as the
-/// JSON the HTTP API serves.
+/// Events of a run after `after` and up to `watermark` (stream sequences),
+/// oldest first, as the JSON the HTTP API serves.
 pub async fn page(
     pool: &PgPool,
     run_id: &str,
     after: i64,
+    watermark: i64,
     kind: Option<&str>,
     limit: i64,
 ) -> Result<Vec<Value>, sqlx::Error> {
@@ -87,7 +88,8 @@ pub async fn page(
                     'cursor', stream_seq, 'event_id', event_id, 'run_id', run_id, 'seq', seq, 'kind', kind,
                     'at_ms', (extract(epoch FROM at) * 1000)::bigint, 'data', payload, 'truncated', truncated)
          FROM sandbox_events
-         WHERE run_id = $1 AND stream_seq > $2 AND ($3::text IS NULL OR kind = $3)
+         WHERE run_id = $1 AND stream_seq > $2 AND stream_seq <= $5
+           AND ($3::text IS NULL OR kind = $3)
          ORDER BY stream_seq
          LIMIT $4",
     )
@@ -95,6 +97,7 @@ pub async fn page(
     .bind(after)
     .bind(kind)
     .bind(limit)
+    .bind(watermark)
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().map(|(v,)| v).collect())
