@@ -16,6 +16,7 @@ use crate::commands::Global;
 
 mod ingest;
 mod isolation;
+mod outage;
 mod reaper;
 mod resume;
 mod stack;
@@ -35,6 +36,8 @@ pub enum Bench {
     Resume(resume::ResumeArgs),
     /// What a local sandbox's namespaces and control groups cost at start; self-contained.
     Isolation(isolation::IsolationArgs),
+    /// Runs through PostgreSQL, tracker, NATS and ingest outages: what was lost; self-contained.
+    Outage(outage::OutageArgs),
 }
 
 #[derive(clap::Args)]
@@ -66,6 +69,7 @@ pub async fn bench(global: &Global, bench: Bench) -> anyhow::Result<ExitCode> {
         Bench::Ingest(args) => ingest::run(global, args).await,
         Bench::Resume(args) => resume::run(global, args).await,
         Bench::Isolation(args) => isolation::run(args).await,
+        Bench::Outage(args) => outage::run(args).await,
     }
 }
 

@@ -23,6 +23,12 @@ impl Stack {
     pub async fn new(nats_url: &str, name: &str) -> anyhow::Result<Stack> {
         let database_url = std::env::var("DATABASE_URL")
             .context("DATABASE_URL must name the PostgreSQL database the benchmark may use")?;
+        Stack::with(nats_url, &database_url, name).await
+    }
+
+    /// A stack on the given NATS and database.
+    pub async fn with(nats_url: &str, database_url: &str, name: &str) -> anyhow::Result<Stack> {
+        let database_url = database_url.to_owned();
         let id = corral_client::new_run_id().replace('-', "");
         let prefix = format!("bench-{name}-{}", &id[id.len() - 8..]);
         let home = std::env::temp_dir().join(&prefix);
