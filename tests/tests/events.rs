@@ -694,3 +694,34 @@ async fn pages_have_no_gap_while_three_ingests_commit_out_of_order() {
     tracker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_wildcard_run_id_in_a_path_is_refused_not_read() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let (ingest, url) = env.start_ingest().await;
+    let http = reqwest::Client::new();
+    for (run_id, encoded) in [("*", "%2A"), (">", "%3E"), ("a.b", "a.b")] {
+        for path in ["events", "events/stream"] {
+            let response = http
+                .get(format!("{url}/v1/runs/{encoded}/{path}"))
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .expect("ingest answers");
+            assert_eq!(
+                response.status(),
+                StatusCode::BAD_REQUEST,
+                "{run_id} {path}"
+            );
+            let body: Value = response.json().await.expect("json");
+            assert!(
+                body["error"].as_str().unwrap_or_default().contains(run_id),
+                "names the run id: {body}"
+            );
+        }
+    }
+    ingest.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}

@@ -315,6 +315,17 @@ async fn report(
     // not recorded at all.
     let wrong = submitted.len() - completed.min(submitted.len());
     let wrong = wrong.saturating_sub(dead_lettered);
+    // What the wrong ones were, to say why.
+    let mut why: HashMap<String, usize> = HashMap::new();
+    for (_, state, reason, code) in &outcomes {
+        if !(state == "completed" && *code == Some(0)) {
+            *why.entry(format!("{state}: {reason}")).or_default() += 1;
+        }
+    }
+    let unrecorded = submitted.len().saturating_sub(outcomes.len());
+    if unrecorded > 0 {
+        why.insert("not recorded".into(), unrecorded);
+    }
 
     // The lifecycle stream against run_transitions.
     let rows: Vec<(String, Option<i64>)> =
@@ -374,6 +385,7 @@ async fn report(
         "lifecycle_duplicates": lifecycle_duplicates,
         "events_lost": events_lost,
         "events_duplicated": events_duplicated,
+        "wrong_outcomes": why,
     }))
 }
 

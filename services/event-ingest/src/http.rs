@@ -84,6 +84,14 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// A run id as it goes into a subject: `*`, `>` or `.` would read (or
+/// write) other runs' events, so anything but a plain id is a 400.
+fn refused_run_id(run_id: &str) -> Option<Response> {
+    corral_proto::validate_run_id(run_id)
+        .err()
+        .map(|err| error(StatusCode::BAD_REQUEST, err.to_string()))
+}
+
 /// 202 once JetStream acknowledged every event; 401 without a valid token,
 /// 403 for another run's token, 422 naming the bad field, 413 over the size
 /// limit (axum's body limit).
@@ -93,6 +101,9 @@ async fn post_events(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(refused) = refused_run_id(&run_id) {
+        return refused;
+    }
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -202,6 +213,9 @@ async fn list_events(
     Path(run_id): Path<String>,
     Query(query): Query<PageQuery>,
 ) -> Response {
+    if let Some(refused) = refused_run_id(&run_id) {
+        return refused;
+    }
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let watermark = match watermark(&state).await {
         Ok(watermark) => watermark,
@@ -266,6 +280,9 @@ async fn stream_events(
     Query(mut query): Query<TailQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
+    if let Some(refused) = refused_run_id(&run_id) {
+        return Err(refused);
+    }
     // A reconnecting EventSource resumes from the last id it saw.
     if query.after == 0
         && let Some(last) = headers

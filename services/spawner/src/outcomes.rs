@@ -48,6 +48,40 @@ pub(crate) async fn record(
     }
 }
 
+/// Retries a tracker request whose failure is transient until the tracker
+/// answers or the spawner must exit: what a run's owner reports (its
+/// sandbox, its start, its finalize) is not given up because the tracker
+/// or PostgreSQL is away for a while.
+pub(crate) async fn until_answered<T, F, Fut>(
+    spawner: &Spawner,
+    what: &str,
+    mut request: F,
+) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut attempts = 0u32;
+    loop {
+        let err = match request().await {
+            Ok(answer) => return Ok(answer),
+            Err(err) if !err.is_transient() => return Err(err),
+            Err(err) => err,
+        };
+        attempts += 1;
+        if attempts == 1 || attempts.is_multiple_of(30) {
+            tracing::warn!(what, attempts, error = %err, "tracker unavailable; retrying until it answers");
+        }
+        tokio::select! {
+            _ = spawner.exiting.cancelled() => return Err(err),
+            _ = spawner.end_runs.cancelled() => return Err(err),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(MAX_DELAY);
+    }
+}
+
 fn file_of(dir: &Path, run_id: &str) -> PathBuf {
     dir.join(format!("{run_id}.pb"))
 }

@@ -247,11 +247,11 @@ impl Supervisor {
             isolation,
         };
         let client = &self.spawner.client;
-        let run = (|| client.record_sandbox(&record))
-            .retry(retry_policy())
-            .when(ClientError::is_transient)
-            .await
-            .map_err(|err| format!("sandbox id not recorded: {err}"))?;
+        let run = outcomes::until_answered(&self.spawner, "record sandbox", || {
+            client.record_sandbox(&record)
+        })
+        .await
+        .map_err(|err| format!("sandbox id not recorded: {err}"))?;
         self.run = run;
         Ok(())
     }
@@ -681,10 +681,7 @@ impl Supervisor {
             ..Default::default()
         };
         let client = &self.spawner.client;
-        (|| client.transition(&request))
-            .retry(retry_policy())
-            .when(ClientError::is_transient)
-            .await
+        outcomes::until_answered(&self.spawner, event.name(), || client.transition(&request)).await
     }
 
     fn labels(&self) -> corral_provider::Labels {
