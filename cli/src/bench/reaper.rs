@@ -90,14 +90,28 @@ async fn measure(stack: &mut Stack, args: &ReaperArgs) -> anyhow::Result<ExitCod
         let mut labels = Labels::new();
         labels.insert(LABEL_RUN_ID.into(), format!("live-{i}"));
         labels.insert(LABEL_DEPLOYMENT.into(), stack.prefix.clone());
-        let sandbox = provider
+        let created = provider
             .create(&CreateSpec {
                 run_id: format!("live-{i}"),
                 labels,
                 ..Default::default()
             })
-            .await?;
-        sandbox_ids.push(sandbox.id);
+            .await;
+        match created {
+            Ok(sandbox) => sandbox_ids.push(sandbox.id),
+            Err(err) => {
+                // Leave nothing behind: every sandbox seeded so far goes.
+                for id in &sandbox_ids {
+                    let _ = provider.kill(id).await;
+                }
+                return Err(err).with_context(|| {
+                    format!(
+                        "seeding live run {i} of {} (each holds a real sandbox)",
+                        args.live
+                    )
+                });
+            }
+        }
     }
     let pool = sqlx::PgPool::connect(&stack.database_url).await?;
     sqlx::query(
