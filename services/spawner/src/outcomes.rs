@@ -25,27 +25,17 @@ pub(crate) async fn record(
     spawner: &Spawner,
     request: &TransitionRequest,
 ) -> Result<Run, ClientError> {
-    let mut delay = Duration::from_millis(100);
-    let mut attempts = 0u32;
-    loop {
-        let err = match spawner.client.transition(request).await {
-            Ok(run) => return Ok(run),
-            Err(err) if !err.is_transient() => return Err(err),
-            Err(err) => err,
-        };
-        attempts += 1;
-        if attempts == 1 || attempts.is_multiple_of(30) {
-            tracing::warn!(run_id = %request.run_id, attempts, error = %err, "outcome not recorded yet; retrying until it is");
-        }
-        tokio::select! {
-            _ = spawner.exiting.cancelled() => {
-                keep(&spawner.outcomes_dir(), request);
-                return Err(err);
-            }
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(MAX_DELAY);
+    let outcome = retry(
+        &request.run_id,
+        || spawner.client.transition(request),
+        spawner.exiting.cancelled(),
+    )
+    .await;
+    if outcome.as_ref().is_err_and(ClientError::is_transient) {
+        // Only an exit ends the retries of a transient failure.
+        keep(&spawner.outcomes_dir(), request);
     }
+    outcome
 }
 
 /// Retries a tracker request whose failure is transient until the tracker
@@ -55,12 +45,33 @@ pub(crate) async fn record(
 pub(crate) async fn until_answered<T, F, Fut>(
     spawner: &Spawner,
     what: &str,
-    mut request: F,
+    request: F,
 ) -> Result<T, ClientError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
+    let give_up = async {
+        tokio::select! {
+            _ = spawner.exiting.cancelled() => {}
+            _ = spawner.end_runs.cancelled() => {}
+        }
+    };
+    retry(what, request, give_up).await
+}
+
+/// `request` again, with capped backoff, while it fails transiently and
+/// `give_up` has not resolved.
+async fn retry<T, F, Fut>(
+    what: &str,
+    mut request: F,
+    give_up: impl std::future::Future<Output = ()>,
+) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    tokio::pin!(give_up);
     let mut delay = Duration::from_millis(100);
     let mut attempts = 0u32;
     loop {
@@ -74,8 +85,7 @@ where
             tracing::warn!(what, attempts, error = %err, "tracker unavailable; retrying until it answers");
         }
         tokio::select! {
-            _ = spawner.exiting.cancelled() => return Err(err),
-            _ = spawner.end_runs.cancelled() => return Err(err),
+            _ = &mut give_up => return Err(err),
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(MAX_DELAY);

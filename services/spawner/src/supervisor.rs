@@ -630,19 +630,11 @@ impl Supervisor {
         }
     }
 
-    /// Kills the sandbox, then reports the terminal transition.
     /// Kills the sandbox, then records the end: retried until the tracker
     /// takes it, however long it is away ([`outcomes::record`]).
     async fn end(&mut self, event: RunEvent, reason: &str, exit_code: Option<i32>) {
         self.kill_sandbox().await;
-        let request = TransitionRequest {
-            run_id: self.run_id.clone(),
-            event: event as i32,
-            reason: reason.to_owned(),
-            actor: self.spawner.actor.clone(),
-            exit_code,
-            ..Default::default()
-        };
+        let request = self.request(event, reason, exit_code);
         match outcomes::record(&self.spawner, &request).await {
             Ok(run) => self.run = run,
             Err(err) => {
@@ -666,20 +658,25 @@ impl Supervisor {
         }
     }
 
-    async fn transition(
-        &self,
-        event: RunEvent,
-        reason: &str,
-        exit_code: Option<i32>,
-    ) -> Result<Run, ClientError> {
-        let request = TransitionRequest {
+    /// This owner's transition request for `event`.
+    fn request(&self, event: RunEvent, reason: &str, exit_code: Option<i32>) -> TransitionRequest {
+        TransitionRequest {
             run_id: self.run_id.clone(),
             event: event as i32,
             reason: reason.to_owned(),
             actor: self.spawner.actor.clone(),
             exit_code,
             ..Default::default()
-        };
+        }
+    }
+
+    async fn transition(
+        &self,
+        event: RunEvent,
+        reason: &str,
+        exit_code: Option<i32>,
+    ) -> Result<Run, ClientError> {
+        let request = self.request(event, reason, exit_code);
         let client = &self.spawner.client;
         outcomes::until_answered(&self.spawner, event.name(), || client.transition(&request)).await
     }
