@@ -21,22 +21,7 @@ async fn output_printed_across_a_nats_restart_is_stored_exactly_once() {
     let (ingest, _url) = env.start_ingest().await;
     let client = env.client().await;
 
-    let script =
-        format!("i=0; while [ $i -lt {LINES} ]; do echo line-$i; i=$((i+1)); sleep 0.05; done");
-    let command = env.command(&["sh", "-c", &script]);
-    client.start_run(&command).await.expect("submit");
-    let subject = env.subjects.events(&command.run_id, "agent.output");
-    eventually(
-        "the agent's first lines are in the stream",
-        LIMIT,
-        || async {
-            let messages = env
-                .stream_messages(&env.subjects.events_stream(), &subject)
-                .await;
-            (messages.len() >= 30).then_some(())
-        },
-    )
-    .await;
+    let (command, subject) = start_printing(&env, &client, "0.05").await;
 
     // NATS goes away for 10 s while the agent keeps printing: longer than
     // a publish acknowledgement is awaited, so the spawner sends lines again
@@ -102,16 +87,15 @@ async fn output_printed_across_a_nats_restart_is_stored_exactly_once() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn output_the_stream_refuses_for_a_while_is_sent_again_until_it_lands() {
-    let env = TestEnv::new().await;
-    let tracker = env.start_tracker().await;
-    let spawner = env.start_spawner().await;
-    let client = env.client().await;
-    let js = client.jetstream().clone();
-
+/// Starts an agent printing `line-0`..`line-{LINES}` with `pause` seconds
+/// between lines, and waits until its first lines are in the stream.
+async fn start_printing(
+    env: &TestEnv,
+    client: &corral_client::Client,
+    pause: &str,
+) -> (corral_proto::v1::RunCommand, String) {
     let script =
-        format!("i=0; while [ $i -lt {LINES} ]; do echo line-$i; i=$((i+1)); sleep 0.02; done");
+        format!("i=0; while [ $i -lt {LINES} ]; do echo line-$i; i=$((i+1)); sleep {pause}; done");
     let command = env.command(&["sh", "-c", &script]);
     client.start_run(&command).await.expect("submit");
     let subject = env.subjects.events(&command.run_id, "agent.output");
@@ -126,21 +110,47 @@ async fn output_the_stream_refuses_for_a_while_is_sent_again_until_it_lands() {
         },
     )
     .await;
+    (command, subject)
+}
 
-    // The stream refuses every new message for 3 s (full, discard new), as
-    // a stream without a leader or out of space does.
+/// Makes the events stream refuse every new message (full, discard new),
+/// as a stream without a leader or out of space does; returns the stream,
+/// its configuration to restore and how many messages it held.
+async fn refuse_new_messages(
+    env: &TestEnv,
+    js: &async_nats::jetstream::Context,
+) -> (
+    async_nats::jetstream::stream::Stream,
+    async_nats::jetstream::stream::Config,
+    u64,
+) {
     let mut stream = js
         .get_stream(env.subjects.events_stream())
         .await
         .expect("events stream");
-    let original = stream.info().await.expect("info").config.clone();
-    let held = stream.info().await.expect("info").state.messages;
-    let mut full = original.clone();
-    full.max_messages = held as i64;
+    let info = stream.info().await.expect("info").clone();
+    let mut full = info.config.clone();
+    full.max_messages = info.state.messages as i64;
     full.discard = async_nats::jetstream::stream::DiscardPolicy::New;
     js.update_stream(&full)
         .await
         .expect("make the stream refuse");
+    (stream, info.config, info.state.messages)
+}
+
+#[tokio::test]
+async fn output_the_stream_refuses_for_a_while_is_sent_again_until_it_lands() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner().await;
+    let client = env.client().await;
+    let js = client.jetstream().clone();
+
+    let (command, subject) = start_printing(&env, &client, "0.02").await;
+
+    // The stream refuses every new message for 3 s (full, discard new), as
+    // a stream without a leader or out of space does.
+    let (mut stream, original, held) = refuse_new_messages(&env, &js).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let refused_meanwhile = stream.info().await.expect("info").state.messages;
     js.update_stream(&original)
@@ -185,17 +195,7 @@ async fn lines_past_the_spawners_buffer_are_dropped_counted_and_announced() {
 
     // The stream refuses everything while the agent prints 50,000 lines at
     // once: more than the spawner's buffer (8192 lines) holds.
-    let mut stream = js
-        .get_stream(env.subjects.events_stream())
-        .await
-        .expect("events stream");
-    let original = stream.info().await.expect("info").config.clone();
-    let mut full = original.clone();
-    full.max_messages = stream.info().await.expect("info").state.messages as i64;
-    full.discard = async_nats::jetstream::stream::DiscardPolicy::New;
-    js.update_stream(&full)
-        .await
-        .expect("make the stream refuse");
+    let (_, original, _) = refuse_new_messages(&env, &js).await;
 
     // Far more than the buffer, the provider's channel and the pipe hold.
     let total = 50_000;
