@@ -1,10 +1,15 @@
 //! The Daytona emulator: the sandbox REST API and the toolbox session API
 //! (`Authorization: Bearer <key>` on both).
 //!
-//! A session command runs as `sh -c <command>` in the sandbox; its stdout
-//! and stderr go, line by line, into one log that `logs?follow=true`
-//! streams as plain text until the command has ended and its exit code is
-//! known. Deleting a session kills its commands (SIGKILL).
+//! The toolbox is served where the sandbox's `toolboxProxyUrl` points,
+//! `{url}/proxy/toolbox/{id}/process/...`, as Daytona's toolbox proxy
+//! serves it; the API's deprecated `/toolbox/{id}/toolbox/...` routes are
+//! not served. A session command runs as `sh -c <command>` in the sandbox;
+//! its stdout and stderr go, line by line, into one log that `logs` answers
+//! as plain text as it is so far: over plain HTTP the daemon never follows
+//! a log, `follow=true` or not (`apps/daemon/pkg/session/log.go`; it
+//! follows over a WebSocket only, which the emulator does not serve).
+//! Deleting a session kills its commands (SIGKILL).
 //!
 //! It answers as Daytona does at tag `v0.190.0` of `daytonaio/daytona`
 //! (written from reading the source, not copied: AGPL-3.0), where that
@@ -17,8 +22,12 @@
 //!   answers `{items, nextCursor}` (`list-sandboxes-*.dto.ts`);
 //! - stop of a sandbox not started: 400 "Sandbox is not in a stoppable
 //!   state"; start answers while the sandbox is still `starting`;
-//! - a toolbox call to a sandbox not started (stopped, starting, deleted):
-//!   400 "Sandbox is not running" (`toolbox.deprecated.service.ts`);
+//! - the toolbox proxy answers a sandbox it cannot find (never was, or
+//!   deleted) 400 "failed to get sandbox public status: ..."
+//!   (`apps/proxy/pkg/proxy/get_sandbox_target.go`), and one not started
+//!   502 with no body (the reverse proxy's `ErrorHandler` in
+//!   `libs/common-go/pkg/proxy/proxy.go`: nothing listens in a stopped
+//!   sandbox);
 //! - a deleted sandbox is 404 on the API ("Sandbox with ID or name X not
 //!   found"); nothing answers 410.
 //!
@@ -28,13 +37,11 @@
 //! reaper sees); `starting` lasts [`START_DELAY`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -73,9 +80,10 @@ impl DaytonaEmulator {
             faults: Arc::new(Faults::default()),
             create_hold: std::sync::Mutex::new(Duration::ZERO),
             page_size: std::sync::atomic::AtomicUsize::new(usize::MAX),
-            deleted: Default::default(),
+            url: std::sync::OnceLock::new(),
         });
         let server = Server::start(router(state.clone())).await?;
+        let _ = state.url.set(server.url());
         Ok(DaytonaEmulator { server, state })
     }
 
@@ -141,9 +149,16 @@ struct DaytonaState {
     create_hold: std::sync::Mutex<Duration>,
     /// A smaller page than asked for, to exercise paging.
     page_size: std::sync::atomic::AtomicUsize,
-    /// Deleted sandboxes: Daytona keeps them on record (soft delete), and
-    /// its toolbox answers them "not running", not "not found".
-    deleted: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The emulator's base URL, known once it listens.
+    url: std::sync::OnceLock<String>,
+}
+
+impl DaytonaState {
+    /// What every sandbox names as its `toolboxProxyUrl`.
+    fn toolbox_proxy_url(&self) -> String {
+        let base = self.url.get().map(String::as_str).unwrap_or_default();
+        format!("{base}/proxy/toolbox")
+    }
 }
 
 struct DaytonaSandbox {
@@ -183,7 +198,7 @@ type Shared = State<Arc<DaytonaState>>;
 
 /// Everything under the key check and the faults.
 fn router(state: Arc<DaytonaState>) -> Router {
-    let session = "/toolbox/{id}/toolbox/process/session";
+    let session = "/proxy/toolbox/{id}/process/session";
     Router::new()
         .route("/sandbox", post(create).get(list))
         .route("/sandbox/{id}", get(detail).delete(kill))
@@ -239,12 +254,19 @@ fn missing<T>(_lookup: Lookup<T>, id: &str) -> Response {
     )
 }
 
-/// The toolbox's answer for a sandbox it cannot reach: not started, or
-/// deleted (still on record); 404 only for an id never seen.
-fn not_running<T>(lookup: Lookup<T>, id: &str) -> Response {
+/// The toolbox proxy's answer for a sandbox it cannot reach: 400 for one
+/// it cannot find, 502 for one not started.
+fn unreachable<T>(lookup: Lookup<T>) -> Response {
     match lookup {
-        Lookup::Unknown => missing(lookup, id),
-        _ => error(StatusCode::BAD_REQUEST, "Sandbox is not running"),
+        Lookup::Live(_) => StatusCode::BAD_GATEWAY.into_response(),
+        Lookup::Expired | Lookup::Unknown => {
+            let body = json!({
+                "statusCode": 400,
+                "message": "failed to get sandbox public status: sandbox not found",
+                "code": "BAD_REQUEST",
+            });
+            (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+        }
     }
 }
 
@@ -267,9 +289,10 @@ fn failed(err: ProviderError) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string())
 }
 
-fn described(sandbox: &Sandbox<DaytonaSandbox>) -> Value {
+fn described(sandbox: &Sandbox<DaytonaSandbox>, proxy: &str) -> Value {
     json!({
         "id": sandbox.id,
+        "toolboxProxyUrl": proxy,
         "state": sandbox.api.state(sandbox.paused),
         "labels": sandbox.labels,
         "snapshot": sandbox.api.snapshot,
@@ -336,7 +359,7 @@ async fn create(State(state): Shared, axum::Json(body): axum::Json<NewSandbox>) 
     if state.faults.take_lost_create() {
         return error(StatusCode::BAD_GATEWAY, "injected fault: response lost");
     }
-    match sandboxes.with(&id, |s| described(s)) {
+    match sandboxes.with(&id, |s| described(s, &state.toolbox_proxy_url())) {
         Lookup::Live(body) => axum::Json(body).into_response(),
         lookup => missing(lookup, &id),
     }
@@ -366,7 +389,8 @@ async fn list(State(state): Shared, Query(query): Query<ListQuery>) -> Response 
     let after = query.cursor.unwrap_or_default();
     let mut found = state.sandboxes.list(|s| {
         let labelled = wanted.iter().all(|(k, v)| s.labels.get(k) == Some(v));
-        (labelled && s.id.as_str() > after.as_str()).then(|| (s.id.clone(), described(s)))
+        (labelled && s.id.as_str() > after.as_str())
+            .then(|| (s.id.clone(), described(s, &state.toolbox_proxy_url())))
     });
     found.sort_by(|a, b| a.0.cmp(&b.0));
     let more = found.len() > page;
@@ -381,18 +405,16 @@ async fn list(State(state): Shared, Query(query): Query<ListQuery>) -> Response 
 }
 
 async fn detail(State(state): Shared, UrlPath(id): UrlPath<String>) -> Response {
-    match state.sandboxes.with(&id, |s| described(s)) {
+    match state
+        .sandboxes
+        .with(&id, |s| described(s, &state.toolbox_proxy_url()))
+    {
         Lookup::Live(body) => axum::Json(body).into_response(),
         lookup => missing(lookup, &id),
     }
 }
 
 async fn kill(State(state): Shared, UrlPath(id): UrlPath<String>) -> Response {
-    state
-        .deleted
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id.clone());
     match state.sandboxes.kill(&id).await {
         Lookup::Live(()) => StatusCode::OK.into_response(),
         lookup => missing(lookup, &id),
@@ -406,7 +428,7 @@ async fn stop(State(state): Shared, UrlPath(id): UrlPath<String>) -> Response {
         if started {
             s.paused = true;
         }
-        (started, described(s))
+        (started, described(s, &state.toolbox_proxy_url()))
     }) {
         Lookup::Live(stoppable) => stoppable,
         lookup => return missing(lookup, &id),
@@ -421,7 +443,10 @@ async fn stop(State(state): Shared, UrlPath(id): UrlPath<String>) -> Response {
     if let Err(err) = state.sandboxes.local().pause(&id).await {
         return failed(err);
     }
-    match state.sandboxes.with(&id, |s| described(s)) {
+    match state
+        .sandboxes
+        .with(&id, |s| described(s, &state.toolbox_proxy_url()))
+    {
         Lookup::Live(body) => axum::Json(body).into_response(),
         lookup => missing(lookup, &id),
     }
@@ -445,7 +470,10 @@ async fn start(State(state): Shared, UrlPath(id): UrlPath<String>) -> Response {
     if was_stopped && let Err(err) = state.sandboxes.local().resume(&id).await {
         return failed(err);
     }
-    match state.sandboxes.with(&id, |s| described(s)) {
+    match state
+        .sandboxes
+        .with(&id, |s| described(s, &state.toolbox_proxy_url()))
+    {
         Lookup::Live(body) => axum::Json(body).into_response(),
         lookup => missing(lookup, &id),
     }
@@ -462,17 +490,8 @@ fn running<T>(
         .with(id, |s| (s.api.state(s.paused) == "started").then(|| f(s)))
     {
         Lookup::Live(Some(value)) => Ok(value),
-        Lookup::Live(None) => Err(Box::new(not_running(Lookup::Live(()), id))),
-        Lookup::Unknown
-            if state
-                .deleted
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(id) =>
-        {
-            Err(Box::new(not_running(Lookup::<()>::Expired, id)))
-        }
-        lookup => Err(Box::new(not_running(lookup, id))),
+        Lookup::Live(None) => Err(Box::new(unreachable(Lookup::Live(())))),
+        lookup => Err(Box::new(unreachable(lookup))),
     }
 }
 
@@ -546,7 +565,7 @@ async fn exec(
     };
     let execution = match state.sandboxes.local().exec(&id, &spec).await {
         Ok(execution) => execution,
-        Err(ProviderError::NotFound(_)) => return not_running(Lookup::<()>::Expired, &id),
+        Err(ProviderError::NotFound(_)) => return unreachable(Lookup::<()>::Expired),
         Err(err) => return failed(err),
     };
     let cmd_id = uuid::Uuid::now_v7().simple().to_string();
@@ -623,6 +642,7 @@ async fn command(
 
 #[derive(Deserialize)]
 struct LogsQuery {
+    /// Taken, and without a WebSocket ignored, as the daemon does.
     #[serde(default)]
     follow: bool,
 }
@@ -637,28 +657,9 @@ async fn logs(
         Ok(None) => return error(StatusCode::NOT_FOUND, "command not found"),
         Err(refused) => return *refused,
     };
+    // Over plain HTTP the log as it is: `follow` is for WebSockets only.
+    let _ = query.follow;
     let plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    if !query.follow {
-        let text = command.log.borrow().text.clone();
-        return (plain, text).into_response();
-    }
-    let body = futures::stream::unfold(
-        (command.log.subscribe(), 0usize),
-        |(mut log, sent)| async move {
-            loop {
-                let (chunk, ended) = {
-                    let current = log.borrow_and_update();
-                    (current.text[sent..].to_owned(), current.exit_code.is_some())
-                };
-                if !chunk.is_empty() {
-                    let sent = sent + chunk.len();
-                    return Some((Ok::<_, Infallible>(Bytes::from(chunk)), (log, sent)));
-                }
-                if ended || log.changed().await.is_err() {
-                    return None;
-                }
-            }
-        },
-    );
-    (plain, Body::from_stream(body)).into_response()
+    let text = command.log.borrow().text.clone();
+    (plain, text).into_response()
 }

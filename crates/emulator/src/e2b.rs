@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -46,9 +46,24 @@ use crate::sandboxes::{Lookup, Sandbox, Sandboxes};
 /// E2B's timeout when a create names none, seconds.
 const DEFAULT_TIMEOUT_SECS: u64 = 15;
 const END_STREAM: u8 = 0x02;
-/// Synthetic pids (for a command whose process reports no pid) count down
-/// from here, far above real pids.
-const SYNTHETIC_PIDS: u32 = u32::MAX / 2;
+/// envd starts a command as a plain child of its own (`exec.Cmd` without
+/// `Setpgid`): in envd's process group, not the lead of one. The emulator's
+/// sandboxes start each command as the lead of a group, so the launcher runs
+/// the command as its child, says the child's pid on stderr first, waits for
+/// it, and ends as it ended (by the same signal, if a signal ended it; an
+/// exit code over 128 is taken for a signal). The inner shell is envd's
+/// `/bin/sh -c '... exec "$@"'` wrapper.
+const LAUNCHER: &str = r#"/bin/sh -c 'exec "$@"' sh "$@" &
+child=$!
+echo "corral-emulator-pid:$child" >&2
+wait "$child"
+status=$?
+if [ "$status" -gt 128 ]; then kill -s "$((status - 128))" $$; fi
+exit "$status""#;
+const PID_MARKER: &str = "corral-emulator-pid:";
+/// The envd version the emulator reports: one that wants no user named
+/// (the SDK names `user` only to envd older than 0.4.0).
+const ENVD_VERSION: &str = "0.4.2";
 
 /// An emulated E2B, stopped when dropped.
 pub struct E2bEmulator {
@@ -63,7 +78,7 @@ impl E2bEmulator {
             sandboxes: Sandboxes::start(home)?,
             faults: Arc::new(Faults::default()),
             page_size: AtomicUsize::new(100),
-            next_synthetic_pid: AtomicU32::new(SYNTHETIC_PIDS),
+            user_starts: AtomicUsize::new(0),
             open_stdin_starts: AtomicUsize::new(0),
         });
         let server = Server::start(router(state.clone())).await?;
@@ -104,6 +119,11 @@ impl E2bEmulator {
         self.state.open_stdin_starts.load(Ordering::SeqCst)
     }
 
+    /// Commands started with a user named in `Authorization`.
+    pub fn user_starts(&self) -> usize {
+        self.state.user_starts.load(Ordering::SeqCst)
+    }
+
     /// Whether the sandbox was created `secure` (envd wants its token).
     pub fn is_secure(&self, sandbox_id: &str) -> bool {
         matches!(
@@ -124,7 +144,9 @@ struct E2bState {
     sandboxes: Arc<Sandboxes<E2bSandbox>>,
     faults: Arc<Faults>,
     page_size: AtomicUsize,
-    next_synthetic_pid: AtomicU32,
+    /// Commands started naming a user (Basic auth), which envd 0.4 and
+    /// later do not need.
+    user_starts: AtomicUsize,
     /// Commands started without `stdin: false` (envd would leave their
     /// stdin open).
     open_stdin_starts: AtomicUsize,
@@ -138,9 +160,12 @@ struct E2bSandbox {
 }
 
 struct Command {
-    /// The process group the command runs in.
-    pgid: Option<i32>,
+    /// The command's own pid: not the lead of a process group.
+    pid: i32,
+    /// The launcher's process.
     process: Arc<Process>,
+    /// Set by SIGTERM or SIGKILL: no more output is sent.
+    output_cancelled: Arc<AtomicBool>,
 }
 
 type Shared = State<Arc<E2bState>>;
@@ -221,7 +246,7 @@ fn created(sandbox: &Sandbox<E2bSandbox>) -> Value {
         "sandboxID": sandbox.id,
         "templateID": sandbox.api.template,
         "clientID": "emulator",
-        "envdVersion": "0.2.0",
+        "envdVersion": ENVD_VERSION,
         "envdAccessToken": sandbox.api.token,
         "domain": null,
     })
@@ -238,7 +263,7 @@ fn described(sandbox: &Sandbox<E2bSandbox>) -> Value {
         "endAt": sandbox.end_at().map(|t| t.to_rfc3339()),
         "cpuCount": 2,
         "memoryMB": 512,
-        "envdVersion": "0.2.0",
+        "envdVersion": ENVD_VERSION,
         "envdAccessToken": sandbox.api.token,
     })
 }
@@ -352,11 +377,11 @@ struct ListQuery {
 }
 
 async fn list(State(state): Shared, Query(query): Query<ListQuery>) -> Response {
-    let wanted: Labels = query
-        .metadata
-        .as_deref()
-        .map(|m| form_urlencoded::parse(m.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
+    let wanted: Labels = match query.metadata.as_deref().map(parse_metadata) {
+        None => Labels::new(),
+        Some(Some(wanted)) => wanted,
+        Some(None) => return error(StatusCode::BAD_REQUEST, "error parsing metadata"),
+    };
     let states: Option<HashSet<String>> = query
         .state
         .as_deref()
@@ -384,6 +409,45 @@ async fn list(State(state): Shared, Query(query): Query<ListQuery>) -> Response 
         response.headers_mut().insert("x-next-token", value);
     }
     response
+}
+
+/// The `metadata` filter as E2B's API reads it (`packages/api/internal/
+/// utils/sandboxes_list.go`, `parseFilters`): the query value, already
+/// decoded once, is unescaped whole, split at `&` and `=`, and each key and
+/// value unescaped again. A key or value holding `% + & =` therefore
+/// matches only when escaped twice before the query's own encoding.
+fn parse_metadata(query: &str) -> Option<Labels> {
+    let query = query_unescape(query)?;
+    let mut filters = Labels::new();
+    for filter in query.split('&') {
+        let parts: Vec<&str> = filter.split('=').collect();
+        let [key, value] = parts[..] else {
+            return None;
+        };
+        filters.insert(query_unescape(key)?, query_unescape(value)?);
+    }
+    Some(filters)
+}
+
+/// Go's `url.QueryUnescape`: `+` is a space, `%XX` a byte; a malformed
+/// escape or bytes that are not UTF-8 are refused.
+fn query_unescape(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&first, tail)) = rest.split_first() {
+        match first {
+            b'+' => bytes.push(b' '),
+            b'%' => {
+                let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+                bytes.push(u8::from_str_radix(hex, 16).ok()?);
+                rest = &tail[2..];
+                continue;
+            }
+            other => bytes.push(other),
+        }
+        rest = tail;
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// What envd answers for a sandbox the proxy cannot reach.
@@ -467,9 +531,14 @@ async fn start(
     if request.stdin != Some(false) {
         state.open_stdin_starts.fetch_add(1, Ordering::SeqCst);
     }
-    // As envd does: through a shell, so a missing program exits 127.
+    if headers.contains_key(header::AUTHORIZATION) {
+        state.user_starts.fetch_add(1, Ordering::SeqCst);
+    }
+    // As envd does: through a shell, so a missing program exits 127; the
+    // launcher around it keeps the command out of the lead of a process
+    // group, as envd's children are (see [`LAUNCHER`]).
     let spec = ExecSpec {
-        argv: ["/bin/sh", "-c", "exec \"$@\"", "sh"]
+        argv: ["/bin/sh", "-c", LAUNCHER, "sh"]
             .into_iter()
             .map(str::to_owned)
             .chain(std::iter::once(request.process.cmd))
@@ -479,8 +548,8 @@ async fn start(
     };
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     match launch(&state, &id, &spec).await {
-        Ok((pid, output, process)) => {
-            tokio::spawn(stream_execution(pid, output, process, tx));
+        Ok((pid, launched)) => {
+            tokio::spawn(stream_execution(pid, launched, tx));
         }
         Err(err) => {
             let code = match err {
@@ -503,40 +572,85 @@ async fn start(
         .expect("a streaming response should build")
 }
 
-/// Starts the command; its pid is its process group's.
+/// Starts the command and learns its pid from the launcher's first line.
 async fn launch(
     state: &E2bState,
     id: &str,
     spec: &ExecSpec,
-) -> Result<(u32, mpsc::Receiver<OutputLine>, Arc<Process>), ProviderError> {
-    let execution = state.sandboxes.local().exec(id, spec).await?;
-    let pgid = execution.process.pid();
-    let pid = match pgid {
-        Some(pgid) => pgid as u32,
-        None => state.next_synthetic_pid.fetch_sub(1, Ordering::SeqCst),
+) -> Result<(u32, Launched), ProviderError> {
+    let mut execution = state.sandboxes.local().exec(id, spec).await?;
+    let mut early = Vec::new();
+    let pid = loop {
+        match execution.output.recv().await {
+            Some(line) => match line.line.strip_prefix(PID_MARKER) {
+                Some(pid) if line.stream == OutputStream::Stderr => match pid.parse::<i32>() {
+                    Ok(pid) => break pid,
+                    Err(_) => early.push(line),
+                },
+                _ => early.push(line),
+            },
+            None => {
+                // The launcher died before it could say: nothing runs.
+                let status = execution.process.wait().await;
+                return Err(ProviderError::Failed(format!(
+                    "emulated envd: the launcher ended ({status:?}) before the command started"
+                )));
+            }
+        }
     };
     let process = Arc::new(execution.process);
+    let output_cancelled = Arc::new(AtomicBool::new(false));
     let command = Command {
-        pgid,
+        pid,
         process: process.clone(),
+        output_cancelled: output_cancelled.clone(),
     };
     state
         .sandboxes
-        .with(id, |s| s.api.commands.insert(pid, command));
-    Ok((pid, execution.output, process))
+        .with(id, |s| s.api.commands.insert(pid as u32, command));
+    let launched = Launched {
+        early,
+        output: execution.output,
+        process,
+        output_cancelled,
+    };
+    Ok((pid as u32, launched))
+}
+
+/// A started command, as [`stream_execution`] streams it.
+struct Launched {
+    /// Output read before the launcher said the pid.
+    early: Vec<OutputLine>,
+    output: mpsc::Receiver<OutputLine>,
+    process: Arc<Process>,
+    output_cancelled: Arc<AtomicBool>,
 }
 
 /// Start event, output chunks, end event, end of stream.
-async fn stream_execution(
-    pid: u32,
-    mut output: mpsc::Receiver<OutputLine>,
-    process: Arc<Process>,
-    tx: mpsc::Sender<Bytes>,
-) {
+async fn stream_execution(pid: u32, launched: Launched, tx: mpsc::Sender<Bytes>) {
+    let Launched {
+        early,
+        mut output,
+        process,
+        output_cancelled,
+    } = launched;
     let message = |event: Value| envelope(0, &json!({ "event": event }));
     // A client that went away does not stop the command: keep draining.
     let _ = tx.send(message(json!({ "start": { "pid": pid } }))).await;
-    while let Some(line) = output.recv().await {
+    let mut early = early.into_iter();
+    loop {
+        let line = match early.next() {
+            Some(line) => line,
+            None => match output.recv().await {
+                Some(line) => line,
+                None => break,
+            },
+        };
+        // envd stops forwarding output once the command was sent SIGTERM or
+        // SIGKILL (`Handler.SendSignal` cancels the output context).
+        if output_cancelled.load(Ordering::SeqCst) {
+            continue;
+        }
         let chunk = base64::engine::general_purpose::STANDARD.encode(format!("{}\n", line.line));
         let data = match line.stream {
             OutputStream::Stdout => json!({ "stdout": chunk }),
@@ -600,14 +714,15 @@ async fn send_signal(
             .commands
             .get(&request.process.pid)
             .filter(|c| c.process.status().is_none())
-            .map(|c| c.pgid)
+            .map(|c| (c.pid, c.output_cancelled.clone()))
     });
     match target {
-        Lookup::Live(Some(pgid)) => {
-            if let Some(pgid) = pgid {
-                // SAFETY: killpg has no memory-safety preconditions.
-                unsafe { libc::killpg(pgid, signal) };
-            }
+        Lookup::Live(Some((pid, output_cancelled))) => {
+            // envd signals the one process (`cmd.Process.Signal`), never its
+            // group or children, and stops its output on TERM and KILL.
+            output_cancelled.store(true, Ordering::SeqCst);
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, signal) };
             axum::Json(json!({})).into_response()
         }
         Lookup::Live(None) => {

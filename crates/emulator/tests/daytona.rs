@@ -518,3 +518,50 @@ async fn a_provider_without_an_api_key_is_refused_at_construction() {
     let err = DaytonaProvider::new(DaytonaConfig::default()).err();
     assert!(matches!(err, Some(ProviderError::Invalid(_))), "{err:?}");
 }
+
+/// The toolbox answers a log as it is (it follows one only over a
+/// WebSocket): output that comes after a quiet stretch is read by a later
+/// poll, never lost with a stream that ended early.
+#[tokio::test]
+async fn output_after_a_quiet_stretch_still_arrives() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let (lines, status) = run(
+        &h.provider,
+        &sandbox.id,
+        &argv(&[
+            "sh",
+            "-c",
+            "echo first; sleep 2; echo second; sleep 1; printf third",
+        ]),
+    )
+    .await;
+    assert_eq!(status, ExitStatus::Code(0));
+    let lines: Vec<String> = lines.into_iter().map(|l| l.line).collect();
+    assert_eq!(lines, ["first", "second", "third"]);
+    h.provider.kill(&sandbox.id).await.expect("kill");
+}
+
+/// A sandbox deleted under a running command: the toolbox proxy no longer
+/// finds it (400), and the command is reported ended, not polled for ever.
+#[tokio::test]
+async fn a_command_whose_sandbox_is_deleted_ends() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let mut exec = h
+        .provider
+        .exec(&sandbox.id, &argv(&["sh", "-c", "echo ready; sleep 30"]))
+        .await
+        .expect("exec");
+    assert_eq!(
+        exec.output.recv().await.map(|l| l.line),
+        Some("ready".into())
+    );
+    h.provider.kill(&sandbox.id).await.expect("kill");
+    let status = tokio::time::timeout(Duration::from_secs(10), exec.process.wait())
+        .await
+        .expect("the command was never reported ended");
+    assert_eq!(status, ExitStatus::Signal(SIGKILL));
+    let err = h.provider.exec(&sandbox.id, &argv(&["true"])).await.err();
+    assert!(matches!(err, Some(ProviderError::NotFound(_))), "{err:?}");
+}

@@ -482,3 +482,132 @@ async fn a_provider_without_an_api_key_is_refused_at_construction() {
     let err = E2bProvider::new(E2bConfig::default()).err();
     assert!(matches!(err, Some(ProviderError::Invalid(_))), "{err:?}");
 }
+
+/// Pids of live processes whose command line is exactly `needle`'s words.
+fn processes_running(needle: &[&str]) -> Vec<i32> {
+    let wanted: Vec<u8> = needle
+        .iter()
+        .flat_map(|w| [w.as_bytes(), b"\0"].concat())
+        .collect();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| proc_state(*pid).is_some_and(|state| state != 'Z'))
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok() == Some(wanted.clone()))
+        .collect()
+}
+
+/// envd's `SendSignal` reaches one pid (the emulator's does as envd's
+/// does): the client signals the command's whole group instead.
+#[tokio::test]
+async fn terminate_ends_every_process_the_command_started() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let child = ["sleep", "3101"];
+    let mut exec = h
+        .provider
+        .exec(
+            &sandbox.id,
+            &argv(&["sh", "-c", "sleep 3101 & echo ready; wait"]),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(
+        exec.output.recv().await.map(|l| l.line),
+        Some("ready".into())
+    );
+    assert_eq!(processes_running(&child).len(), 1, "the child never ran");
+    let (_, escalated) = tokio::time::timeout(
+        Duration::from_secs(10),
+        exec.process.terminate(Duration::from_secs(3)),
+    )
+    .await
+    .expect("terminate never finished");
+    assert!(!escalated, "the group's SIGTERM should have ended it");
+    eventually("the command's child survived its SIGTERM", || {
+        processes_running(&child).is_empty()
+    })
+    .await;
+    // Not the sandbox's end: it still runs commands.
+    let (_, status) = run(&h.provider, &sandbox.id, &argv(&["true"])).await;
+    assert_eq!(status, ExitStatus::Code(0));
+    h.provider.kill(&sandbox.id).await.expect("kill");
+}
+
+/// envd forwards no output after `SendSignal` SIGTERM; a command that says
+/// goodbye on SIGTERM is still heard, and its exit code read.
+#[tokio::test]
+async fn a_command_winding_down_after_sigterm_is_still_heard() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let mut exec = h
+        .provider
+        .exec(
+            &sandbox.id,
+            &argv(&[
+                "sh",
+                "-c",
+                "trap 'echo bye; exit 0' TERM; echo ready; while :; do sleep 0.1; done",
+            ]),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(
+        exec.output.recv().await.map(|l| l.line),
+        Some("ready".into())
+    );
+    let (status, escalated) = tokio::time::timeout(
+        Duration::from_secs(10),
+        exec.process.terminate(Duration::from_secs(5)),
+    )
+    .await
+    .expect("terminate never finished");
+    assert!(!escalated);
+    assert_eq!(status, ExitStatus::Code(0));
+    let mut rest = Vec::new();
+    while let Some(line) = exec.output.recv().await {
+        rest.push(line.line);
+    }
+    // The shell may also report its `sleep` ended by the group's SIGTERM.
+    assert!(rest.contains(&"bye".to_owned()), "{rest:?}");
+    h.provider.kill(&sandbox.id).await.expect("kill");
+}
+
+/// E2B unescapes the metadata filter twice after the query's own decoding.
+#[tokio::test]
+async fn a_label_value_with_reserved_characters_is_found() {
+    let h = harness().await;
+    let awkward = "a%b+c&d=e f/é";
+    let mut wanted = spec("r1");
+    wanted.labels.insert("corral.note".into(), awkward.into());
+    let sandbox = h.provider.create(&wanted).await.expect("create");
+    let mut other = spec("r2");
+    other.labels.insert("corral.note".into(), "a".into());
+    let decoy = h.provider.create(&other).await.expect("create");
+    let filter = Labels::from([("corral.note".to_owned(), awkward.to_owned())]);
+    let found: Vec<String> = h
+        .provider
+        .list(&filter)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(found, vec![sandbox.id.clone()]);
+    h.provider.kill(&sandbox.id).await.expect("kill");
+    h.provider.kill(&decoy.id).await.expect("kill");
+}
+
+/// envd 0.4 and later run commands as the template's default user: the SDK
+/// names none, and neither does corral.
+#[tokio::test]
+async fn no_user_is_named_to_envd_0_4() {
+    let h = harness().await;
+    let sandbox = h.provider.create(&spec("r1")).await.expect("create");
+    let (_, status) = run(&h.provider, &sandbox.id, &argv(&["true"])).await;
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(h.emulator.user_starts(), 0);
+    h.provider.kill(&sandbox.id).await.expect("kill");
+}

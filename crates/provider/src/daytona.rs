@@ -2,11 +2,16 @@
 //! (`Authorization: Bearer <key>`), commands run through its toolbox
 //! session API.
 //!
-//! Each command gets a session of its own: `exec` in it with `runAsync`, the
-//! output followed as plain text (Daytona's session logs do not tell stdout
-//! from stderr, so every line is stdout), the exit code read from the
-//! command once the logs end; then the session is deleted, with anything the
-//! command left running in it. Daytona cannot signal one command, so both
+//! Each command gets a session of its own, through the toolbox proxy the
+//! sandbox names (`toolboxProxyUrl`; the API's `/toolbox/...` routes are
+//! deprecated): `exec` in it with `runAsync`, the log and the exit code
+//! polled until the command has ended (plain text: without an SDK version
+//! the toolbox does not tell stdout from stderr, so every line is stdout);
+//! then the session is deleted, with anything the command left running in
+//! it. The log is polled, not followed: the toolbox follows a log only over
+//! a WebSocket, and a held-open stream is cut by the proxy's idle timeout
+//! in a command's quiet stretch; each poll rereads the log (the toolbox has
+//! no offset), which costs in proportion to a chatty command's output. Daytona cannot signal one command, so both
 //! interrupt and kill delete the session, which ends its processes at once:
 //! on Daytona, [`Process::terminate`] never waits out its grace. The session
 //! API takes a shell command line, so argv is shell-quoted and the
@@ -32,21 +37,20 @@
 //! (`GET /sandbox` is paged by `cursor`, `limit` 1..200, and answers
 //! `{items, nextCursor}`), `services/sandbox.service.ts` (`stop` of a
 //! sandbox not started: 400 "Sandbox is not in a stoppable state"; a state
-//! change in progress: 409), `services/toolbox.deprecated.service.ts` (a
-//! toolbox call to a sandbox not started, deleted ones included: 400
-//! "Sandbox is not running").
+//! change in progress: 409), `apps/proxy/pkg/proxy/get_sandbox_target.go`
+//! (the toolbox proxy: 400 for a sandbox it cannot find),
+//! `apps/daemon/pkg/session/log.go` (logs follow only over a WebSocket).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
-use crate::remote::{self, Opened, Reply};
+use crate::remote::{self, Reply};
 use crate::{
     CreateSpec, ExecControl, ExecSpec, Execution, ExitStatus, Health, KillOutcome, LABEL_CREATE,
     Labels, OutputLine, OutputStream, Process, Provider, ProviderError, SandboxInfo,
@@ -55,8 +59,10 @@ use crate::{
 const DAYTONA: &str = "daytona";
 /// How long a create waits for a sandbox that is not started yet.
 const START_WAIT: Duration = Duration::from_secs(60);
-/// Polls for an exit code right after the logs end, before slowing down.
-const QUICK_EXIT_POLLS: u32 = 50;
+/// How often a running command's log and exit code are read: at first and
+/// while output comes, and at most while it does not.
+const POLL_MIN: Duration = Duration::from_millis(100);
+const POLL_MAX: Duration = Duration::from_secs(1);
 /// Creates sent before giving up (each after looking for the last one's
 /// sandbox).
 const CREATE_ATTEMPTS: u32 = 3;
@@ -145,11 +151,22 @@ impl Api {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Reply, ProviderError> {
-        let url = format!("{}{path}", self.base);
+        self.call_url(what, method, &format!("{}{path}", self.base), body)
+            .await
+    }
+
+    /// A call to a whole URL: the toolbox is reached through its proxy.
+    async fn call_url(
+        &self,
+        what: &str,
+        method: Method,
+        url: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Reply, ProviderError> {
         let request = || {
             let request = self
                 .http
-                .request(method.clone(), &url)
+                .request(method.clone(), url)
                 .header("Authorization", &self.auth);
             match body {
                 Some(body) => request.json(body),
@@ -417,11 +434,25 @@ impl Provider for DaytonaProvider {
     }
 
     async fn exec(&self, sandbox_id: &str, spec: &ExecSpec) -> Result<Execution, ProviderError> {
-        let sandbox = remote::path_id(DAYTONA, sandbox_id)?;
+        let sandbox = remote::path_id(DAYTONA, sandbox_id)?.to_string();
         let command = command_line(sandbox_id, spec)?;
+        // The toolbox is reached through the proxy the sandbox names; a
+        // sandbox that is not started cannot run anything.
+        let found = self
+            .get(sandbox_id)
+            .await?
+            .ok_or_else(|| ProviderError::NotFound(sandbox_id.to_owned()))?;
+        if found.state != "started" {
+            return Err(ProviderError::NotFound(sandbox_id.to_owned()));
+        }
+        let proxy = found.toolbox_proxy_url.ok_or_else(|| {
+            ProviderError::Failed(format!(
+                "daytona: sandbox {sandbox_id} has no toolboxProxyUrl"
+            ))
+        })?;
         let session = Session {
             api: self.api.clone(),
-            base: format!("/toolbox/{sandbox}/toolbox/process/session"),
+            base: format!("{}/{sandbox}/process/session", proxy.trim_end_matches('/')),
             id: format!("corral-{}", uuid::Uuid::now_v7().simple()),
             sandbox_id: sandbox_id.to_owned(),
         };
@@ -433,20 +464,13 @@ impl Provider for DaytonaProvider {
                 return Err(err);
             }
         };
-        let logs = match session.follow(&cmd_id).await {
-            Ok(logs) => logs,
-            Err(err) => {
-                session.close().await;
-                return Err(err);
-            }
-        };
         let (tx, output) = mpsc::channel(256);
         let (exit_tx, exit) = watch::channel(None);
         let control = SessionControl {
             session: session.clone(),
             runtime: tokio::runtime::Handle::current(),
         };
-        tokio::spawn(session.pump(cmd_id, logs, tx, exit_tx));
+        tokio::spawn(session.pump(cmd_id, tx, exit_tx));
         Ok(Execution {
             output,
             process: Process::new(exit, Box::new(control)),
@@ -511,6 +535,9 @@ struct SandboxBody {
     labels: Option<BTreeMap<String, String>>,
     #[serde(default)]
     created_at: Option<String>,
+    /// Where the sandbox's toolbox is reached: `{toolboxProxyUrl}/{id}/...`.
+    #[serde(default)]
+    toolbox_proxy_url: Option<String>,
 }
 
 impl SandboxBody {
@@ -566,7 +593,7 @@ fn shell_quote(word: &str) -> String {
 #[derive(Clone)]
 struct Session {
     api: Api,
-    /// `/toolbox/{sandbox}/toolbox/process/session`
+    /// `{toolboxProxyUrl}/{sandbox}/process/session`
     base: String,
     id: String,
     sandbox_id: String,
@@ -586,16 +613,15 @@ struct CommandReply {
 }
 
 impl Session {
-    /// A toolbox refusal: Daytona's toolbox answers 400 "Sandbox is not
-    /// running" for a sandbox that is stopped or deleted; either way the
-    /// command cannot run there.
+    /// A toolbox refusal that means the sandbox is gone. The toolbox proxy
+    /// answers a sandbox it cannot find with 400 "failed to get sandbox
+    /// public status: ..." (`apps/proxy/pkg/proxy/get_sandbox_target.go`);
+    /// the deprecated API route answered 400 "Sandbox is not running".
     fn not_found(&self, reply: &Reply, what: &str) -> ProviderError {
-        let not_running = reply.status == StatusCode::BAD_REQUEST
-            && reply.text().to_ascii_lowercase().contains("not running");
-        match reply.status.as_u16() {
-            404 | 410 => ProviderError::NotFound(self.sandbox_id.clone()),
-            _ if not_running => ProviderError::NotFound(self.sandbox_id.clone()),
-            _ => reply.error(DAYTONA, what),
+        if sandbox_unreachable(reply) {
+            ProviderError::NotFound(self.sandbox_id.clone())
+        } else {
+            reply.error(DAYTONA, what)
         }
     }
 
@@ -603,7 +629,7 @@ impl Session {
         let body = json!({ "sessionId": self.id });
         let reply = self
             .api
-            .call("create session", Method::POST, &self.base, Some(&body))
+            .call_url("create session", Method::POST, &self.base, Some(&body))
             .await?;
         if !reply.status.is_success() {
             return Err(self.not_found(&reply, "create session"));
@@ -616,7 +642,7 @@ impl Session {
         let body = json!({ "command": command, "runAsync": true });
         let reply = self
             .api
-            .call("exec", Method::POST, &path, Some(&body))
+            .call_url("exec", Method::POST, &path, Some(&body))
             .await?;
         if !reply.status.is_success() {
             return Err(self.not_found(&reply, "exec"));
@@ -624,20 +650,22 @@ impl Session {
         Ok(reply.json::<ExecReply>(DAYTONA, "exec")?.cmd_id)
     }
 
-    async fn follow(&self, cmd_id: &str) -> Result<reqwest::Response, ProviderError> {
-        let url = format!(
-            "{}{}/{}/command/{cmd_id}/logs?follow=true",
-            self.api.base, self.base, self.id
-        );
-        let request = || {
-            self.api
-                .http
-                .get(&url)
-                .header("Authorization", &self.api.auth)
-        };
-        match remote::open_stream(DAYTONA, "follow logs", request, |_| false).await? {
-            Opened::Stream(response) => Ok(response),
-            Opened::Refused(reply) => Err(self.not_found(&reply, "follow logs")),
+    /// The command's whole log so far: `Ok(None)` once the session (or the
+    /// sandbox) is gone. Without a WebSocket upgrade the toolbox answers the
+    /// log as it is and does not follow it, whatever `follow` says
+    /// (`apps/daemon/pkg/session/log.go`); sent no SDK version, it answers
+    /// plain text, stdout and stderr combined.
+    async fn logs(&self, cmd_id: &str) -> Result<Option<bytes::Bytes>, ProviderError> {
+        let path = format!("{}/{}/command/{cmd_id}/logs", self.base, self.id);
+        let reply = self
+            .api
+            .call_url("read logs", Method::GET, &path, None)
+            .await?;
+        match reply.status.as_u16() {
+            200 => Ok(Some(reply.body)),
+            404 | 410 => Ok(None),
+            _ if sandbox_unreachable(&reply) => Ok(None),
+            _ => Err(reply.error(DAYTONA, "read logs")),
         }
     }
 
@@ -647,7 +675,7 @@ impl Session {
         let path = format!("{}/{}", self.base, self.id);
         match self
             .api
-            .call("delete session", Method::DELETE, &path, None)
+            .call_url("delete session", Method::DELETE, &path, None)
             .await
         {
             Ok(reply) if reply.status.is_success() || reply.status.as_u16() == 404 => {}
@@ -665,7 +693,11 @@ impl Session {
     /// session (or the sandbox) is gone and with it the code.
     async fn exit_code(&self, cmd_id: &str) -> Result<Option<i32>, ()> {
         let path = format!("{}/{}/command/{cmd_id}", self.base, self.id);
-        match self.api.call("get command", Method::GET, &path, None).await {
+        match self
+            .api
+            .call_url("get command", Method::GET, &path, None)
+            .await
+        {
             Ok(reply) if reply.status.is_success() => {
                 match reply.json::<CommandReply>(DAYTONA, "get command") {
                     Ok(command) => Ok(command.exit_code),
@@ -676,6 +708,7 @@ impl Session {
                 }
             }
             Ok(reply) if matches!(reply.status.as_u16(), 404 | 410) => Err(()),
+            Ok(reply) if sandbox_unreachable(&reply) => Err(()),
             Ok(reply) => {
                 let err = reply.error(DAYTONA, "get command");
                 tracing::warn!(sandbox_id = %self.sandbox_id, error = %err, "daytona command status refused");
@@ -686,59 +719,71 @@ impl Session {
         }
     }
 
-    /// Output lines until the logs end, then the exit code. A command whose
-    /// code cannot be had (its session was deleted: interrupt or kill) ended
-    /// by SIGKILL.
+    /// Output lines as the log grows, then the exit code. The log is read
+    /// again on every poll and what was sent already skipped: each read is
+    /// a short request, so no idle timeout of a proxy can cut the output
+    /// short, whatever the command's quiet stretches. Polls come every
+    /// [`POLL_MIN`] while output comes and slow to [`POLL_MAX`] while it does
+    /// not. The exit code is asked for before each read, so the read after
+    /// the code is known holds the whole log. A command whose code cannot be
+    /// had (its session was deleted: interrupt or kill) ended by SIGKILL.
     async fn pump(
         self,
         cmd_id: String,
-        logs: reqwest::Response,
         tx: mpsc::Sender<OutputLine>,
         exit: watch::Sender<Option<ExitStatus>>,
     ) {
         let mut lines = remote::Lines::default();
-        let mut body = logs.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(err) => {
-                    let error = remote::error_chain(&err);
-                    tracing::warn!(sandbox_id = %self.sandbox_id, %error, "daytona log stream broke");
-                    break;
+        let mut sent = 0usize;
+        let mut pause = POLL_MIN;
+        let status = loop {
+            let code = self.exit_code(&cmd_id).await;
+            match self.logs(&cmd_id).await {
+                Ok(Some(log)) if log.len() > sent => {
+                    for line in lines.push(&log[sent..]) {
+                        send(&tx, line).await;
+                    }
+                    sent = log.len();
+                    pause = POLL_MIN;
                 }
-            };
-            for line in lines.push(&chunk) {
-                send(&tx, line).await;
+                Ok(_) => pause = (pause * 2).min(POLL_MAX),
+                Err(err) => {
+                    tracing::warn!(sandbox_id = %self.sandbox_id, error = %err, "daytona logs unreadable");
+                    pause = POLL_MAX;
+                }
             }
-        }
+            match code {
+                Ok(Some(code)) => break ExitStatus::Code(code),
+                Err(()) => break ExitStatus::Signal(libc::SIGKILL),
+                Ok(None) => tokio::time::sleep(pause).await,
+            }
+        };
         if let Some(line) = lines.finish() {
             send(&tx, line).await;
         }
         drop(tx);
-        let status = self.wait_exit(&cmd_id).await;
         let _ = exit.send(Some(status));
         self.close().await;
     }
+}
 
-    /// Polls for the exit code: quickly at first (the logs end as the
-    /// command does), then every 2 s for as long as the session exists.
-    async fn wait_exit(&self, cmd_id: &str) -> ExitStatus {
-        let mut polls = 0;
-        loop {
-            match self.exit_code(cmd_id).await {
-                Ok(Some(code)) => return ExitStatus::Code(code),
-                Err(()) => return ExitStatus::Signal(libc::SIGKILL),
-                Ok(None) => {}
-            }
-            polls += 1;
-            let pause = if polls < QUICK_EXIT_POLLS {
-                Duration::from_millis(100)
-            } else {
-                Duration::from_secs(2)
-            };
-            tokio::time::sleep(pause).await;
-        }
+/// Whether a toolbox answer means the sandbox cannot be reached: gone or
+/// not started. Through the toolbox proxy a sandbox it cannot find is 400
+/// "failed to get sandbox public status" / "failed to get runner info"
+/// (`apps/proxy/pkg/proxy/get_sandbox_target.go`); the deprecated route's
+/// 400 "Sandbox is not running" is taken too.
+fn sandbox_unreachable(reply: &Reply) -> bool {
+    if reply.status != StatusCode::BAD_REQUEST {
+        return false;
     }
+    let text = reply.text().to_ascii_lowercase();
+    [
+        "not running",
+        "failed to get sandbox",
+        "failed to get runner",
+    ]
+    .iter()
+    .any(|phrase| text.contains(phrase))
 }
 
 async fn send(tx: &mpsc::Sender<OutputLine>, line: String) {

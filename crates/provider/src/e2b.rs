@@ -8,7 +8,10 @@
 //! E2B hands out at creation; it is remembered per sandbox and fetched from
 //! the API for sandboxes another process created. Commands start with
 //! `stdin: false` (envd would keep stdin open, and a command reading it
-//! would wait for ever). Every API call is retried while its failure is
+//! would wait for ever), under a wrapper that makes each command the lead
+//! of its own process group, so that interrupt and kill reach everything it
+//! started ([`GROUP_WRAPPER`], [`SignalControl`]). A user is named to envd
+//! only before 0.4.0, as the SDK does. Every API call is retried while its failure is
 //! transient (see [`crate::remote`]), except a create: it carries a label of
 //! its own ([`crate::LABEL_CREATE`]), and after a failure that leaves its fate
 //! unknown the sandbox is looked up by that label before another is asked for.
@@ -16,7 +19,9 @@
 //! What this follows: `e2b-dev/infra` (`spec/openapi.yml` for `NewSandbox`
 //! and `secure`; `packages/envd/spec/process/process.proto` for
 //! `StartRequest.stdin`; the client proxy's 502 body for a sandbox that is
-//! gone, `packages/shared/pkg/proxy/template/sandbox_not_found.go`).
+//! gone, `packages/shared/pkg/proxy/template/sandbox_not_found.go`; envd's
+//! `services/process/handler/handler.go`, whose `SendSignal` signals one pid
+//! and stops its output; the API's `parseFilters` for the metadata filter).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -42,9 +47,18 @@ const E2B: &str = "e2b";
 /// Creates sent before giving up (each after looking for the last one's
 /// sandbox by its `corral.create` label).
 const CREATE_ATTEMPTS: u32 = 4;
-/// envd picks the user a command runs as from Basic auth: `user:` (no
-/// password), the default user of E2B's templates and SDKs.
+/// envd older than 0.4.0 picks the user a command runs as from Basic auth:
+/// `user:` (no password), as the SDK names it; newer envd runs commands as
+/// the template's default user and is sent no user, as the SDK does.
 const ENVD_USER_AUTH: &str = "Basic dXNlcjo=";
+/// The first envd version with a default user.
+const ENVD_DEFAULT_USER: (u64, u64, u64) = (0, 4, 0);
+/// Runs the command as the lead of a session and process group of its own
+/// (`setsid` without a fork: envd's children lead no group), so that
+/// interrupt and kill can signal the whole group; envd's `SendSignal`
+/// reaches only the one pid. Without `setsid` in the template the command
+/// runs as before and only its own pid can be signalled.
+const GROUP_WRAPPER: &str = r#"command -v setsid >/dev/null 2>&1 && exec setsid "$@"; exec "$@""#;
 /// Asks envd for a keepalive message this often (seconds), so idle proxies
 /// keep a quiet command's stream open.
 const KEEPALIVE_SECS: u64 = 50;
@@ -118,8 +132,8 @@ impl fmt::Debug for E2bConfig {
 pub struct E2bProvider {
     config: E2bConfig,
     http: reqwest::Client,
-    /// envd access tokens by sandbox id; `None`: the sandbox needs none.
-    tokens: Mutex<HashMap<String, Option<String>>>,
+    /// How to reach each sandbox's envd, by sandbox id.
+    envd: Mutex<HashMap<String, EnvdAccess>>,
 }
 
 impl E2bProvider {
@@ -139,7 +153,7 @@ impl E2bProvider {
         Ok(E2bProvider {
             http: remote::http_client(E2B)?,
             config,
-            tokens: Mutex::new(HashMap::new()),
+            envd: Mutex::new(HashMap::new()),
         })
     }
 
@@ -194,29 +208,30 @@ impl E2bProvider {
         format!("{}/process.Process/{rpc}", base.trim_end_matches('/'))
     }
 
-    fn remember_token(&self, sandbox_id: &str, token: Option<String>) {
-        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        tokens.insert(sandbox_id.to_owned(), token);
+    fn remember_envd(&self, sandbox_id: &str, access: EnvdAccess) {
+        let mut envd = self.envd.lock().unwrap_or_else(|p| p.into_inner());
+        envd.insert(sandbox_id.to_owned(), access);
     }
 
-    fn forget_token(&self, sandbox_id: &str) {
-        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        tokens.remove(sandbox_id);
+    fn forget_envd(&self, sandbox_id: &str) {
+        let mut envd = self.envd.lock().unwrap_or_else(|p| p.into_inner());
+        envd.remove(sandbox_id);
     }
 
-    /// The sandbox's envd token: remembered, or asked of the API (a sandbox
-    /// created by another process).
-    async fn access_token(&self, sandbox_id: &str) -> Result<Option<String>, ProviderError> {
+    /// The sandbox's envd token and version: remembered, or asked of the
+    /// API (a sandbox created by another process).
+    async fn envd_access(&self, sandbox_id: &str) -> Result<EnvdAccess, ProviderError> {
         let known = {
-            let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-            tokens.get(sandbox_id).cloned()
+            let envd = self.envd.lock().unwrap_or_else(|p| p.into_inner());
+            envd.get(sandbox_id).cloned()
         };
-        if let Some(token) = known {
-            return Ok(token);
+        if let Some(access) = known {
+            return Ok(access);
         }
         let detail = self.detail(sandbox_id).await?;
-        self.remember_token(sandbox_id, detail.envd_access_token.clone());
-        Ok(detail.envd_access_token)
+        let access = EnvdAccess::new(detail.envd_access_token, detail.envd_version.as_deref());
+        self.remember_envd(sandbox_id, access.clone());
+        Ok(access)
     }
 
     async fn detail(&self, sandbox_id: &str) -> Result<SandboxDetail, ProviderError> {
@@ -245,11 +260,7 @@ impl E2bProvider {
         {
             let mut query = url.query_pairs_mut();
             if !labels.is_empty() {
-                // E2B takes the whole filter as one url-encoded query value.
-                let metadata = form_urlencoded::Serializer::new(String::new())
-                    .extend_pairs(labels.iter())
-                    .finish();
-                query.append_pair("metadata", &metadata);
+                query.append_pair("metadata", &metadata_filter(labels));
             }
             query.append_pair("state", "running,paused");
             query.append_pair("limit", &LIST_PAGE.to_string());
@@ -278,17 +289,23 @@ impl E2bProvider {
     /// Starts the command and waits for envd's start event, so that a
     /// command that cannot start fails here, as the local provider's does.
     async fn start(&self, sandbox_id: &str, spec: &ExecSpec) -> Result<Execution, ProviderError> {
-        let Some(program) = spec.argv.first() else {
+        if spec.argv.is_empty() {
             return Err(ProviderError::Invalid("empty argv".into()));
-        };
-        let token = self.access_token(sandbox_id).await?;
+        }
+        let envd = self.envd_access(sandbox_id).await?;
         let mut envs = spec.env.clone();
         envs.entry("CORRAL_SANDBOX_ID".into())
             .or_insert_with(|| sandbox_id.to_owned());
         // stdin: envd keeps a command's stdin open unless told not to, and
         // a command that reads it would wait for ever.
+        let mut args = vec![
+            "-c".to_owned(),
+            GROUP_WRAPPER.to_owned(),
+            "corral".to_owned(),
+        ];
+        args.extend(spec.argv.iter().cloned());
         let message = json!({
-            "process": { "cmd": program, "args": &spec.argv[1..], "envs": envs },
+            "process": { "cmd": "/bin/sh", "args": args, "envs": envs },
             "stdin": false,
         });
         let body = envelope(0, &message);
@@ -300,12 +317,8 @@ impl E2bProvider {
                 .header("Content-Type", "application/connect+json")
                 .header("Connect-Protocol-Version", "1")
                 .header("Keepalive-Ping-Interval", KEEPALIVE_SECS.to_string())
-                .header("Authorization", ENVD_USER_AUTH)
                 .body(body.clone());
-            match &token {
-                Some(token) => request.header("X-Access-Token", token),
-                None => request,
-            }
+            envd.authorize(request)
         };
         let response = match remote::open_stream(E2B, "exec", request, proxy_lost_sandbox).await? {
             Opened::Stream(response) => response,
@@ -313,7 +326,7 @@ impl E2bProvider {
                 if reply.status == StatusCode::UNAUTHORIZED {
                     // The token may have changed (a resume elsewhere): ask
                     // the API again next time.
-                    self.forget_token(sandbox_id);
+                    self.forget_envd(sandbox_id);
                 }
                 return Err(refused_exec(sandbox_id, &reply));
             }
@@ -344,8 +357,9 @@ impl E2bProvider {
         tokio::spawn(pump.run(envelopes, sandbox_id.to_owned(), pid));
         let control = SignalControl {
             http: self.http.clone(),
-            url: self.envd_url(sandbox_id, "SendSignal"),
-            token,
+            start_url: self.envd_url(sandbox_id, "Start"),
+            signal_url: self.envd_url(sandbox_id, "SendSignal"),
+            envd,
             pid,
             runtime: tokio::runtime::Handle::current(),
         };
@@ -428,7 +442,9 @@ impl Provider for E2bProvider {
             match reply {
                 Ok(reply) if reply.status.is_success() => {
                     let created: CreatedSandbox = reply.json(E2B, "create sandbox")?;
-                    self.remember_token(&created.sandbox_id, created.envd_access_token);
+                    let access =
+                        EnvdAccess::new(created.envd_access_token, created.envd_version.as_deref());
+                    self.remember_envd(&created.sandbox_id, access);
                     return Ok(SandboxInfo {
                         id: created.sandbox_id,
                         labels,
@@ -449,7 +465,11 @@ impl Provider for E2bProvider {
                 && let Some(sandbox) = found.into_iter().next()
             {
                 tracing::info!(sandbox_id = %sandbox.sandbox_id, "e2b create answer lost: adopting the sandbox it made");
-                self.remember_token(&sandbox.sandbox_id, sandbox.envd_access_token.clone());
+                let access = EnvdAccess::new(
+                    sandbox.envd_access_token.clone(),
+                    sandbox.envd_version.as_deref(),
+                );
+                self.remember_envd(&sandbox.sandbox_id, access);
                 return Ok(sandbox.into_info());
             }
         }
@@ -473,7 +493,7 @@ impl Provider for E2bProvider {
             404 | 410 => KillOutcome::AlreadyGone,
             _ => return Err(reply.error(E2B, "kill sandbox")),
         };
-        self.forget_token(sandbox_id);
+        self.forget_envd(sandbox_id);
         Ok(outcome)
     }
 
@@ -502,7 +522,11 @@ impl Provider for E2bProvider {
             200..=299 => {
                 // A resumed sandbox may come back with a new envd token.
                 if let Ok(connected) = reply.json::<CreatedSandbox>(E2B, "resume sandbox") {
-                    self.remember_token(sandbox_id, connected.envd_access_token);
+                    let access = EnvdAccess::new(
+                        connected.envd_access_token,
+                        connected.envd_version.as_deref(),
+                    );
+                    self.remember_envd(sandbox_id, access);
                 }
                 Ok(())
             }
@@ -518,7 +542,7 @@ impl Provider for E2bProvider {
             }
             Ok(detail) => Ok(Health::Gone(format!("e2b: sandbox is {:?}", detail.state))),
             Err(ProviderError::NotFound(_)) => {
-                self.forget_token(sandbox_id);
+                self.forget_envd(sandbox_id);
                 Ok(Health::Gone("e2b: sandbox not found (404)".into()))
             }
             Err(err) => Err(err),
@@ -551,6 +575,70 @@ struct CreatedSandbox {
     sandbox_id: String,
     #[serde(rename = "envdAccessToken", default)]
     envd_access_token: Option<String>,
+    #[serde(rename = "envdVersion", default)]
+    envd_version: Option<String>,
+}
+
+/// What envd wants of a request: the sandbox's access token (a `secure`
+/// sandbox's), and a user named for envd before 0.4.0.
+#[derive(Clone)]
+struct EnvdAccess {
+    token: Option<String>,
+    names_user: bool,
+}
+
+impl EnvdAccess {
+    fn new(token: Option<String>, version: Option<&str>) -> EnvdAccess {
+        EnvdAccess {
+            token,
+            names_user: envd_wants_user(version),
+        }
+    }
+
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let request = if self.names_user {
+            request.header("Authorization", ENVD_USER_AUTH)
+        } else {
+            request
+        };
+        match &self.token {
+            Some(token) => request.header("X-Access-Token", token),
+            None => request,
+        }
+    }
+}
+
+/// Whether envd of this version needs the user named, as the SDK decides
+/// (`envdVersion < 0.4.0`). A version that cannot be read is taken as old:
+/// naming the user works on every envd.
+fn envd_wants_user(version: Option<&str>) -> bool {
+    let Some(version) = version else {
+        return true;
+    };
+    let core = version.split(['-', '+']).next().unwrap_or_default();
+    let parts: Vec<Option<u64>> = core.split('.').map(|p| p.parse().ok()).collect();
+    match parts[..] {
+        [Some(major), Some(minor), Some(patch)] => (major, minor, patch) < ENVD_DEFAULT_USER,
+        _ => true,
+    }
+}
+
+/// The `metadata` query value of a list: E2B's API unescapes the value it
+/// was given as a whole, splits it at `&` and `=`, and unescapes each key
+/// and value again (`packages/api/internal/utils/sandboxes_list.go`,
+/// `parseFilters`). So each key and value is escaped, the pairs joined, and
+/// the whole escaped once more (the query's own encoding comes on top):
+/// otherwise a value holding `% + & =` never matches.
+fn metadata_filter(labels: &Labels) -> String {
+    let pairs: Vec<String> = labels
+        .iter()
+        .map(|(key, value)| format!("{}={}", escape(key), escape(value)))
+        .collect();
+    escape(&pairs.join("&"))
+}
+
+fn escape(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
 /// A sandbox as `GET /sandboxes/{id}` and `GET /v2/sandboxes` describe it.
@@ -566,6 +654,8 @@ struct SandboxDetail {
     started_at: Option<String>,
     #[serde(rename = "envdAccessToken", default)]
     envd_access_token: Option<String>,
+    #[serde(rename = "envdVersion", default)]
+    envd_version: Option<String>,
 }
 
 impl SandboxDetail {
@@ -899,58 +989,161 @@ impl Pump {
     }
 }
 
-/// Signals a command through envd's unary `SendSignal`. The trait is sync,
-/// so each signal is a task on the runtime that started the command.
+/// Signals a command's whole process group: a second command, `kill` of
+/// the group ([`GROUP_WRAPPER`] made the command lead one), then envd's
+/// unary `SendSignal` to the command's own pid where the group could not be
+/// signalled (a template without `setsid`) or the signal is SIGKILL. envd's
+/// `SendSignal` reaches that one pid only, and after SIGTERM or SIGKILL
+/// envd forwards no more of its output; the group signal leaves the output
+/// flowing while the command winds down. The trait is sync, so each signal
+/// is a task on the runtime that started the command.
 struct SignalControl {
     http: reqwest::Client,
-    url: String,
-    token: Option<String>,
+    start_url: String,
+    signal_url: String,
+    envd: EnvdAccess,
     pid: u32,
     runtime: tokio::runtime::Handle,
 }
 
+/// Ends a group signal command that has not answered.
+const GROUP_SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl SignalControl {
-    fn send(&self, signal: &'static str) {
-        let http = self.http.clone();
-        let url = self.url.clone();
-        let token = self.token.clone();
-        let pid = self.pid;
+    fn send(&self, signal: Signal) {
+        let group = GroupSignal {
+            http: self.http.clone(),
+            start_url: self.start_url.clone(),
+            signal_url: self.signal_url.clone(),
+            envd: self.envd.clone(),
+            pid: self.pid,
+        };
         self.runtime.spawn(async move {
-            let body = json!({ "process": { "pid": pid }, "signal": signal });
-            let request = || {
-                let request = http
-                    .post(&url)
-                    .header("Connect-Protocol-Version", "1")
-                    .header("Authorization", ENVD_USER_AUTH)
-                    .json(&body);
-                match &token {
-                    Some(token) => request.header("X-Access-Token", token),
-                    None => request,
+            let grouped = match tokio::time::timeout(GROUP_SIGNAL_TIMEOUT, group.kill_group(signal))
+                .await
+            {
+                Ok(Ok(())) => true,
+                Ok(Err(err)) => {
+                    tracing::warn!(pid = group.pid, signal = signal.name(), error = %err, "e2b group signal failed: signalling the command alone");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(pid = group.pid, signal = signal.name(), "e2b group signal timed out: signalling the command alone");
+                    false
                 }
             };
-            match remote::call(E2B, "signal command", request, |_| false).await {
-                Ok(reply) if reply.status.is_success() => {}
-                // The command ended first: nothing left to signal.
-                Ok(reply) if reply.status == StatusCode::NOT_FOUND => {
-                    tracing::debug!(pid, signal, "e2b command already ended");
-                }
-                Ok(reply) => {
-                    let err = reply.error(E2B, "signal command");
-                    tracing::warn!(pid, signal, error = %err, "e2b signal refused");
-                }
-                Err(err) => tracing::warn!(pid, signal, error = %err, "e2b signal failed"),
+            if !grouped || signal == Signal::Kill {
+                group.signal_pid(signal).await;
             }
         });
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Term,
+    Kill,
+}
+
+impl Signal {
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Term => "TERM",
+            Signal::Kill => "KILL",
+        }
+    }
+}
+
+struct GroupSignal {
+    http: reqwest::Client,
+    start_url: String,
+    signal_url: String,
+    envd: EnvdAccess,
+    pid: u32,
+}
+
+impl GroupSignal {
+    /// `kill -s SIG -- -PID` through envd, waited for: `Ok` once it exits 0.
+    async fn kill_group(&self, signal: Signal) -> Result<(), ProviderError> {
+        let script = format!("kill -s {} -- -{}", signal.name(), self.pid);
+        let message = json!({
+            "process": { "cmd": "/bin/sh", "args": ["-c", script] },
+            "stdin": false,
+        });
+        let body = envelope(0, &message);
+        let request = || {
+            let request = self
+                .http
+                .post(&self.start_url)
+                .header("Content-Type", "application/connect+json")
+                .header("Connect-Protocol-Version", "1")
+                .body(body.clone());
+            self.envd.authorize(request)
+        };
+        let response =
+            match remote::open_stream(E2B, "signal group", request, proxy_lost_sandbox).await? {
+                Opened::Stream(response) => response,
+                Opened::Refused(reply) => return Err(reply.error(E2B, "signal group")),
+            };
+        let mut envelopes = Envelopes::new(response);
+        while let Some(envelope) = envelopes.next().await? {
+            match decode(envelope)? {
+                Event::End(ExitStatus::Code(0)) => return Ok(()),
+                Event::End(status) => {
+                    return Err(ProviderError::Failed(format!(
+                        "e2b signal group: kill ended {status:?} (no such group?)"
+                    )));
+                }
+                Event::Finished(result) => {
+                    result?;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        Err(ProviderError::Failed(
+            "e2b signal group: the stream ended without an exit".into(),
+        ))
+    }
+
+    /// envd's `SendSignal` to the command's own pid.
+    async fn signal_pid(&self, signal: Signal) {
+        let pid = self.pid;
+        let name = match signal {
+            Signal::Term => "SIGNAL_SIGTERM",
+            Signal::Kill => "SIGNAL_SIGKILL",
+        };
+        let body = json!({ "process": { "pid": pid }, "signal": name });
+        let request = || {
+            let request = self
+                .http
+                .post(&self.signal_url)
+                .header("Connect-Protocol-Version", "1")
+                .json(&body);
+            self.envd.authorize(request)
+        };
+        match remote::call(E2B, "signal command", request, |_| false).await {
+            Ok(reply) if reply.status.is_success() => {}
+            // The command ended first: nothing left to signal.
+            Ok(reply) if reply.status == StatusCode::NOT_FOUND => {
+                tracing::debug!(pid, signal = name, "e2b command already ended");
+            }
+            Ok(reply) => {
+                let err = reply.error(E2B, "signal command");
+                tracing::warn!(pid, signal = name, error = %err, "e2b signal refused");
+            }
+            Err(err) => tracing::warn!(pid, signal = name, error = %err, "e2b signal failed"),
+        }
+    }
+}
+
 impl ExecControl for SignalControl {
     fn interrupt(&self) {
-        self.send("SIGNAL_SIGTERM");
+        self.send(Signal::Term);
     }
 
     fn kill(&self) {
-        self.send("SIGNAL_SIGKILL");
+        self.send(Signal::Kill);
     }
 }
 
@@ -980,6 +1173,23 @@ mod tests {
             end(json!({"exitCode": -1, "status": "signal: terminated"})),
             ExitStatus::Signal(libc::SIGTERM)
         );
+    }
+
+    #[test]
+    fn a_user_is_named_only_to_envd_before_0_4() {
+        assert!(envd_wants_user(Some("0.3.9")));
+        assert!(envd_wants_user(None));
+        assert!(envd_wants_user(Some("unknown")));
+        assert!(!envd_wants_user(Some("0.4.0")));
+        assert!(!envd_wants_user(Some("0.5.1-beta.2")));
+        assert!(!envd_wants_user(Some("1.0.0")));
+    }
+
+    #[test]
+    fn the_metadata_filter_escapes_each_pair_and_then_the_whole() {
+        let labels = Labels::from([("k".to_owned(), "a&b=c".to_owned())]);
+        // Pair: k=a%26b%3Dc; whole: k%3Da%2526b%253Dc.
+        assert_eq!(metadata_filter(&labels), "k%3Da%2526b%253Dc");
     }
 
     #[test]

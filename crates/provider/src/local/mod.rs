@@ -660,9 +660,7 @@ impl Inner {
                 // writing it (then nothing of an isolated sandbox ran yet:
                 // its state is written before its init starts).
                 let strays = marked(sandbox_id);
-                for pid in &strays {
-                    procfs::killpg(*pid, libc::SIGKILL);
-                }
+                kill_marked(sandbox_id);
                 let existed = dir.exists();
                 let _ = std::fs::remove_dir_all(&dir);
                 return Ok(if existed || !strays.is_empty() {
@@ -704,11 +702,10 @@ impl Inner {
             for group in &state.groups {
                 wait_group_gone(group.pgid, Duration::from_secs(1));
             }
-            if state.groups.is_empty() {
-                for pid in marked(sandbox_id) {
-                    procfs::killpg(pid, libc::SIGKILL);
-                }
-            }
+            // What left the groups (setsid, a double fork) but kept the
+            // marker; a process that dropped its environment is lost to an
+            // unisolated sandbox.
+            kill_marked(sandbox_id);
         }
         std::fs::remove_dir_all(&dir).map_err(|err| io_failed(&dir, err))?;
         Ok(KillOutcome::Killed)
@@ -803,6 +800,12 @@ impl Inner {
             }
         }
         self.signal_groups(state, signal);
+        if !state.isolated {
+            // What left the groups but kept the marker.
+            for pid in marked(&state.id) {
+                procfs::signal(pid, signal);
+            }
+        }
         Ok(())
     }
 }
@@ -839,6 +842,18 @@ fn marked(sandbox_id: &str) -> Vec<i32> {
         .filter(|pid| procfs::stat(*pid).is_some_and(|s| s.alive()))
         .filter(|pid| has_marker(*pid, sandbox_id))
         .collect()
+}
+
+/// SIGKILLs every live process carrying the sandbox's marker, again while
+/// any is left (a fork racing the scan), for a second at most.
+fn kill_marked(sandbox_id: &str) {
+    procfs::wait_until(Duration::from_secs(1), || {
+        let pids = marked(sandbox_id);
+        for pid in &pids {
+            procfs::signal(*pid, libc::SIGKILL);
+        }
+        pids.is_empty()
+    });
 }
 
 /// Whether signalling `group.pgid` reaches this sandbox's processes and no
