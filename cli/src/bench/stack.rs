@@ -100,6 +100,9 @@ impl Stack {
                 let _ = child.kill().await;
             }
         }
+        // A spawner killed before it drained leaves its sandboxes running:
+        // whatever is still under this stack's home goes with it.
+        self.kill_sandboxes().await;
         for config in corral_common::nats::stream_configs(self.client.subjects()) {
             let _ = self.client.jetstream().delete_stream(&config.name).await;
         }
@@ -112,6 +115,28 @@ impl Stack {
             ))
             .await;
         let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+impl Stack {
+    /// Kills every local sandbox under this stack's home.
+    async fn kill_sandboxes(&self) {
+        use corral_provider::{Labels, LocalConfig, LocalProvider, Provider};
+        let Ok(provider) = LocalProvider::new(&self.home, &LocalConfig::default()) else {
+            return;
+        };
+        let Ok(left) = provider.list(&Labels::new()).await else {
+            return;
+        };
+        if !left.is_empty() {
+            eprintln!("removing {} sandboxes the services left", left.len());
+        }
+        for sandbox in left {
+            if let Err(err) = provider.kill(&sandbox.id).await {
+                eprintln!("warning: sandbox {} not removed: {err}", sandbox.id);
+            }
+        }
+        provider.release_control_groups();
     }
 }
 

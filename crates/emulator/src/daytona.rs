@@ -54,6 +54,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::Server;
 use crate::faults::{self, Faults};
+use crate::record::Recorder;
 use crate::sandboxes::{Lookup, Sandbox, Sandboxes};
 
 /// Daytona's auto-stop when a create names none, minutes.
@@ -62,6 +63,8 @@ const DEFAULT_AUTO_STOP_MINUTES: u32 = 15;
 const START_DELAY: Duration = Duration::from_millis(300);
 /// The snapshots every organization has.
 const SNAPSHOTS: [&str; 3] = ["daytona-small", "daytona-medium", "daytona-large"];
+/// The organization every emulated sandbox belongs to.
+const ORGANIZATION: &str = "emulated-organization";
 /// `limit` of a list page when none is given, and its most.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 200;
@@ -90,6 +93,11 @@ impl DaytonaEmulator {
     /// The API's base URL, `http://127.0.0.1:PORT` (the toolbox is under it).
     pub fn url(&self) -> String {
         self.server.url()
+    }
+
+    /// Records every request and answer from [`Recorder::start`] on.
+    pub fn recorder(&self) -> &Recorder {
+        &self.server.recorder
     }
 
     pub fn faults(&self) -> &Faults {
@@ -216,6 +224,7 @@ fn router(state: Arc<DaytonaState>) -> Router {
             get(logs),
         )
         .layer(middleware::from_fn(require_bearer))
+        .layer(middleware::from_fn(error_bodies))
         .layer(middleware::from_fn_with_state(
             state.faults.clone(),
             faults::inject,
@@ -236,7 +245,49 @@ async fn require_bearer(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
-/// NestJS's error body.
+/// Error bodies as each side of Daytona writes them: the API (NestJS,
+/// `apps/api/src/filters/all-exceptions.filter.ts`) `{path, timestamp,
+/// statusCode, error, message}`; the toolbox and its proxy (Go,
+/// `libs/common-go/pkg/errors/http.go`, `ErrorResponse`) `{statusCode,
+/// message, code, timestamp, path, method}`. Handlers answer the NestJS
+/// body without path and time; this completes it for the side asked.
+async fn error_bodies(request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if response.status().as_u16() < 400 || !is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let Ok(Value::Object(mut fields)) = serde_json::from_slice::<Value>(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    fields.insert("path".into(), json!(path));
+    fields.insert("timestamp".into(), json!(chrono::Utc::now().to_rfc3339()));
+    if path.starts_with("/proxy/toolbox/") {
+        fields.remove("error");
+        let code = parts
+            .status
+            .canonical_reason()
+            .unwrap_or("ERROR")
+            .to_ascii_uppercase()
+            .replace(' ', "_");
+        fields.entry("code").or_insert(json!(code));
+        fields.insert("method".into(), json!(method));
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = serde_json::to_vec(&fields).unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// NestJS's error body (see [`error_bodies`]).
 fn error(status: StatusCode, message: &str) -> Response {
     let body = json!({
         "statusCode": status.as_u16(),
@@ -289,22 +340,36 @@ fn failed(err: ProviderError) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string())
 }
 
-fn described(sandbox: &Sandbox<DaytonaSandbox>, proxy: &str) -> Value {
+/// A sandbox as the list answers it (`SandboxListItem`).
+fn listed(sandbox: &Sandbox<DaytonaSandbox>, proxy: &str) -> Value {
     json!({
         "id": sandbox.id,
+        "organizationId": ORGANIZATION,
+        "name": sandbox.id,
+        "target": "us",
+        "user": "daytona",
+        "public": false,
         "toolboxProxyUrl": proxy,
         "state": sandbox.api.state(sandbox.paused),
         "labels": sandbox.labels,
         "snapshot": sandbox.api.snapshot,
         // The snapshot's size (daytona-small).
         "cpu": 1,
+        "gpu": 0,
         "memory": 1,
         "disk": 3,
         "autoStopInterval": sandbox.api.auto_stop_minutes,
         "autoDeleteInterval": sandbox.api.auto_delete_minutes.unwrap_or(-1),
-        "env": sandbox.api.env,
         "createdAt": sandbox.started_at.to_rfc3339(),
     })
+}
+
+/// A sandbox as create, get, stop, start and delete answer it (`Sandbox`).
+fn described(sandbox: &Sandbox<DaytonaSandbox>, proxy: &str) -> Value {
+    let mut body = listed(sandbox, proxy);
+    body["env"] = json!(sandbox.api.env);
+    body["networkBlockAll"] = json!(false);
+    body
 }
 
 #[derive(Deserialize)]
@@ -390,7 +455,7 @@ async fn list(State(state): Shared, Query(query): Query<ListQuery>) -> Response 
     let mut found = state.sandboxes.list(|s| {
         let labelled = wanted.iter().all(|(k, v)| s.labels.get(k) == Some(v));
         (labelled && s.id.as_str() > after.as_str())
-            .then(|| (s.id.clone(), described(s, &state.toolbox_proxy_url())))
+            .then(|| (s.id.clone(), listed(s, &state.toolbox_proxy_url())))
     });
     found.sort_by(|a, b| a.0.cmp(&b.0));
     let more = found.len() > page;
@@ -415,9 +480,17 @@ async fn detail(State(state): Shared, UrlPath(id): UrlPath<String>) -> Response 
 }
 
 async fn kill(State(state): Shared, UrlPath(id): UrlPath<String>) -> Response {
-    match state.sandboxes.kill(&id).await {
-        Lookup::Live(()) => StatusCode::OK.into_response(),
-        lookup => missing(lookup, &id),
+    // Daytona answers a delete with the sandbox as it was (`Sandbox`).
+    let last = state
+        .sandboxes
+        .with(&id, |s| described(s, &state.toolbox_proxy_url()));
+    match (state.sandboxes.kill(&id).await, last) {
+        (Lookup::Live(()), Lookup::Live(mut body)) => {
+            body["state"] = json!("destroying");
+            axum::Json(body).into_response()
+        }
+        (Lookup::Live(()), _) => StatusCode::OK.into_response(),
+        (lookup, _) => missing(lookup, &id),
     }
 }
 
@@ -636,7 +709,11 @@ async fn command(
         Err(refused) => return *refused,
     };
     let exit_code = command.log.borrow().exit_code;
-    let body = json!({ "id": cmd, "command": command.command, "exitCode": exit_code });
+    // `exitCode` is left out while the command runs (`omitempty`).
+    let mut body = json!({ "id": cmd, "command": command.command });
+    if let Some(code) = exit_code {
+        body["exitCode"] = json!(code);
+    }
     axum::Json(body).into_response()
 }
 

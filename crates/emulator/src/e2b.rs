@@ -41,6 +41,7 @@ use tokio::sync::mpsc;
 
 use crate::Server;
 use crate::faults::{self, Faults};
+use crate::record::Recorder;
 use crate::sandboxes::{Lookup, Sandbox, Sandboxes};
 
 /// E2B's timeout when a create names none, seconds.
@@ -93,6 +94,11 @@ impl E2bEmulator {
     /// The envd URL template: `http://127.0.0.1:PORT/envd/{sandbox_id}`.
     pub fn envd_url(&self) -> String {
         format!("{}/envd/{{sandbox_id}}", self.server.url())
+    }
+
+    /// Records every request and answer from [`Recorder::start`] on.
+    pub fn recorder(&self) -> &Recorder {
+        &self.server.recorder
     }
 
     pub fn faults(&self) -> &Faults {
@@ -252,7 +258,9 @@ fn created(sandbox: &Sandbox<E2bSandbox>) -> Value {
     })
 }
 
-fn described(sandbox: &Sandbox<E2bSandbox>) -> Value {
+/// A sandbox as `GET /v2/sandboxes` lists it (`ListedSandbox`: no envd
+/// token).
+fn listed(sandbox: &Sandbox<E2bSandbox>) -> Value {
     json!({
         "sandboxID": sandbox.id,
         "templateID": sandbox.api.template,
@@ -260,12 +268,22 @@ fn described(sandbox: &Sandbox<E2bSandbox>) -> Value {
         "metadata": sandbox.labels,
         "state": if sandbox.paused { "paused" } else { "running" },
         "startedAt": sandbox.started_at.to_rfc3339(),
-        "endAt": sandbox.end_at().map(|t| t.to_rfc3339()),
+        "endAt": sandbox.end_at().unwrap_or(sandbox.started_at).to_rfc3339(),
         "cpuCount": 2,
         "memoryMB": 512,
+        "diskSizeMB": 1024,
         "envdVersion": ENVD_VERSION,
-        "envdAccessToken": sandbox.api.token,
     })
+}
+
+/// A sandbox as `GET /sandboxes/{id}` describes it (`SandboxDetail`: with
+/// its envd token).
+fn described(sandbox: &Sandbox<E2bSandbox>) -> Value {
+    let mut detail = listed(sandbox);
+    if let Some(token) = &sandbox.api.token {
+        detail["envdAccessToken"] = json!(token);
+    }
+    detail
 }
 
 async fn create(State(state): Shared, axum::Json(body): axum::Json<NewSandbox>) -> Response {
@@ -396,7 +414,7 @@ async fn list(State(state): Shared, Query(query): Query<ListQuery>) -> Response 
         let state_name = if s.paused { "paused" } else { "running" };
         let wanted_state = states.as_ref().is_none_or(|set| set.contains(state_name));
         let labelled = wanted.iter().all(|(k, v)| s.labels.get(k) == Some(v));
-        (s.id > after && wanted_state && labelled).then(|| (s.id.clone(), described(s)))
+        (s.id > after && wanted_state && labelled).then(|| (s.id.clone(), listed(s)))
     });
     let more = matching.len() > limit;
     matching.truncate(limit);

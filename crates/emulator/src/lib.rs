@@ -13,6 +13,7 @@
 //! sandboxes still run.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
 use tokio::task::JoinHandle;
@@ -20,20 +21,29 @@ use tokio::task::JoinHandle;
 pub mod daytona;
 pub mod e2b;
 mod faults;
+pub mod record;
 mod sandboxes;
 
 pub use daytona::DaytonaEmulator;
 pub use e2b::E2bEmulator;
 pub use faults::Faults;
+pub use record::{Exchange, Recorder};
 
-/// A server on a free port of 127.0.0.1, stopped when dropped.
+/// A server on a free port of 127.0.0.1, stopped when dropped; what passes
+/// through it can be recorded ([`Recorder`]).
 struct Server {
     addr: SocketAddr,
     task: JoinHandle<()>,
+    recorder: Arc<Recorder>,
 }
 
 impl Server {
     async fn start(router: Router) -> std::io::Result<Server> {
+        let recorder = Arc::new(Recorder::default());
+        let router = router.layer(axum::middleware::from_fn_with_state(
+            recorder.clone(),
+            record::tap,
+        ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
@@ -41,7 +51,11 @@ impl Server {
                 tracing::warn!(error = %err, "emulator server failed");
             }
         });
-        Ok(Server { addr, task })
+        Ok(Server {
+            addr,
+            task,
+            recorder,
+        })
     }
 
     fn url(&self) -> String {

@@ -465,11 +465,9 @@ impl Provider for E2bProvider {
                 && let Some(sandbox) = found.into_iter().next()
             {
                 tracing::info!(sandbox_id = %sandbox.sandbox_id, "e2b create answer lost: adopting the sandbox it made");
-                let access = EnvdAccess::new(
-                    sandbox.envd_access_token.clone(),
-                    sandbox.envd_version.as_deref(),
-                );
-                self.remember_envd(&sandbox.sandbox_id, access);
+                // A listed sandbox carries no envd token (`ListedSandbox`):
+                // the first command asks for it (`GET /sandboxes/{id}`).
+                self.forget_envd(&sandbox.sandbox_id);
                 return Ok(sandbox.into_info());
             }
         }
