@@ -61,6 +61,19 @@ where
 
 pub use corral_provider::local::processes_with_cmdline;
 
+/// An HTTP client for tests: no request waits longer than a minute (a
+/// streamed answer included), no connection longer than 5 s.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("an HTTP client should build")
+}
+
+/// Most pages a test reads before deciding the paging never ends.
+pub const MAX_PAGES: usize = 1000;
+
 /// A number for a test's unique `sleep N` command lines, so a check by
 /// command line finds this test's processes and no other's.
 pub fn unique_secs() -> u32 {
@@ -152,8 +165,23 @@ impl TestEnv {
         TestEnv::with_nats(&nats_url()).await
     }
 
+    /// Logs of in-process services go through the test harness's capture:
+    /// shown for a failing test, never for a passing one.
+    fn capture_logs() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        });
+    }
+
     /// A test environment on a NATS server of the test's own.
     pub async fn with_nats(nats_url: &str) -> TestEnv {
+        TestEnv::capture_logs();
         let suffix = random_suffix();
         let prefix = format!("t{suffix}");
         let db_name = format!("corral_test_{suffix}");
@@ -256,6 +284,21 @@ impl TestEnv {
         InProcess { token, join }
     }
 
+    /// Sends a child process's output to a log file of this test's
+    /// (`<home>/logs/<name>-<n>.log`), printed if the test fails.
+    pub fn log_to_file(&self, command: &mut tokio::process::Command, name: &str) {
+        let logs = self.home.join("logs");
+        let _ = std::fs::create_dir_all(&logs);
+        let path = logs.join(format!("{name}-{}.log", random_suffix()));
+        match std::fs::File::create(&path) {
+            Ok(file) => {
+                let stderr = file.try_clone().map(Stdio::from).unwrap_or(Stdio::null());
+                command.stdout(file).stderr(stderr);
+            }
+            Err(err) => eprintln!("no log file {}: {err}", path.display()),
+        }
+    }
+
     /// Starts `corral serve <service>` as a real process with this test's
     /// prefix, database and sandbox directory, plus `extra` env.
     pub fn spawn_service_process(
@@ -273,6 +316,7 @@ impl TestEnv {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        self.log_to_file(&mut command, service);
         for (key, value) in extra {
             command.env(key, value);
         }
@@ -387,6 +431,7 @@ impl TestEnv {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        self.log_to_file(&mut command, "spawner");
         for (key, value) in extra {
             command.env(key, value);
         }
@@ -475,29 +520,30 @@ impl TestEnv {
             .unwrap_or_else(|err| panic!("run {run_id} did not end: {err}"))
     }
 
-    /// Waits until the run is in `state`.
+    /// Waits until the run is in `state`, on the run's lifecycle subject;
+    /// fails at once if it ends first.
     pub async fn wait_state(
         &self,
         client: &Client,
         run_id: &str,
         state: corral_proto::v1::RunState,
     ) -> Run {
-        eventually(
-            &format!("run {run_id} reaches {}", state.name()),
-            Duration::from_secs(30),
-            || async {
-                let run = client.get(run_id).await.ok()?;
-                assert!(
-                    !run.state().is_terminal() || state.is_terminal(),
-                    "run {run_id} ended {} ({}) before reaching {}",
-                    run.state().name(),
-                    run.reason,
-                    state.name()
-                );
-                (run.state() == state).then_some(run)
-            },
-        )
-        .await
+        let limit = Duration::from_secs(30);
+        let run = client
+            .wait_until(run_id, limit, |run| {
+                run.state() == state || run.state().is_terminal()
+            })
+            .await
+            .unwrap_or_else(|err| panic!("run {run_id} never reached {}: {err}", state.name()));
+        assert_eq!(
+            run.state(),
+            state,
+            "run {run_id} ended {} ({}) before reaching {}",
+            run.state().name(),
+            run.reason,
+            state.name()
+        );
+        run
     }
 
     /// Every message on a stream subject, for assertions.
@@ -622,6 +668,33 @@ impl TestEnv {
         }
         self.local_provider().release_control_groups();
         let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+/// A failing test prints the logs of the processes it started (a passing
+/// one removed them with its home in [`TestEnv::cleanup`]).
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.home.join("logs")) else {
+            return;
+        };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+        paths.sort();
+        for path in paths {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let shown = &lines[lines.len().saturating_sub(200)..];
+            eprintln!(
+                "---- {} (last {} of {} lines) ----\n{}",
+                path.display(),
+                shown.len(),
+                lines.len(),
+                shown.join("\n")
+            );
+        }
     }
 }
 

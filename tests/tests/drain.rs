@@ -9,7 +9,7 @@ use corral_tests::{TestEnv, corral_bin, eventually};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spawner_given_sigterm_drains_its_runs_and_says_so() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;

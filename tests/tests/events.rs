@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 const LIMIT: Duration = Duration::from_secs(60);
 
 async fn post(url: &str, run_id: &str, token: Option<&str>, body: String) -> (StatusCode, Value) {
-    let mut request = reqwest::Client::new()
+    let mut request = corral_tests::http()
         .post(format!("{url}/v1/runs/{run_id}/events"))
         .header("content-type", "application/json")
         .body(body);
@@ -42,7 +42,7 @@ fn tool_use(i: usize) -> Value {
     json!({ "kind": "agent.tool_use", "seq": i, "event_id": format!("e-{i}"), "data": { "tool": "Bash", "input": { "i": i } } })
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_scoped_to_their_run_and_bad_input_is_refused_with_the_field() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -124,7 +124,7 @@ async fn tokens_are_scoped_to_their_run_and_bad_input_is_refused_with_the_field(
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_over_http_and_nats_are_stored_once_and_read_back_in_pages() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -206,12 +206,13 @@ async fn duplicates_over_http_and_nats_are_stored_once_and_read_back_in_pages() 
 
     // Cursor pages: 4 + 4 + 2, no gap, no duplicate (pages are served up
     // to the settled watermark: read again until the acks have landed).
-    let http = reqwest::Client::new();
+    let http = corral_tests::http();
     let (seen, sizes) = eventually("ten events served in pages", LIMIT, || async {
         let mut after = 0;
         let mut seen = Vec::new();
         let mut sizes = Vec::new();
-        loop {
+        for page_read in 0.. {
+            assert!(page_read < corral_tests::MAX_PAGES, "the pages never end");
             let page: Value = http
                 .get(format!("{url}/v1/runs/run-d/events?after={after}&limit=4"))
                 .send()
@@ -243,7 +244,7 @@ async fn duplicates_over_http_and_nats_are_stored_once_and_read_back_in_pages() 
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_tail_continues_a_cursor_with_no_gap_and_no_duplicate() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -264,7 +265,7 @@ async fn the_live_tail_continues_a_cursor_with_no_gap_and_no_duplicate() {
     .await;
     let cursor = rows[1].1; // after the second event
 
-    let response = reqwest::Client::new()
+    let response = corral_tests::http()
         .get(format!("{url}/v1/runs/run-t/events/stream?after={cursor}"))
         .send()
         .await
@@ -304,7 +305,7 @@ async fn the_live_tail_continues_a_cursor_with_no_gap_and_no_duplicate() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_analytics_consumers_each_receive_every_event() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -362,7 +363,7 @@ async fn two_analytics_consumers_each_receive_every_event() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_event_is_stored_exactly_once_across_a_sigkilled_ingest() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -392,7 +393,7 @@ async fn every_accepted_event_is_stored_exactly_once_across_a_sigkilled_ingest()
             .iter()
             .map(|e| e["event_id"].as_str().unwrap_or_default().to_owned())
             .collect();
-        let response = reqwest::Client::new()
+        let response = corral_tests::http()
             .post(format!("{url}/v1/runs/run-k/events"))
             .bearer_auth(&token)
             .json(&batch)
@@ -437,7 +438,7 @@ async fn every_accepted_event_is_stored_exactly_once_across_a_sigkilled_ingest()
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_event_is_stored_exactly_once_across_a_postgres_restart() {
     let env = TestEnv::new().await;
     let postgres = corral_tests::PrivatePostgres::start();
@@ -449,7 +450,7 @@ async fn every_accepted_event_is_stored_exactly_once_across_a_postgres_restart()
     let url = format!("http://127.0.0.1:{}", bound.port());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let ingest = tokio::spawn(bound.run(shutdown.clone()));
-    let http = reqwest::Client::new();
+    let http = corral_tests::http();
     eventually("ingest is ready", LIMIT, || async {
         http.get(format!("{url}/readyz"))
             .send()
@@ -513,7 +514,7 @@ async fn every_accepted_event_is_stored_exactly_once_across_a_postgres_restart()
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_token_stops_working_when_the_run_ends() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -596,9 +597,9 @@ async fn publish_event(
 
 /// Reads every page from `after`; returns the cursors read and the last.
 async fn read_pages(url: &str, run_id: &str, mut after: i64) -> (Vec<i64>, i64) {
-    let http = reqwest::Client::new();
+    let http = corral_tests::http();
     let mut cursors = Vec::new();
-    loop {
+    for _ in 0..corral_tests::MAX_PAGES {
         let page: Value = http
             .get(format!(
                 "{url}/v1/runs/{run_id}/events?after={after}&limit=7"
@@ -618,6 +619,10 @@ async fn read_pages(url: &str, run_id: &str, mut after: i64) -> (Vec<i64>, i64) 
         }
         after = page["next_after"].as_i64().expect("next_after");
     }
+    panic!(
+        "the pages of {run_id} never end ({} pages read)",
+        corral_tests::MAX_PAGES
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -695,12 +700,12 @@ async fn pages_have_no_gap_while_three_ingests_commit_out_of_order() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wildcard_run_id_in_a_path_is_refused_not_read() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
     let (ingest, url) = env.start_ingest().await;
-    let http = reqwest::Client::new();
+    let http = corral_tests::http();
     for (run_id, encoded) in [("*", "%2A"), (">", "%3E"), ("a.b", "a.b")] {
         for path in ["events", "events/stream"] {
             let response = http
@@ -721,6 +726,107 @@ async fn a_wildcard_run_id_in_a_path_is_refused_not_read() {
             );
         }
     }
+    ingest.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+/// The `kind` filter of a page, a tail resumed by `Last-Event-ID`, and what
+/// ingest answers while its NATS server is down (killed, not simulated):
+/// 503 on a post and on `/readyz`, then 202 again once it is back, with
+/// every accepted event stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kind_filter_last_event_id_and_503_while_nats_is_down() {
+    let mut nats = corral_tests::PrivateNats::start();
+    let env = TestEnv::with_nats(&nats.url()).await;
+    let tracker = env.start_tracker().await;
+    let (ingest, url) = env.start_ingest().await;
+    let token = env.token("run-k");
+    let error = |i: usize| json!({ "kind": "agent.error", "seq": i, "event_id": format!("e-{i}"), "data": { "message": "oops" } });
+    for i in 1..=5 {
+        let event = if i % 2 == 0 { error(i) } else { tool_use(i) };
+        let (status, body) = post(&url, "run-k", Some(&token), event.to_string()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let rows = eventually("five stored", LIMIT, || async {
+        let rows = stored(&env, "run-k").await;
+        (rows.len() == 5).then_some(rows)
+    })
+    .await;
+    let http = corral_tests::http();
+
+    let page: Value = http
+        .get(format!("{url}/v1/runs/run-k/events?kind=agent.tool_use"))
+        .send()
+        .await
+        .expect("a page")
+        .json()
+        .await
+        .expect("page json");
+    let ids: Vec<&str> = page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(ids, ["e-1", "e-3", "e-5"]);
+
+    // A reconnecting EventSource names the last id it saw.
+    let response = http
+        .get(format!("{url}/v1/runs/run-k/events/stream"))
+        .header("Last-Event-ID", rows[2].1.to_string())
+        .send()
+        .await
+        .expect("tail");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.bytes_stream();
+    let mut tail = Vec::new();
+    let mut buffer = String::new();
+    tokio::time::timeout(LIMIT, async {
+        while tail.len() < 2 {
+            let chunk = body.next().await.expect("stream open").expect("chunk");
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let frame: String = buffer.drain(..end + 2).collect();
+                if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data:")) {
+                    let event: Value = serde_json::from_str(data.trim()).expect("event json");
+                    tail.push(event["event_id"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+        }
+    })
+    .await
+    .expect("the tail resumed after the third event");
+    assert_eq!(tail, ["e-4", "e-5"]);
+    drop(body);
+
+    nats.stop();
+    eventually("readyz says 503 while NATS is down", LIMIT, || async {
+        let response = http.get(format!("{url}/readyz")).send().await.ok()?;
+        (response.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+    let (status, body) = post(&url, "run-k", Some(&token), tool_use(6).to_string()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+
+    nats.start_again();
+    eventually("a post is accepted once NATS is back", LIMIT, || async {
+        let (status, _) = post(&url, "run-k", Some(&token), tool_use(7).to_string()).await;
+        (status == StatusCode::ACCEPTED).then_some(())
+    })
+    .await;
+    // A 503 asks the agent to send again; what NATS held for the refused
+    // post may still arrive, and is stored once at most (its id).
+    let rows = eventually("the accepted event stored", LIMIT, || async {
+        let rows = stored(&env, "run-k").await;
+        rows.iter().any(|(id, _)| id == "e-7").then_some(rows)
+    })
+    .await;
+    assert!(
+        rows.iter().filter(|(id, _)| id == "e-6").count() <= 1,
+        "{rows:?}"
+    );
+
     ingest.stop().await;
     tracker.stop().await;
     env.cleanup().await;

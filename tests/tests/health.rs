@@ -15,7 +15,7 @@ fn free_addr() -> String {
 }
 
 async fn get(addr: &str, path: &str) -> Option<(StatusCode, String)> {
-    let response = reqwest::Client::new()
+    let response = corral_tests::http()
         .get(format!("http://{addr}{path}"))
         .timeout(Duration::from_secs(5))
         .send()

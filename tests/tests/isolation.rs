@@ -72,7 +72,7 @@ async fn none_left(needles: &[String], after: &str) {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_ends_every_process_of_the_agent_however_it_detached() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -97,7 +97,7 @@ async fn a_stop_ends_every_process_of_the_agent_however_it_detached() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_ends_every_process_of_the_agent_however_it_detached() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -117,7 +117,7 @@ async fn a_timeout_ends_every_process_of_the_agent_however_it_detached() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reaper_ends_every_process_of_a_dead_owners_agent() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -141,7 +141,7 @@ async fn the_reaper_ends_every_process_of_a_dead_owners_agent() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_sees_only_its_own_sandbox() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -247,7 +247,7 @@ async fn an_agent_sees_only_its_own_sandbox() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_bomb_is_contained_and_stopped_within_the_grace() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -300,7 +300,7 @@ async fn a_fork_bomb_is_contained_and_stopped_within_the_grace() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_hog_is_held_to_its_limit_and_stoppable() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -356,7 +356,7 @@ async fn host_pid_of(needle: &str) -> i32 {
     .await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_freezes_a_detached_process_and_resume_thaws_it() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -399,7 +399,7 @@ async fn pause_freezes_a_detached_process_and_resume_thaws_it() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spawner_that_cannot_isolate_refuses_to_start_and_names_the_setting() {
     let env = TestEnv::new().await;
     // Not root: no namespaces with an unprivileged agent user.
@@ -428,7 +428,7 @@ async fn a_spawner_that_cannot_isolate_refuses_to_start_and_names_the_setting() 
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unisolated_run_says_so_in_its_record() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;

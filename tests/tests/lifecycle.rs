@@ -21,7 +21,7 @@ async fn history_len(env: &TestEnv, run_id: &str) -> usize {
     rows as usize
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tracker_killed_between_commit_and_announcement_loses_no_lifecycle_event() {
     let env = TestEnv::new().await;
     // A tracker process that dies (SIGKILL) right after its second commit,
@@ -88,7 +88,7 @@ async fn a_tracker_killed_between_commit_and_announcement_loses_no_lifecycle_eve
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_restart_mid_flow_loses_and_repeats_no_lifecycle_event() {
     let mut nats = PrivateNats::start();
     let env = TestEnv::with_nats(&nats.url()).await;

@@ -78,7 +78,7 @@ async fn smoke(provider: &dyn Provider) {
     println!("live smoke test passed against {}", provider.name());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2b_live_smoke() {
     let Some(api_key) = key("E2B_API_KEY") else {
         println!("e2b live smoke test skipped: set E2B_API_KEY to run it");
@@ -92,7 +92,7 @@ async fn e2b_live_smoke() {
     smoke(&provider).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daytona_live_smoke() {
     let Some(api_key) = key("DAYTONA_API_KEY") else {
         println!("daytona live smoke test skipped: set DAYTONA_API_KEY to run it");

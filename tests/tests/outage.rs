@@ -149,7 +149,7 @@ async fn owned_running(client: &corral_client::Client, env: &TestEnv, owner: &st
     command.run_id
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn most_spawners_silent_at_once_get_the_disruption_grace_one_does_not() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;

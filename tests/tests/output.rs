@@ -138,7 +138,7 @@ async fn refuse_new_messages(
     (stream, info.config, info.state.messages)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_the_stream_refuses_for_a_while_is_sent_again_until_it_lands() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -185,7 +185,7 @@ async fn output_the_stream_refuses_for_a_while_is_sent_again_until_it_lands() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_past_the_spawners_buffer_are_dropped_counted_and_announced() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;

@@ -30,7 +30,7 @@ fn kept(env: &TestEnv, argv: &[&str], provider: &str) -> RunCommand {
     command
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_e2b_session_pauses_resumes_and_replaces_an_expired_sandbox_once() {
     let env = TestEnv::new().await;
     let emulator = E2bEmulator::start(&env.home.join("e2b"))
@@ -108,7 +108,7 @@ async fn an_e2b_session_pauses_resumes_and_replaces_an_expired_sandbox_once() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daytona_sandbox_auto_deleted_is_replaced_and_a_stop_between_turns_deletes_it() {
     let env = TestEnv::new().await;
     let emulator = DaytonaEmulator::start(&env.home.join("daytona"))
@@ -165,7 +165,7 @@ async fn a_daytona_sandbox_auto_deleted_is_replaced_and_a_stop_between_turns_del
 /// emulator loses create responses (the sandbox exists, the spawner never
 /// learns its id) and answers 503s. In the end E2B and the records agree
 /// exactly.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphan_chaos_against_e2b_ends_in_exact_agreement() {
     let env = TestEnv::new().await;
     let emulator = E2bEmulator::start(&env.home.join("e2b"))

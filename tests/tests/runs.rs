@@ -2,14 +2,14 @@
 
 use std::time::Duration;
 
-use corral_proto::v1::{AgentEvent, RunCommand, RunState, agent_event};
+use corral_proto::v1::{AgentEvent, ListRunsRequest, RunCommand, RunState, agent_event};
 use corral_provider::{LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, Provider};
 use corral_tests::{SHARED_IN_SANDBOX, TestEnv, eventually};
 use prost::Message;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_that_prints_and_exits_zero_completes_with_its_output_events() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -87,7 +87,7 @@ async fn a_run_that_prints_and_exits_zero_completes_with_its_output_events() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_that_exits_three_fails_with_exit_code_three() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -112,7 +112,7 @@ async fn a_run_that_exits_three_fails_with_exit_code_three() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_id_published_twice_creates_one_run_and_one_sandbox() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -162,7 +162,7 @@ async fn a_run_id_published_twice_creates_one_run_and_one_sandbox() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_invalid_commands_are_dead_lettered_while_a_good_one_behind_them_completes() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -259,7 +259,7 @@ async fn malformed_and_invalid_commands_are_dead_lettered_while_a_good_one_behin
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_spawner_processes_share_a_burst_of_fifty_runs_each_run_executed_once() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -304,7 +304,7 @@ async fn two_spawner_processes_share_a_burst_of_fifty_runs_each_run_executed_onc
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spawner_restarted_after_sigkill_runs_again_and_what_the_killed_one_left_is_ended() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -364,7 +364,7 @@ async fn a_spawner_restarted_after_sigkill_runs_again_and_what_the_killed_one_le
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tracker_answers_a_malformed_request_or_an_unknown_op_with_an_error_that_says_so() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -442,5 +442,92 @@ async fn commands_published_while_the_tracker_is_down_all_run_once_it_is_back() 
 
     spawner.stop().await;
     drop(tracker);
+    env.cleanup().await;
+}
+
+/// `list`: newest first, filtered by state, paged by `before_run_id`
+/// without a run lost or repeated across pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_newest_first_and_filters_by_state() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner().await;
+    let client = env.client().await;
+    let mut completed = Vec::new();
+    for _ in 0..3 {
+        let command = env.command(&["true"]);
+        client.start_run(&command).await.expect("submit");
+        let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+        assert_eq!(run.state(), RunState::Completed, "{}", run.reason);
+        completed.push(command.run_id);
+    }
+    spawner.stop().await;
+    let mut pending = Vec::new();
+    for _ in 0..3 {
+        let command = env.command(&["true"]);
+        client.submit(&command).await.expect("submit");
+        pending.push(command.run_id);
+    }
+    let newest_first = |ids: &[String]| ids.iter().rev().cloned().collect::<Vec<_>>();
+    let ids =
+        |runs: Vec<corral_proto::v1::Run>| runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>();
+
+    // Every run, four a page.
+    let mut seen = Vec::new();
+    let mut before = String::new();
+    for page in 0.. {
+        assert!(page < corral_tests::MAX_PAGES, "the pages never end");
+        let runs = client
+            .list(&ListRunsRequest {
+                limit: 4,
+                before_run_id: before.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        if runs.is_empty() {
+            break;
+        }
+        assert!(runs.len() <= 4, "a page larger than its limit");
+        before = runs.last().expect("a run").run_id.clone();
+        seen.extend(ids(runs));
+    }
+    let mut all = completed.clone();
+    all.extend(pending.clone());
+    assert_eq!(seen, newest_first(&all));
+
+    // One state, two a page.
+    let pending_state = [RunState::Pending as i32].to_vec();
+    let first = client
+        .list(&ListRunsRequest {
+            states: pending_state.clone(),
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    let last = first.last().expect("a run").run_id.clone();
+    let second = client
+        .list(&ListRunsRequest {
+            states: pending_state,
+            limit: 2,
+            before_run_id: last,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    let mut listed = ids(first);
+    listed.extend(ids(second));
+    assert_eq!(listed, newest_first(&pending));
+    let done = client
+        .list(&ListRunsRequest {
+            states: vec![RunState::Completed as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(ids(done), newest_first(&completed));
+
+    tracker.stop().await;
     env.cleanup().await;
 }

@@ -48,7 +48,7 @@ async fn stop_and_check(env: &TestEnv, client: &Client, run_id: &str, pid: i32) 
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_continued_turn_runs_in_the_same_sandbox_with_the_session_id() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -153,7 +153,7 @@ async fn a_continued_turn_runs_in_the_same_sandbox_with_the_session_id() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_freezes_the_sandbox_and_continue_resumes_it() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -199,7 +199,7 @@ async fn pause_freezes_the_sandbox_and_continue_resumes_it() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reaper_pauses_a_run_idle_past_its_window() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -228,7 +228,7 @@ async fn the_reaper_pauses_a_run_idle_past_its_window() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_killed_behind_corrals_back_is_replaced_once_and_the_session_cleared() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -312,7 +312,7 @@ async fn a_sandbox_killed_behind_corrals_back_is_replaced_once_and_the_session_c
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cost_matches_the_recorded_intervals() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -439,7 +439,7 @@ async fn cost_matches_the_recorded_intervals() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spawner_shutting_down_interrupts_the_turn_and_keeps_the_session() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -480,7 +480,7 @@ async fn a_spawner_shutting_down_interrupts_the_turn_and_keeps_the_session() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_killed_outright_fails_the_turn_not_the_session() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;

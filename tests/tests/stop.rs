@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use corral_client::RunUpdate;
 use corral_proto::v1::{RunState, StopCommand, stop_reply::Outcome};
@@ -33,7 +33,11 @@ fn assert_sandbox_gone(env: &TestEnv, sandbox_id: &str) {
     );
 }
 
-#[tokio::test]
+/// What a bound measured by the system's own times allows beyond the
+/// promise, for a loaded 2-core machine.
+const SLACK: Duration = Duration::from_secs(4);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corral_stop_from_a_fourth_process_stops_runs_whichever_of_three_spawners_owns_them() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -108,7 +112,7 @@ async fn corral_stop_from_a_fourth_process_stops_runs_whichever_of_three_spawner
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_traps_sigterm_is_killed_after_the_grace() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -136,23 +140,24 @@ async fn an_agent_that_traps_sigterm_is_killed_after_the_grace() {
     .await
     .expect("the agent should say ready");
 
-    let started = Instant::now();
     let (outcome, _) = client
         .stop(&stop_command(&command.run_id, "stubborn"))
         .await
         .expect("stop");
     assert_eq!(outcome, Outcome::Accepted);
     let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
-    let took = started.elapsed();
     assert_eq!(run.state(), RunState::Stopped);
     assert_eq!(run.reason, "stubborn");
+    // Measured by the tracker's own times (stop recorded, run ended), with
+    // room for a loaded machine: the speed is `corral bench stop`'s.
+    let took = Duration::from_millis((run.finished_at_ms - run.stop_requested_at_ms) as u64);
     assert!(
         took >= Duration::from_millis(500),
         "SIGKILL came before the grace: {took:?}"
     );
     assert!(
-        took < Duration::from_millis(1500),
-        "gone within grace + 1 s, took {took:?}"
+        took < Duration::from_millis(500) + SLACK,
+        "gone within the grace (+ {SLACK:?} for load), took {took:?}"
     );
     assert_sandbox_gone(&env, &run.sandbox_id);
 
@@ -161,7 +166,7 @@ async fn an_agent_that_traps_sigterm_is_killed_after_the_grace() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_while_pending_means_the_run_never_boots() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -208,7 +213,7 @@ async fn a_stop_while_pending_means_the_run_never_boots() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_while_booting_kills_the_new_sandbox_and_the_run_never_runs() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -235,16 +240,18 @@ async fn a_stop_while_booting_kills_the_new_sandbox_and_the_run_never_runs() {
             .exists()
     );
 
-    let started = Instant::now();
     let (outcome, _) = client
         .stop(&stop_command(&command.run_id, "too slow"))
         .await
         .expect("stop");
     assert_eq!(outcome, Outcome::Accepted);
     let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    // The boot takes 30 s: ending well before it proves the stop did not
+    // wait for it.
+    let took = Duration::from_millis((run.finished_at_ms - run.stop_requested_at_ms) as u64);
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "the stop did not wait for the boot"
+        took < Duration::from_secs(15),
+        "the stop waited for the boot: {took:?}"
     );
     assert_eq!(run.state(), RunState::Stopped);
     assert_eq!(run.running_at_ms, 0, "never reached running");
@@ -295,7 +302,7 @@ fn git_run(env: &TestEnv, linger: &str) -> corral_proto::v1::RunCommand {
     command
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finalize_pushes_only_runs_that_completed_without_a_stop() {
     let env = TestEnv::new().await;
     let tracker = env.start_tracker().await;
@@ -445,7 +452,7 @@ async fn finalize_pushes_only_runs_that_completed_without_a_stop() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_published_before_its_run_is_known_still_prevents_the_boot() {
     use prost::Message;
     let env = TestEnv::new().await;

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 const LIMIT: Duration = Duration::from_secs(60);
 
 async fn post(url: &str, run_id: &str, token: &str, body: Value) -> (StatusCode, Value) {
-    let response = reqwest::Client::new()
+    let response = corral_tests::http()
         .post(format!("{url}/v1/runs/{run_id}/events"))
         .bearer_auth(token)
         .json(&body)
@@ -27,7 +27,7 @@ async fn post(url: &str, run_id: &str, token: &str, body: Value) -> (StatusCode,
 
 /// Every event of the run the HTTP API serves, oldest first (bounded pages).
 async fn served(url: &str, run_id: &str) -> Vec<Value> {
-    let http = reqwest::Client::new();
+    let http = corral_tests::http();
     let mut after = 0;
     let mut all = Vec::new();
     for _ in 0..100 {

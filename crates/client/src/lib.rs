@@ -285,32 +285,36 @@ impl Client {
     /// Waits until the run is terminal. Uses the lifecycle subject and, as a
     /// backstop against a missed message, asks the tracker every second.
     pub async fn wait_terminal(&self, run_id: &str, limit: Duration) -> Result<Run, ClientError> {
+        self.wait_until(run_id, limit, |run| run.state().is_terminal())
+            .await
+    }
+
+    /// Waits until the tracker's record of the run satisfies `done`: read
+    /// again each time the run's lifecycle moves (its lifecycle subject),
+    /// and every second as a backstop against a missed message.
+    pub async fn wait_until(
+        &self,
+        run_id: &str,
+        limit: Duration,
+        done: impl Fn(&Run) -> bool,
+    ) -> Result<Run, ClientError> {
         let mut watch = self.watch(run_id).await?;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let run = self.get(run_id).await?;
-            if run.state().is_terminal() {
+            if done(&run) {
                 return Ok(run);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Timeout(limit, run_id.to_owned()));
             }
             let tick = tokio::time::Instant::now() + Duration::from_secs(1);
             loop {
-                let wake = tick.min(deadline);
-                match tokio::time::timeout_at(wake, watch.next()).await {
-                    Ok(Some(RunUpdate::Lifecycle(event)))
-                        if RunState::try_from(event.to).is_ok_and(|s| s.is_terminal()) =>
-                    {
-                        break;
-                    }
+                match tokio::time::timeout_at(tick.min(deadline), watch.next()).await {
+                    Ok(Some(RunUpdate::Lifecycle(_))) => break,
                     Ok(Some(_)) => continue,
                     Ok(None) | Err(_) => break,
                 }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let run = self.get(run_id).await?;
-                if run.state().is_terminal() {
-                    return Ok(run);
-                }
-                return Err(ClientError::Timeout(limit, run_id.to_owned()));
             }
         }
     }
