@@ -558,3 +558,126 @@ async fn a_sweep_returns_every_live_run_past_the_size_of_one_reply() {
     tracker.stop().await;
     env.cleanup().await;
 }
+
+/// A running run's sandbox gone behind the back of an owner that cannot
+/// tell (frozen): the reaper fails it `sandbox_lost`, once. When the owner
+/// wakes and reports its agent's death, the run's end stands: the reaper
+/// ended it at the version it judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_gone_behind_a_frozen_owner_is_judged_lost_once() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.spawn_spawner_process(&[]).await;
+    let mut config = env.reaper_config();
+    // The frozen owner is judged lost 4 s after its last heartbeat; its
+    // sandbox, a second after it is found gone.
+    config.owner_timeout_ms = 4000;
+    let reaper_started = tokio::time::Instant::now();
+    let reaper = env.start_reaper_with(config).await;
+    let client = env.client().await;
+
+    let command = env.command(&["sleep", "300"]);
+    client.start_run(&command).await.expect("submit");
+    let running = env
+        .wait_state(&client, &command.run_id, RunState::Running)
+        .await;
+    // A reaper judges no sandbox lost before it has watched owners for an
+    // owner timeout and a sweep (its evidence rule): a time rule, waited
+    // out as such.
+    tokio::time::sleep_until(reaper_started + Duration::from_millis(4000 + 200 + 300)).await;
+    signal(spawner.pid(), libc::SIGSTOP);
+    env.local_provider()
+        .kill(&running.sandbox_id)
+        .await
+        .expect("the sandbox killed behind corral's back");
+
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    assert_eq!(
+        (run.state(), run.reason.as_str()),
+        (RunState::Failed, "sandbox_lost")
+    );
+    assert!(
+        last_actor(&env, &command.run_id)
+            .await
+            .starts_with("reaper:"),
+        "the reaper, not the frozen owner"
+    );
+
+    // The owner wakes, finds its agent gone and lets the run go.
+    let woke = corral_common::now_ms();
+    signal(spawner.pid(), libc::SIGCONT);
+    eventually("the woken owner holds no run", LIMIT, || async {
+        let spawners = client.spawners().await.ok()?;
+        let me = spawners
+            .into_iter()
+            .find(|s| s.spawner_id == spawner.spawner_id)?;
+        (me.heartbeat_at_ms > woke && me.owned_runs == 0).then_some(())
+    })
+    .await;
+    let after = client.get(&command.run_id).await.expect("get");
+    assert_eq!(
+        (after.state(), after.reason.as_str(), after.version),
+        (RunState::Failed, "sandbox_lost", run.version),
+        "the run's end stands"
+    );
+    let terminal: Vec<_> = env
+        .lifecycle(&command.run_id)
+        .await
+        .into_iter()
+        .filter(|(_, e)| RunState::try_from(e.to).is_ok_and(|s| s.is_terminal()))
+        .collect();
+    assert_eq!(terminal.len(), 1, "one end announced: {terminal:?}");
+
+    spawner.stop().await;
+    reaper.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+/// A boot that never finishes: past `boot_limit_ms` the reaper fails the
+/// run `stuck_boot` and kills the sandbox it was booting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boot_stuck_past_its_limit_is_failed_and_its_sandbox_killed() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let mut config = env.spawner_config();
+    // Longer than the boot limit (5 s), short enough for the spawner to
+    // finish it and stop at the end of the test.
+    config.boot_delay_ms = 15_000;
+    let spawner = env.start_spawner_with(config).await;
+    let reaper = env.start_reaper_with(env.reaper_config()).await;
+    let client = env.client().await;
+
+    let command = env.command(&["sleep", "300"]);
+    client.start_run(&command).await.expect("submit");
+    let booting = client
+        .wait_until(&command.run_id, LIMIT, |run| {
+            (run.state() == RunState::Booting && !run.sandbox_id.is_empty())
+                || run.state().is_terminal()
+        })
+        .await
+        .expect("the sandbox is recorded while booting");
+    assert_eq!(booting.state(), RunState::Booting);
+
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    assert_eq!(
+        (run.state(), run.reason.as_str()),
+        (RunState::Failed, "stuck_boot")
+    );
+    assert_eq!(run.running_at_ms, 0, "the agent never ran");
+    let waited = Duration::from_millis((run.finished_at_ms - run.booting_at_ms) as u64);
+    assert!(
+        waited >= Duration::from_millis(5000),
+        "failed before the boot limit: {waited:?}"
+    );
+    let sandboxes = env.home.join("sandboxes");
+    eventually("the booting sandbox is killed", LIMIT, || async {
+        (!sandboxes.join(&booting.sandbox_id).exists()).then_some(())
+    })
+    .await;
+
+    spawner.stop().await;
+    reaper.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}

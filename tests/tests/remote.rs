@@ -281,3 +281,114 @@ async fn orphan_chaos_against_e2b_ends_in_exact_agreement() {
     tracker.kill().await.ok();
     env.cleanup().await;
 }
+
+/// A stop while the provider is really in its create call: Daytona has
+/// made the sandbox and holds its answer. The run stops without ever
+/// running, and the sandbox the create made is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_slow_create_deletes_what_the_create_made() {
+    let env = TestEnv::new().await;
+    let emulator = DaytonaEmulator::start(&env.home.join("daytona"))
+        .await
+        .expect("emulator");
+    let tracker = env.start_tracker().await;
+    let mut config = env.spawner_config();
+    config.provider = "daytona".into();
+    config.daytona = DaytonaConfig {
+        api_url: emulator.url(),
+        api_key: "test-key".into(),
+        ..Default::default()
+    };
+    let spawner = env.start_spawner_with(config).await;
+    let client = env.client().await;
+
+    emulator.hold_creates(Duration::from_secs(3));
+    let mut command = env.command(&["sh", "-c", "sleep 300"]);
+    command.spec.as_mut().expect("spec").provider = "daytona".into();
+    client.start_run(&command).await.expect("submit");
+    eventually(
+        "Daytona made the sandbox and holds the answer",
+        LIMIT,
+        || async { (emulator.created() == 1).then_some(()) },
+    )
+    .await;
+    let booting = client.get(&command.run_id).await.expect("get");
+    assert_eq!(
+        booting.state(),
+        RunState::Booting,
+        "the create is in flight"
+    );
+
+    stop_run(&client, &command.run_id, "changed my mind").await;
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    assert_eq!(
+        (run.state(), run.reason.as_str()),
+        (RunState::Stopped, "changed my mind")
+    );
+    assert_eq!(run.running_at_ms, 0, "the agent never ran");
+    eventually("the sandbox the create made is deleted", LIMIT, || async {
+        emulator.sandbox_ids().is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(emulator.created(), 1, "one create, not retried");
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+/// A pause the provider refuses leaves the run idle (not paused, so not
+/// billed as paused) with its sandbox running, and the next turn runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_the_provider_refuses_goes_back_to_idle() {
+    let env = TestEnv::new().await;
+    let emulator = E2bEmulator::start(&env.home.join("e2b"))
+        .await
+        .expect("emulator");
+    let tracker = env.start_tracker().await;
+    let mut config = env.spawner_config();
+    config.provider = "e2b".into();
+    config.e2b = e2b_config(&emulator);
+    let spawner = env.start_spawner_with(config).await;
+    let client = env.client().await;
+
+    let command = kept(&env, &["true"], "e2b");
+    let run_id = command.run_id.clone();
+    client.start_run(&command).await.expect("start");
+    let first = idle_after(&client, &run_id, 1).await;
+
+    // Refused outright (403), as a key that lost the right would be.
+    emulator.faults().fail_next(1000, 403);
+    session(&client, &run_id, session_command::Action::Pause).await;
+    let back = eventually("the failed pause is undone", LIMIT, || async {
+        env.lifecycle(&run_id)
+            .await
+            .into_iter()
+            .map(|(_, event)| event)
+            .find(|event| event.reason == "pause failed")
+    })
+    .await;
+    emulator.faults().clear();
+    assert_eq!((back.from(), back.to()), (RunState::Paused, RunState::Idle));
+    let idle = released(&client, &run_id, RunState::Idle).await;
+    assert_eq!(idle.sandbox_id, first.sandbox_id);
+    let provider = E2bProvider::new(e2b_config(&emulator)).expect("provider");
+    let sandbox = provider
+        .list(&Labels::from([(LABEL_RUN_ID.to_owned(), run_id.clone())]))
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|s| s.id == first.sandbox_id)
+        .expect("the sandbox is still there");
+    assert!(!sandbox.paused, "the sandbox runs, as the record says");
+
+    continue_run(&client, &run_id, &["true"]).await;
+    let second = idle_after(&client, &run_id, 2).await;
+    assert_eq!(second.sandbox_id, first.sandbox_id);
+
+    stop_run(&client, &run_id, "done").await;
+    env.wait_terminal(&client, &run_id, LIMIT).await;
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}

@@ -531,3 +531,51 @@ async fn list_pages_newest_first_and_filters_by_state() {
     tracker.stop().await;
     env.cleanup().await;
 }
+
+/// A run naming a provider this spawner does not have is dead-lettered
+/// with a reason that names it, and the queue goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_naming_another_provider_is_dead_lettered_saying_which() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner().await;
+    let client = env.client().await;
+
+    let mut elsewhere = env.command(&["true"]);
+    elsewhere.spec.as_mut().expect("spec").provider = "e2b".into();
+    client.start_run(&elsewhere).await.expect("submit");
+    let good = env.command(&["true"]);
+    client.start_run(&good).await.expect("submit");
+    let run = env.wait_terminal(&client, &good.run_id, LIMIT).await;
+    assert_eq!(run.state(), RunState::Completed, "the queue goes on");
+
+    let dead = eventually("the command dead-lettered", LIMIT, || async {
+        let dead = env
+            .stream_messages(&env.subjects.dlq_stream(), &env.subjects.dlq("cmd"))
+            .await;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    let error = dead[0]
+        .headers
+        .get(corral_proto::headers::DLQ_ERROR)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    assert!(
+        error.contains("\"e2b\"") && error.contains("not configured"),
+        "{error}"
+    );
+    let command = RunCommand::decode(dead[0].payload.clone()).expect("the command, whole");
+    assert_eq!(command.run_id, elsewhere.run_id);
+    let pending = client.get(&elsewhere.run_id).await.expect("get");
+    assert!(
+        !pending.state().is_terminal(),
+        "not run here: {:?}",
+        pending.state()
+    );
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
