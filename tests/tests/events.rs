@@ -38,6 +38,33 @@ async fn stored(env: &TestEnv, run_id: &str) -> Vec<(String, i64)> {
     rows
 }
 
+/// The `event_id`s of the first `n` events of an SSE body, failing with
+/// `what` when they do not come within [`LIMIT`].
+async fn sse_event_ids<B: AsRef<[u8]>>(
+    body: &mut (impl futures::Stream<Item = reqwest::Result<B>> + Unpin),
+    n: usize,
+    what: &str,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut buffer = String::new();
+    tokio::time::timeout(LIMIT, async {
+        while ids.len() < n {
+            let chunk = body.next().await.expect("stream open").expect("chunk");
+            buffer.push_str(&String::from_utf8_lossy(chunk.as_ref()));
+            while let Some(end) = buffer.find("\n\n") {
+                let frame: String = buffer.drain(..end + 2).collect();
+                if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data:")) {
+                    let event: Value = serde_json::from_str(data.trim()).expect("event json");
+                    ids.push(event["event_id"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out after {LIMIT:?}: {what}"));
+    ids
+}
+
 fn tool_use(i: usize) -> Value {
     json!({ "kind": "agent.tool_use", "seq": i, "event_id": format!("e-{i}"), "data": { "tool": "Bash", "input": { "i": i } } })
 }
@@ -280,23 +307,7 @@ async fn the_live_tail_continues_a_cursor_with_no_gap_and_no_duplicate() {
             }
         })
     };
-    let mut ids = Vec::new();
-    let mut buffer = String::new();
-    tokio::time::timeout(LIMIT, async {
-        while ids.len() < 8 {
-            let chunk = body.next().await.expect("stream open").expect("chunk");
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buffer.find("\n\n") {
-                let frame: String = buffer.drain(..end + 2).collect();
-                if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data:")) {
-                    let event: Value = serde_json::from_str(data.trim()).expect("event json");
-                    ids.push(event["event_id"].as_str().unwrap_or_default().to_owned());
-                }
-            }
-        }
-    })
-    .await
-    .expect("eight events on the tail");
+    let ids = sse_event_ids(&mut body, 8, "eight events on the tail").await;
     poster.await.expect("poster");
     assert_eq!(ids, (3..=10).map(|i| format!("e-{i}")).collect::<Vec<_>>());
     drop(body);
@@ -408,6 +419,17 @@ async fn every_accepted_event_is_stored_exactly_once_across_a_sigkilled_ingest()
             unsafe { libc::kill(ingest.id().expect("pid") as i32, libc::SIGKILL) };
             let _ = ingest.wait().await;
             ingest = start();
+            // The posts go on once the new process listens: what is
+            // measured is what it stores, not how fast it starts.
+            eventually("the restarted ingest is ready", LIMIT, || async {
+                let response = corral_tests::http()
+                    .get(format!("{url}/readyz"))
+                    .send()
+                    .await
+                    .ok()?;
+                response.status().is_success().then_some(())
+            })
+            .await;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -780,23 +802,7 @@ async fn kind_filter_last_event_id_and_503_while_nats_is_down() {
         .expect("tail");
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.bytes_stream();
-    let mut tail = Vec::new();
-    let mut buffer = String::new();
-    tokio::time::timeout(LIMIT, async {
-        while tail.len() < 2 {
-            let chunk = body.next().await.expect("stream open").expect("chunk");
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buffer.find("\n\n") {
-                let frame: String = buffer.drain(..end + 2).collect();
-                if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data:")) {
-                    let event: Value = serde_json::from_str(data.trim()).expect("event json");
-                    tail.push(event["event_id"].as_str().unwrap_or_default().to_owned());
-                }
-            }
-        }
-    })
-    .await
-    .expect("the tail resumed after the third event");
+    let tail = sse_event_ids(&mut body, 2, "the tail resumed after the third event").await;
     assert_eq!(tail, ["e-4", "e-5"]);
     drop(body);
 

@@ -24,6 +24,27 @@ fn e2b_config(emulator: &E2bEmulator) -> E2bConfig {
     }
 }
 
+/// This test's spawner configuration with the E2B provider on the emulator.
+fn e2b_spawner(env: &TestEnv, emulator: &E2bEmulator) -> corral_spawner::Config {
+    let mut config = env.spawner_config();
+    config.provider = "e2b".into();
+    config.e2b = e2b_config(emulator);
+    config
+}
+
+/// This test's spawner configuration with the Daytona provider on the
+/// emulator.
+fn daytona_spawner(env: &TestEnv, emulator: &DaytonaEmulator) -> corral_spawner::Config {
+    let mut config = env.spawner_config();
+    config.provider = "daytona".into();
+    config.daytona = DaytonaConfig {
+        api_url: emulator.url(),
+        api_key: "test-key".into(),
+        ..Default::default()
+    };
+    config
+}
+
 fn kept(env: &TestEnv, argv: &[&str], provider: &str) -> RunCommand {
     let mut command = env.kept(argv);
     command.spec.as_mut().expect("spec").provider = provider.into();
@@ -37,10 +58,7 @@ async fn an_e2b_session_pauses_resumes_and_replaces_an_expired_sandbox_once() {
         .await
         .expect("emulator");
     let tracker = env.start_tracker().await;
-    let mut config = env.spawner_config();
-    config.provider = "e2b".into();
-    config.e2b = e2b_config(&emulator);
-    let spawner = env.start_spawner_with(config).await;
+    let spawner = env.start_spawner_with(e2b_spawner(&env, &emulator)).await;
     let client = env.client().await;
 
     // Slow and flaky, as a real API is: every call still lands.
@@ -115,14 +133,9 @@ async fn a_daytona_sandbox_auto_deleted_is_replaced_and_a_stop_between_turns_del
         .await
         .expect("emulator");
     let tracker = env.start_tracker().await;
-    let mut config = env.spawner_config();
-    config.provider = "daytona".into();
-    config.daytona = DaytonaConfig {
-        api_url: emulator.url(),
-        api_key: "test-key".into(),
-        ..Default::default()
-    };
-    let spawner = env.start_spawner_with(config).await;
+    let spawner = env
+        .start_spawner_with(daytona_spawner(&env, &emulator))
+        .await;
     let client = env.client().await;
 
     emulator.faults().fail_next(1, 502);
@@ -292,14 +305,9 @@ async fn a_stop_during_a_slow_create_deletes_what_the_create_made() {
         .await
         .expect("emulator");
     let tracker = env.start_tracker().await;
-    let mut config = env.spawner_config();
-    config.provider = "daytona".into();
-    config.daytona = DaytonaConfig {
-        api_url: emulator.url(),
-        api_key: "test-key".into(),
-        ..Default::default()
-    };
-    let spawner = env.start_spawner_with(config).await;
+    let spawner = env
+        .start_spawner_with(daytona_spawner(&env, &emulator))
+        .await;
     let client = env.client().await;
 
     emulator.hold_creates(Duration::from_secs(3));
@@ -346,10 +354,7 @@ async fn a_pause_the_provider_refuses_goes_back_to_idle() {
         .await
         .expect("emulator");
     let tracker = env.start_tracker().await;
-    let mut config = env.spawner_config();
-    config.provider = "e2b".into();
-    config.e2b = e2b_config(&emulator);
-    let spawner = env.start_spawner_with(config).await;
+    let spawner = env.start_spawner_with(e2b_spawner(&env, &emulator)).await;
     let client = env.client().await;
 
     let command = kept(&env, &["true"], "e2b");

@@ -9,6 +9,7 @@ use corral_client::RunUpdate;
 use corral_proto::v1::{RunState, StopCommand, stop_reply::Outcome};
 use corral_provider::{LocalProvider, Provider};
 use corral_tests::{TestEnv, corral_bin, eventually};
+use prost::Message;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -554,6 +555,97 @@ async fn a_stop_published_while_postgres_is_down_is_carried_out_at_once_and_reco
     assert!(dead.is_empty(), "the stop was not dead-lettered");
 
     spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+/// A finalize that fails fails the run, saying how, with its exit code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finalize_that_fails_fails_the_run_saying_how() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner().await;
+    let client = env.client().await;
+
+    let mut command = env.command(&["true"]);
+    command.spec.as_mut().expect("spec").finalize = "echo pushing; exit 4".into();
+    client.start_run(&command).await.expect("submit");
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    assert_eq!(
+        (run.state(), run.reason.as_str(), run.exit_code),
+        (RunState::Failed, "finalize failed: exit code 4", Some(4))
+    );
+    assert!(
+        env.output(&command.run_id)
+            .await
+            .contains(&"pushing".to_owned()),
+        "finalize's output is the run's"
+    );
+
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+/// Stops that retrying cannot fix (a payload that is no StopCommand, one
+/// naming another run than its subject) are dead-lettered with a reason;
+/// the stop behind them is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_stops_are_dead_lettered_and_the_next_is_recorded() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let client = env.client().await;
+    let command = env.command(&["true"]);
+    client.submit(&command).await.expect("submit");
+    let js = client.jetstream();
+    let garbage = js
+        .publish(env.subjects.cmd_stop("run-x"), vec![0xff, 0x01].into())
+        .await
+        .expect("publish");
+    garbage.await.expect("ack");
+    let mismatched = stop_command("run-y", "wrong subject").encode_to_vec();
+    js.publish(env.subjects.cmd_stop("run-z"), mismatched.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let good = stop_command(&command.run_id, "changed my mind").encode_to_vec();
+    js.publish(env.subjects.cmd_stop(&command.run_id), good.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+
+    client
+        .wait_until(&command.run_id, LIMIT, |run| run.stop_requested_at_ms > 0)
+        .await
+        .expect("the good stop is recorded");
+    let dead = eventually("two stops dead-lettered", LIMIT, || async {
+        let dead = env
+            .stream_messages(&env.subjects.dlq_stream(), &env.subjects.dlq("cmd"))
+            .await;
+        (dead.len() >= 2).then_some(dead)
+    })
+    .await;
+    let errors: Vec<String> = dead
+        .iter()
+        .map(|m| {
+            m.headers
+                .get(corral_proto::headers::DLQ_ERROR)
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("did not decode as StopCommand"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains("\"run-y\"") && errors[1].contains("\"run-z\""),
+        "{errors:?}"
+    );
+
     tracker.stop().await;
     env.cleanup().await;
 }
