@@ -528,7 +528,7 @@ impl TestEnv {
         run_id: &str,
         state: corral_proto::v1::RunState,
     ) -> Run {
-        let limit = Duration::from_secs(30);
+        let limit = Duration::from_secs(60);
         let run = client
             .wait_until(run_id, limit, |run| {
                 run.state() == state || run.state().is_terminal()

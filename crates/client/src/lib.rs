@@ -301,9 +301,13 @@ impl Client {
         let mut watch = self.watch(run_id).await?;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let run = self.get(run_id).await?;
-            if done(&run) {
-                return Ok(run);
+            match self.get(run_id).await {
+                Ok(run) if done(&run) => return Ok(run),
+                Ok(_) => {}
+                // Not recorded yet (a command no spawner has claimed), or
+                // the tracker away for a moment: look again.
+                Err(err) if err.is_transient() || err.code() == Some(Code::NotFound) => {}
+                Err(err) => return Err(err),
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(ClientError::Timeout(limit, run_id.to_owned()));

@@ -11,8 +11,9 @@
 //! it. The log is polled, not followed: the toolbox follows a log only over
 //! a WebSocket, and a held-open stream is cut by the proxy's idle timeout
 //! in a command's quiet stretch; each poll rereads the log (the toolbox has
-//! no offset), which costs in proportion to a chatty command's output. Daytona cannot signal one command, so both
-//! interrupt and kill delete the session, which ends its processes at once:
+//! no offset), which costs in proportion to a chatty command's output.
+//! Daytona cannot signal one command, so both interrupt and kill delete the
+//! session, which ends its processes at once:
 //! on Daytona, [`Process::terminate`] never waits out its grace. The session
 //! API takes a shell command line, so argv is shell-quoted and the
 //! environment goes in front as `env K=V ...`; a program that does not exist

@@ -11,8 +11,8 @@
 //! would wait for ever), under a wrapper that makes each command the lead
 //! of its own process group, so that interrupt and kill reach everything it
 //! started ([`GROUP_WRAPPER`], [`SignalControl`]). A user is named to envd
-//! only before 0.4.0, as the SDK does. Every API call is retried while its failure is
-//! transient (see [`crate::remote`]), except a create: it carries a label of
+//! only before 0.4.0, as the SDK does. Every API call is retried while its
+//! failure is transient (see [`crate::remote`]), except a create: it carries a label of
 //! its own ([`crate::LABEL_CREATE`]), and after a failure that leaves its fate
 //! unknown the sandbox is looked up by that label before another is asked for.
 //!
