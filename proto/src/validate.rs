@@ -12,6 +12,19 @@ pub const KNOWN_PROVIDERS: [&str; 3] = ["local", "e2b", "daytona"];
 /// Longest absolute timeout accepted: 7 days.
 pub const MAX_TIMEOUT_SECS: i32 = 7 * 24 * 3600;
 
+/// Most labels a run may carry, and the longest label key and value
+/// (bytes): labels travel with every sandbox and every list.
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_KEY_BYTES: usize = 128;
+pub const MAX_LABEL_VALUE_BYTES: usize = 1024;
+/// Most words of a command and variables of its environment, and the most
+/// bytes of all of them together (argv, env, finalize): a command travels in
+/// one NATS message (1 MiB by default) and an exec takes at most 2 MiB of
+/// arguments and environment on Linux.
+pub const MAX_ARGV: usize = 4096;
+pub const MAX_ENV: usize = 1024;
+pub const MAX_COMMAND_BYTES: usize = 256 * 1024;
+
 /// Why the command is invalid, if it is.
 pub fn run_command(command: &RunCommand) -> Result<(), String> {
     validate_run_id(&command.run_id).map_err(|e| e.to_string())?;
@@ -83,6 +96,68 @@ pub fn run_command(command: &RunCommand) -> Result<(), String> {
             ));
         }
     }
+    if spec.env.values().any(|v| v.contains('\0')) {
+        return Err("spec.env has a value with a NUL byte: exec cannot pass it".into());
+    }
+    argv_bounds("spec.argv", &spec.argv)?;
+    if spec.env.len() > MAX_ENV {
+        return Err(format!(
+            "spec.env has {} variables: at most {MAX_ENV}",
+            spec.env.len()
+        ));
+    }
+    let bytes = spec.argv.iter().map(String::len).sum::<usize>()
+        + spec
+            .env
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+        + spec.finalize.len();
+    if bytes > MAX_COMMAND_BYTES {
+        return Err(format!(
+            "spec.argv, spec.env and spec.finalize hold {bytes} bytes together: at most {MAX_COMMAND_BYTES}"
+        ));
+    }
+    if spec.labels.len() > MAX_LABELS {
+        return Err(format!(
+            "spec.labels has {} labels: at most {MAX_LABELS}",
+            spec.labels.len()
+        ));
+    }
+    for (key, value) in &spec.labels {
+        if key.is_empty() || key.len() > MAX_LABEL_KEY_BYTES {
+            return Err(format!(
+                "spec.labels key {key:?} is {} bytes: give 1 to {MAX_LABEL_KEY_BYTES}",
+                key.len()
+            ));
+        }
+        if value.len() > MAX_LABEL_VALUE_BYTES {
+            return Err(format!(
+                "spec.labels[{key:?}] is {} bytes: at most {MAX_LABEL_VALUE_BYTES}",
+                value.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An argv's word count and its words (no NUL: exec cannot pass one).
+fn argv_bounds(field: &str, argv: &[String]) -> Result<(), String> {
+    if argv.len() > MAX_ARGV {
+        return Err(format!(
+            "{field} has {} words: at most {MAX_ARGV}",
+            argv.len()
+        ));
+    }
+    if let Some(i) = argv.iter().position(|word| word.contains('\0')) {
+        return Err(format!("{field}[{i}] has a NUL byte: exec cannot pass it"));
+    }
+    let bytes: usize = argv.iter().map(String::len).sum();
+    if bytes > MAX_COMMAND_BYTES {
+        return Err(format!(
+            "{field} holds {bytes} bytes: at most {MAX_COMMAND_BYTES}"
+        ));
+    }
     Ok(())
 }
 
@@ -114,7 +189,7 @@ pub fn continue_command(command: &ContinueCommand) -> Result<(), String> {
             "argv[0] is empty: give the turn's program, or no argv to rerun the run's own".into(),
         );
     }
-    Ok(())
+    argv_bounds("argv", &command.argv)
 }
 
 pub fn session_command(command: &SessionCommand) -> Result<(), String> {
@@ -180,6 +255,92 @@ mod tests {
             continue_command(&empty)
                 .expect_err("empty")
                 .contains("argv[0] is empty")
+        );
+    }
+
+    #[test]
+    fn each_bound_holds_at_its_edge_and_fails_past_it_naming_the_field() {
+        use std::collections::HashMap;
+        let labels = |n: usize| -> HashMap<String, String> {
+            (0..n).map(|i| (format!("k{i}"), "v".to_owned())).collect()
+        };
+        let cases: Vec<(RunCommand, RunCommand, &str)> = vec![
+            (
+                with(|s| s.labels = labels(MAX_LABELS)),
+                with(|s| s.labels = labels(MAX_LABELS + 1)),
+                "spec.labels has 65 labels",
+            ),
+            (
+                with(|s| s.labels = HashMap::from([("k".repeat(MAX_LABEL_KEY_BYTES), "v".into())])),
+                with(|s| {
+                    s.labels = HashMap::from([("k".repeat(MAX_LABEL_KEY_BYTES + 1), "v".into())])
+                }),
+                "spec.labels key",
+            ),
+            (
+                with(|s| {
+                    s.labels = HashMap::from([("k".into(), "v".repeat(MAX_LABEL_VALUE_BYTES))])
+                }),
+                with(|s| {
+                    s.labels = HashMap::from([("k".into(), "v".repeat(MAX_LABEL_VALUE_BYTES + 1))])
+                }),
+                "spec.labels[\"k\"] is 1025 bytes",
+            ),
+            (
+                with(|s| s.argv = vec!["x".into(); MAX_ARGV]),
+                with(|s| s.argv = vec!["x".into(); MAX_ARGV + 1]),
+                "spec.argv has 4097 words",
+            ),
+            (
+                with(|s| {
+                    s.env = (0..MAX_ENV)
+                        .map(|i| (format!("V{i}"), String::new()))
+                        .collect()
+                }),
+                with(|s| {
+                    s.env = (0..=MAX_ENV)
+                        .map(|i| (format!("V{i}"), String::new()))
+                        .collect()
+                }),
+                "spec.env has 1025 variables",
+            ),
+            (
+                with(|s| s.argv = vec!["x".repeat(MAX_COMMAND_BYTES)]),
+                with(|s| s.argv = vec!["x".repeat(MAX_COMMAND_BYTES + 1)]),
+                "spec.argv holds 262145 bytes",
+            ),
+            (
+                with(|s| {
+                    s.argv = vec!["x".repeat(MAX_COMMAND_BYTES - 2)];
+                    s.env = HashMap::from([("A".into(), "b".into())]);
+                }),
+                with(|s| {
+                    s.argv = vec!["x".repeat(MAX_COMMAND_BYTES - 1)];
+                    s.env = HashMap::from([("A".into(), "b".into())]);
+                }),
+                "hold 262145 bytes together",
+            ),
+        ];
+        for (edge, past, said) in cases {
+            run_command(&edge).unwrap_or_else(|err| panic!("at the edge of {said}: {err}"));
+            let err = run_command(&past).expect_err(said);
+            assert!(err.contains(said), "{err} should say {said}");
+        }
+        let nul = with(|s| s.argv = vec!["a\0b".into()]);
+        assert!(
+            run_command(&nul)
+                .expect_err("nul")
+                .contains("spec.argv[0] has a NUL byte")
+        );
+        let turn = ContinueCommand {
+            run_id: "r1".into(),
+            argv: vec!["x".into(); MAX_ARGV + 1],
+            ..Default::default()
+        };
+        assert!(
+            continue_command(&turn)
+                .expect_err("too long")
+                .contains("argv has 4097 words")
         );
     }
 
