@@ -31,6 +31,17 @@ pub struct ConfigError(String);
 const CONVENTIONAL: [(&str, &str); 2] =
     [("NATS_URL", "nats_url"), ("DATABASE_URL", "database_url")];
 
+/// An environment value as figment reads one (numbers, booleans, arrays,
+/// quoted strings), except where figment 0.10's unescaping slices a string
+/// by character index and panics: a value with a backslash and a non-ASCII
+/// character is taken as the string it is (found by `tests/fuzz.rs`).
+fn env_value(raw: &str) -> Value {
+    if raw.contains('\\') && !raw.is_ascii() {
+        return Value::from(raw.to_owned());
+    }
+    raw.parse::<Value>().unwrap_or_else(|never| match never {})
+}
+
 /// Loads `T` from its defaults, `file`, `env` and `flags`, in that order of
 /// increasing precedence.
 pub fn load<T, F>(
@@ -96,11 +107,7 @@ impl EnvLayer {
             if path.iter().any(|p| p.is_empty()) || !known.contains(&path[0]) {
                 continue;
             }
-            insert(
-                &mut dict,
-                &path,
-                raw.parse::<Value>().unwrap_or_else(|never| match never {}),
-            );
+            insert(&mut dict, &path, env_value(raw));
         }
         let name = if prefixed {
             "CORRAL_* environment variables"
@@ -245,6 +252,16 @@ mod tests {
                 verbose: false,
                 home: None,
             }
+        }
+    }
+
+    /// figment 0.10 panics unescaping such a value (found by fuzzing).
+    #[test]
+    fn a_value_with_a_backslash_after_a_non_ascii_character_is_taken_as_it_is() {
+        for raw in ["\"é\\n\"", "é\\", "\"日本\\\"\"", "[\"é\\t\"]"] {
+            let env = HashMap::from([("NATS_URL".to_owned(), raw.to_owned())]);
+            let loaded: Sample = load(None, &env, &Flags::default()).expect("loads");
+            assert_eq!(loaded.nats_url, raw, "taken as it is");
         }
     }
 
