@@ -397,3 +397,76 @@ async fn a_pause_the_provider_refuses_goes_back_to_idle() {
     tracker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_unavailable_before_a_turn_is_waited_out_or_leaves_the_run_idle() {
+    let env = TestEnv::new().await;
+    let emulator = E2bEmulator::start(&env.home.join("e2b"))
+        .await
+        .expect("emulator");
+    let tracker = env.start_tracker().await;
+    let spawner = env.start_spawner_with(e2b_spawner(&env, &emulator)).await;
+    let client = env.client().await;
+
+    let command = kept(&env, &["true"], "e2b");
+    let run_id = command.run_id.clone();
+    client.start_run(&command).await.expect("start");
+    let first = idle_after(&client, &run_id, 1).await;
+
+    // Away for a moment (three 503s) while the kept sandbox is probed:
+    // the probe retries and the turn runs in the same sandbox.
+    emulator.faults().fail_next(3, 503);
+    continue_run(&client, &run_id, &["true"]).await;
+    let second = idle_after(&client, &run_id, 2).await;
+    assert_eq!(
+        emulator.faults().failures_served(),
+        3,
+        "the 503s were served"
+    );
+    assert_eq!(second.sandbox_id, first.sandbox_id);
+
+    // Refusing every call (403): the turn is not run, the run goes back to
+    // idle with its sandbox, and says why.
+    emulator.faults().fail_next(1000, 403);
+    continue_run(&client, &run_id, &["true"]).await;
+    let skipped = eventually("the turn not run is recorded", LIMIT, || async {
+        env.lifecycle(&run_id)
+            .await
+            .into_iter()
+            .map(|(_, event)| event)
+            .find(|event| event.reason.starts_with("turn not run"))
+    })
+    .await;
+    let served = emulator.faults().failures_served();
+    emulator.faults().clear();
+    assert!(served > 3, "the refusals were served ({served})");
+    assert_eq!(
+        (skipped.from(), skipped.to()),
+        (RunState::Running, RunState::Idle),
+        "{}",
+        skipped.reason
+    );
+    let idle = released(&client, &run_id, RunState::Idle).await;
+    assert_eq!(idle.sandbox_id, first.sandbox_id, "the sandbox is kept");
+    let provider = E2bProvider::new(e2b_config(&emulator)).expect("provider");
+    let listed = provider
+        .list(&Labels::from([(LABEL_RUN_ID.to_owned(), run_id.clone())]))
+        .await
+        .expect("list");
+    assert_eq!(
+        listed.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        vec![first.sandbox_id.as_str()],
+        "one sandbox, the kept one"
+    );
+
+    // With the provider back, the next continue runs.
+    continue_run(&client, &run_id, &["true"]).await;
+    let next = idle_after(&client, &run_id, idle.turn + 1).await;
+    assert_eq!(next.sandbox_id, first.sandbox_id);
+
+    stop_run(&client, &run_id, "done").await;
+    env.wait_terminal(&client, &run_id, LIMIT).await;
+    spawner.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}

@@ -27,6 +27,8 @@ struct FaultState {
     refused_creates: usize,
     /// Creates refused so far (served faults, for tests to confirm).
     creates_refused: usize,
+    /// Requests answered by [`Faults::fail_next`] so far.
+    failures_served: usize,
 }
 
 impl Faults {
@@ -64,12 +66,18 @@ impl Faults {
         self.lock().creates_refused
     }
 
+    /// How many requests were answered by [`Faults::fail_next`].
+    pub fn failures_served(&self) -> usize {
+        self.lock().failures_served
+    }
+
     /// No more faults (the counts stay).
     pub fn clear(&self) {
         let mut state = self.lock();
-        let refused = state.creates_refused;
+        let (refused, served) = (state.creates_refused, state.failures_served);
         *state = FaultState::default();
         state.creates_refused = refused;
+        state.failures_served = served;
     }
 
     /// Whether the create being answered loses its response.
@@ -103,6 +111,7 @@ impl Faults {
             return (delay, Some(response));
         }
         if take(&mut state.failures) {
+            state.failures_served += 1;
             let status = StatusCode::from_u16(state.failure_status)
                 .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
             return (delay, Some(injected(status)));

@@ -251,7 +251,11 @@ async fn heartbeat(
             _ = stopped.cancelled() => return,
             _ = tick.tick() => {}
         }
-        beat(&spawner, draining.get().copied()).await;
+        // The exit does not wait for a beat the tracker is slow to answer.
+        tokio::select! {
+            _ = stopped.cancelled() => return,
+            _ = beat(&spawner, draining.get().copied()) => {}
+        }
     }
 }
 

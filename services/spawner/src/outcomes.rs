@@ -74,12 +74,12 @@ where
     tokio::pin!(give_up);
     let mut delay = Duration::from_millis(100);
     let mut attempts = 0u32;
+    let mut err = match request().await {
+        Ok(answer) => return Ok(answer),
+        Err(err) if !err.is_transient() => return Err(err),
+        Err(err) => err,
+    };
     loop {
-        let err = match request().await {
-            Ok(answer) => return Ok(answer),
-            Err(err) if !err.is_transient() => return Err(err),
-            Err(err) => err,
-        };
         attempts += 1;
         if attempts == 1 || attempts.is_multiple_of(30) {
             tracing::warn!(what, attempts, error = %err, "tracker unavailable; retrying until it answers");
@@ -89,6 +89,16 @@ where
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(MAX_DELAY);
+        // Giving up does not wait out a request in flight (up to the
+        // request timeout): it returns the failure before it.
+        err = tokio::select! {
+            answer = request() => match answer {
+                Ok(answer) => return Ok(answer),
+                Err(err) if !err.is_transient() => return Err(err),
+                Err(err) => err,
+            },
+            _ = &mut give_up => return Err(err),
+        };
     }
 }
 

@@ -151,6 +151,10 @@ impl Supervisor {
         if !boot_delay.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(boot_delay) => {}
+                _ = self.spawner.end_runs.cancelled() => {
+                    self.end(RunEvent::Fail, "spawner_shutdown", None).await;
+                    return;
+                }
                 Some(message) = stops.next() => {
                     let stop = StopCommand::decode(message.payload).unwrap_or_default();
                     self.end(RunEvent::Stop, &stop_reason(&stop), None).await;
