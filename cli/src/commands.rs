@@ -15,16 +15,41 @@ use crate::view::{self, RunView};
 
 pub struct Global {
     pub nats_url: String,
+    /// Credentials and TLS for NATS, from the flags and the environment.
+    pub nats_auth: corral_common::nats::NatsAuth,
     pub prefix: String,
     pub json: bool,
 }
 
 impl Global {
     pub async fn client(&self) -> anyhow::Result<Client> {
-        Client::connect(&self.nats_url, &self.prefix, "corral-cli")
+        Client::connect_with(&self.nats_url, &self.nats_auth, &self.prefix, "corral-cli")
             .await
-            .context("cannot reach corral (set NATS_URL, and start the services with `corral up`)")
+            .context("cannot reach corral (set NATS_URL, and NATS_CREDS or the like when NATS needs credentials; start the services with `corral up`)")
     }
+}
+
+/// NATS credentials as the services take them: `--nats-*` flags over the
+/// `NATS_*` and `CORRAL_NATS_AUTH__*` environment.
+pub fn nats_auth(
+    flags: &corral_common::config::NatsAuthFlags,
+) -> anyhow::Result<corral_common::nats::NatsAuth> {
+    #[derive(Default, serde::Serialize, serde::Deserialize)]
+    #[serde(default)]
+    struct Auth {
+        nats_auth: corral_common::nats::NatsAuth,
+    }
+    #[derive(serde::Serialize)]
+    struct Flags<'a> {
+        #[serde(skip_serializing_if = "corral_common::config::NatsAuthFlags::is_empty")]
+        nats_auth: &'a corral_common::config::NatsAuthFlags,
+    }
+    let auth: Auth = corral_common::config::load(
+        None,
+        &corral_common::config::process_env(),
+        &Flags { nats_auth: flags },
+    )?;
+    Ok(auth.nats_auth)
 }
 
 pub fn who() -> String {

@@ -4,6 +4,7 @@ mod bench;
 mod commands;
 mod dlq;
 mod events;
+mod keys;
 mod session;
 mod up;
 mod view;
@@ -47,6 +48,8 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    nats_auth: corral_common::config::NatsAuthFlags,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,6 +80,11 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: dlq::Dlq,
+    },
+    /// Generate keys: read API keys, run-token keys, NATS users per role.
+    Keys {
+        #[command(subcommand)]
+        command: keys::Keys,
     },
     /// Run every service in one process against NATS_URL and DATABASE_URL, with the local provider.
     Up(up::UpArgs),
@@ -120,6 +128,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = commands::Global {
+        nats_auth: commands::nats_auth(&cli.nats_auth)?,
         nats_url: cli.nats_url,
         prefix: cli.prefix,
         json: cli.json,
@@ -140,6 +149,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Events(args) => events::events(&global, args).await,
         Command::AgentDemo(args) => events::agent_demo(args).await,
         Command::Dlq { command } => dlq::dlq(&global, command).await,
+        Command::Keys { command } => keys::keys(&global, command).await,
         Command::Up(args) => up::up(&global, args).await,
         Command::Serve { service } => up::serve(&global, service).await,
         Command::Bench { bench } => bench::bench(&global, bench).await,

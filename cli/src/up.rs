@@ -90,42 +90,63 @@ fn common(
         config,
         nats_url: Some(global.nats_url.clone()),
         subject_prefix: Some(global.prefix.clone()),
+        nats_auth: Default::default(),
     }
 }
 
 pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     let env = process_env();
-    let tracker = corral_tracker::config::Flags {
+    let mut tracker: corral_tracker::Config = corral_tracker::config::Flags {
         common: common(global, args.tracker_config),
         ..Default::default()
     }
     .load(&env)?;
-    let spawner = corral_spawner::config::Flags {
+    let mut spawner: corral_spawner::Config = corral_spawner::config::Flags {
         common: common(global, args.spawner_config),
         home: args.home.clone(),
         ..Default::default()
     }
     .load(&env)?;
-    let reaper = corral_reaper::config::Flags {
+    let mut reaper: corral_reaper::Config = corral_reaper::config::Flags {
         common: common(global, args.reaper_config),
         home: args.home,
         ..Default::default()
     }
     .load(&env)?;
-    let mut ingest = corral_event_ingest::config::Flags {
+    let mut ingest: corral_event_ingest::Config = corral_event_ingest::config::Flags {
         common: common(global, args.ingest_config),
         ..Default::default()
     }
     .load(&env)?;
-    // One token key for the spawner (which mints) and ingest (which checks):
-    // random for this process unless CORRAL_TOKEN_SECRET names one.
+    // A laptop's ingest on loopback with no read keys: reads are open.
+    if ingest.api_keys.is_empty()
+        && ingest
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback())
+    {
+        ingest.anonymous_reads = true;
+    }
+    // The credentials this command was given (flags over environment).
+    tracker.nats_auth = global.nats_auth.clone();
+    spawner.nats_auth = global.nats_auth.clone();
+    reaper.nats_auth = global.nats_auth.clone();
+    ingest.nats_auth = global.nats_auth.clone();
+    // One token keyring for the spawner (which mints) and ingest (which
+    // checks): a random key for this process unless CORRAL_TOKEN_SECRET or
+    // CORRAL_TOKEN_KEYS__<ID> name some.
+    let mut keys = spawner.token_keys.clone();
+    keys.extend(ingest.token_keys.clone());
     let secret = match (spawner.token_secret.expose(), ingest.token_secret.expose()) {
-        ("", "") => corral_common::Secret::new(format!("{:032x}", rand::random::<u128>())),
+        ("", "") if keys.is_empty() => {
+            corral_common::Secret::new(format!("{:032x}", rand::random::<u128>()))
+        }
         ("", given) | (given, _) => corral_common::Secret::new(given),
     };
-    let mut spawner = spawner;
     spawner.token_secret = secret.clone();
+    spawner.token_keys = keys.clone();
     ingest.token_secret = secret;
+    ingest.token_keys = keys;
     // The demo's agent is this binary: an isolated sandbox sees it read-only
     // at the same path (a sandbox sees no host path it is not given).
     if let Ok(exe) = std::env::current_exe() {
@@ -162,6 +183,7 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         let demo_shutdown = shutdown.clone();
         let global = Global {
             nats_url: global.nats_url.clone(),
+            nats_auth: global.nats_auth.clone(),
             prefix: global.prefix.clone(),
             json: false,
         };

@@ -32,7 +32,7 @@ pub fn admin_database_url() -> String {
 }
 
 /// The run-token key of every test deployment.
-pub const TOKEN_SECRET: &str = "test-token-secret";
+pub const TOKEN_SECRET: &str = "corral-tests-run-token-key-0123456789";
 
 fn random_suffix() -> String {
     let id = uuid::Uuid::now_v7().simple().to_string();
@@ -61,10 +61,50 @@ where
 
 pub use corral_provider::local::processes_with_cmdline;
 
+/// The API key the tests read events with (scopes `events:read` and
+/// `events:stream`); [`http`] sends it unless a request names its own
+/// `Authorization` (a run token).
+pub const API_KEY: &str = "ck_tests_0123456789abcdefghijklmnopqrstuv";
+
+/// The ingest setting that holds [`API_KEY`], with limits no test reaches.
+pub fn api_keys() -> std::collections::BTreeMap<String, corral_event_ingest::auth::ApiKey> {
+    std::collections::BTreeMap::from([(
+        "tests".to_owned(),
+        corral_event_ingest::auth::ApiKey {
+            sha256: corral_event_ingest::auth::hash_key(API_KEY),
+            scopes: vec!["events:read".into(), "events:stream".into()],
+        },
+    )])
+}
+
+/// [`api_keys`] as environment, for an ingest started as a process.
+pub fn api_key_env() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "CORRAL_API_KEYS__TESTS__SHA256",
+            corral_event_ingest::auth::hash_key(API_KEY),
+        ),
+        (
+            "CORRAL_API_KEYS__TESTS__SCOPES",
+            "[events:read, events:stream]".to_owned(),
+        ),
+        ("CORRAL_READ_RATE_PER_SEC", "10000".to_owned()),
+        ("CORRAL_MAX_STREAMS_PER_KEY", "1000".to_owned()),
+    ]
+}
+
 /// An HTTP client for tests: no request waits longer than a minute (a
-/// streamed answer included), no connection longer than 5 s.
+/// streamed answer included), no connection longer than 5 s; it reads
+/// events with [`API_KEY`].
 pub fn http() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {API_KEY}"))
+            .expect("a valid header"),
+    );
     reqwest::Client::builder()
+        .default_headers(headers)
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .build()
@@ -148,6 +188,8 @@ pub struct TestEnv {
     pub prefix: String,
     pub subjects: Subjects,
     pub nats_url: String,
+    /// How the test's own clients authenticate to NATS (none by default).
+    pub nats_auth: corral_common::nats::NatsAuth,
     pub database_url: String,
     db_name: String,
     pub home: PathBuf,
@@ -210,6 +252,7 @@ impl TestEnv {
             subjects: Subjects::new(&prefix).expect("test prefix should be valid"),
             prefix,
             nats_url: nats_url.to_owned(),
+            nats_auth: Default::default(),
             database_url: url,
             db_name,
             home,
@@ -317,6 +360,10 @@ impl TestEnv {
             .stdin(Stdio::null())
             .kill_on_drop(true);
         self.log_to_file(&mut command, service);
+        // Ingest reads with the tests' API key (the others ignore these).
+        for (key, value) in api_key_env() {
+            command.env(key, value);
+        }
         for (key, value) in extra {
             command.env(key, value);
         }
@@ -330,13 +377,25 @@ impl TestEnv {
             subject_prefix: self.prefix.clone(),
             listen: listen.to_owned(),
             token_secret: Secret::new(TOKEN_SECRET),
+            api_keys: api_keys(),
+            read_rate_per_sec: 10_000,
+            max_streams_per_key: 1000,
             ..Default::default()
         }
     }
 
     /// Starts event ingest in this process on a free port; returns its base URL.
     pub async fn start_ingest(&self) -> (InProcess, String) {
-        let bound = corral_event_ingest::Bound::bind(self.ingest_config("127.0.0.1:0"))
+        self.start_ingest_with(self.ingest_config("127.0.0.1:0"))
+            .await
+    }
+
+    /// [`TestEnv::start_ingest`] with `config` (listening on a free port).
+    pub async fn start_ingest_with(
+        &self,
+        config: corral_event_ingest::Config,
+    ) -> (InProcess, String) {
+        let bound = corral_event_ingest::Bound::bind(config)
             .await
             .expect("ingest should bind");
         let url = format!("http://127.0.0.1:{}", bound.port());
@@ -354,15 +413,12 @@ impl TestEnv {
 
     /// A run token for `run_id`, valid for an hour.
     pub fn token(&self, run_id: &str) -> String {
-        corral_common::token::mint(
-            TOKEN_SECRET.as_bytes(),
-            run_id,
-            corral_common::now_ms() + 3_600_000,
-        )
+        corral_common::token::Keyring::single("default", TOKEN_SECRET.as_bytes())
+            .mint(run_id, corral_common::now_ms() + 3_600_000)
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&self.nats_url, &self.prefix, "corral-test")
+        Client::connect_with(&self.nats_url, &self.nats_auth, &self.prefix, "corral-test")
             .await
             .expect("NATS should be reachable at NATS_URL")
     }
@@ -649,8 +705,13 @@ impl TestEnv {
 
     /// Deletes this test's streams, database and sandbox directory.
     pub async fn cleanup(self) {
-        if let Ok(client) =
-            Client::connect(&self.nats_url, &self.prefix, "corral-test-cleanup").await
+        if let Ok(client) = Client::connect_with(
+            &self.nats_url,
+            &self.nats_auth,
+            &self.prefix,
+            "corral-test-cleanup",
+        )
+        .await
         {
             for config in corral_common::nats::stream_configs(&self.subjects) {
                 let _ = client.jetstream().delete_stream(&config.name).await;
@@ -853,23 +914,56 @@ pub struct PrivateNats {
     dir: PathBuf,
     pub port: u16,
     child: Option<std::process::Child>,
+    /// A configuration file to start with (then the log goes to a file).
+    config: Option<PathBuf>,
 }
 
 impl PrivateNats {
     pub fn start() -> PrivateNats {
+        PrivateNats::start_with(None)
+    }
+
+    /// Starts with `conf` added to a configuration file that sets the
+    /// port, JetStream and a log file ([`PrivateNats::log`]).
+    pub fn start_with_config(conf: &str) -> PrivateNats {
+        PrivateNats::start_with(Some(conf))
+    }
+
+    fn start_with(conf: Option<&str>) -> PrivateNats {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let dir = std::env::temp_dir().join(format!("corral-nats-{}", random_suffix()));
         std::fs::create_dir_all(&dir).expect("nats store dir");
+        let config = conf.map(|conf| {
+            let path = dir.join("server.conf");
+            let text = format!(
+                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\nlog_file: \"{}\"\n{conf}\n",
+                dir.join("store").display(),
+                dir.join("nats.log").display()
+            );
+            std::fs::write(&path, text).expect("nats-server configuration");
+            path
+        });
         let mut server = PrivateNats {
             dir,
             port,
             child: None,
+            config,
         };
         server.start_again();
         server
+    }
+
+    /// Its directory: configuration, store, log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What the server logged (servers started with a configuration).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -880,16 +974,25 @@ impl PrivateNats {
     /// accepts connections.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "the NATS server is already running");
-        let child = std::process::Command::new("nats-server")
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.dir.join("store"))
+        let mut command = std::process::Command::new("nats-server");
+        match &self.config {
+            Some(config) => {
+                command.arg("-c").arg(config);
+            }
+            None => {
+                command
+                    .args([
+                        "-a",
+                        "127.0.0.1",
+                        "-p",
+                        &self.port.to_string(),
+                        "-js",
+                        "-sd",
+                    ])
+                    .arg(self.dir.join("store"));
+            }
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

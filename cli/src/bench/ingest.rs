@@ -42,7 +42,7 @@ pub struct IngestArgs {
     batch: usize,
 }
 
-const SECRET: &str = "bench-ingest-secret";
+const SECRET: &str = "bench-ingest-secret-0123456789abcdef";
 
 pub async fn run(global: &Global, args: IngestArgs) -> anyhow::Result<ExitCode> {
     if args.events == 0 || args.runs == 0 || args.batch == 0 {
@@ -158,11 +158,8 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
                         })
                         .collect();
                     let run_id = format!("run-{run}");
-                    let token = corral_common::token::mint(
-                        SECRET.as_bytes(),
-                        &run_id,
-                        corral_common::now_ms() + 3_600_000,
-                    );
+                    let token = corral_common::token::Keyring::single("default", SECRET.as_bytes())
+                        .mint(&run_id, corral_common::now_ms() + 3_600_000);
                     let permit = permits.clone().acquire_owned().await?;
                     let (http, endpoint) = (http.clone(), format!("{url}/v1/runs/{run_id}/events"));
                     posts.push(tokio::spawn(async move {

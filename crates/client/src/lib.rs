@@ -173,8 +173,18 @@ pub struct Client {
 impl Client {
     /// Connects to NATS; `name` shows in server monitoring.
     pub async fn connect(nats_url: &str, prefix: &str, name: &str) -> Result<Client, ClientError> {
+        Client::connect_with(nats_url, &nats::NatsAuth::default(), prefix, name).await
+    }
+
+    /// [`Client::connect`] with NATS credentials and TLS settings.
+    pub async fn connect_with(
+        nats_url: &str,
+        auth: &nats::NatsAuth,
+        prefix: &str,
+        name: &str,
+    ) -> Result<Client, ClientError> {
         let subjects = Subjects::new(prefix).map_err(|e| ClientError::Invalid(e.to_string()))?;
-        let nats = nats::connect(nats_url, name, Duration::from_secs(5)).await?;
+        let nats = nats::connect_with(nats_url, auth, name, Duration::from_secs(5)).await?;
         Ok(Client::from_parts(nats, subjects))
     }
 

@@ -27,9 +27,20 @@ use serde::de::DeserializeOwned;
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
-/// Environment variables without the `CORRAL_` prefix that map to a field.
-const CONVENTIONAL: [(&str, &str); 2] =
-    [("NATS_URL", "nats_url"), ("DATABASE_URL", "database_url")];
+/// Environment variables without the `CORRAL_` prefix that map to a field
+/// (dots: a nested field). The `NATS_*` ones are the NATS CLI's own.
+const CONVENTIONAL: [(&str, &str); 10] = [
+    ("NATS_URL", "nats_url"),
+    ("DATABASE_URL", "database_url"),
+    ("NATS_CREDS", "nats_auth.creds_file"),
+    ("NATS_NKEY", "nats_auth.nkey_file"),
+    ("NATS_USER", "nats_auth.user"),
+    ("NATS_PASSWORD", "nats_auth.password"),
+    ("NATS_TOKEN", "nats_auth.token"),
+    ("NATS_CA", "nats_auth.tls_ca"),
+    ("NATS_CERT", "nats_auth.tls_cert"),
+    ("NATS_KEY", "nats_auth.tls_key"),
+];
 
 /// An environment value as figment reads one (numbers, booleans, arrays,
 /// quoted strings), except where figment 0.10's unescaping slices a string
@@ -100,7 +111,7 @@ impl EnvLayer {
                 rest.split("__").map(|p| p.to_ascii_lowercase()).collect()
             } else {
                 match CONVENTIONAL.iter().find(|(name, _)| name == var) {
-                    Some((_, field)) => vec![(*field).to_owned()],
+                    Some((_, field)) => field.split('.').map(str::to_owned).collect(),
                     None => continue,
                 }
             };
@@ -112,7 +123,7 @@ impl EnvLayer {
         let name = if prefixed {
             "CORRAL_* environment variables"
         } else {
-            "NATS_URL/DATABASE_URL environment variables"
+            "NATS_*/DATABASE_URL environment variables"
         };
         EnvLayer {
             dict,
@@ -211,6 +222,55 @@ pub struct CommonFlags {
     #[arg(long, value_name = "PREFIX")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject_prefix: Option<String>,
+    #[command(flatten)]
+    #[serde(rename = "nats_auth", skip_serializing_if = "NatsAuthFlags::is_empty")]
+    pub nats_auth: NatsAuthFlags,
+}
+
+/// NATS credential and TLS files from the command line (user, password
+/// and token only from the environment or the file: never in `ps`).
+#[derive(Clone, Debug, Default, Serialize, clap::Args)]
+pub struct NatsAuthFlags {
+    /// NATS credentials file (JWT + nkey seed) [env: NATS_CREDS].
+    #[arg(long = "nats-creds", global = true, value_name = "FILE")]
+    #[serde(rename = "creds_file", skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<std::path::PathBuf>,
+    /// File holding the NATS nkey user seed [env: NATS_NKEY].
+    #[arg(long = "nats-nkey", global = true, value_name = "FILE")]
+    #[serde(rename = "nkey_file", skip_serializing_if = "Option::is_none")]
+    pub nkey_file: Option<std::path::PathBuf>,
+    /// CA certificate the NATS server's must chain to (TLS on) [env: NATS_CA].
+    #[arg(long = "nats-ca", global = true, value_name = "FILE")]
+    #[serde(rename = "tls_ca", skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate for mutual TLS with NATS [env: NATS_CERT].
+    #[arg(
+        long = "nats-cert",
+        global = true,
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    #[serde(rename = "tls_cert", skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Client key for mutual TLS with NATS [env: NATS_KEY].
+    #[arg(
+        long = "nats-key",
+        global = true,
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    #[serde(rename = "tls_key", skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl NatsAuthFlags {
+    pub fn is_empty(&self) -> bool {
+        self.creds_file.is_none()
+            && self.nkey_file.is_none()
+            && self.tls_ca.is_none()
+            && self.tls_cert.is_none()
+            && self.tls_key.is_none()
+    }
 }
 
 impl CommonFlags {

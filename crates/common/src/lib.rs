@@ -6,6 +6,7 @@ pub mod admin;
 pub mod config;
 pub mod fault;
 pub mod nats;
+pub mod nats_roles;
 pub mod shutdown;
 pub mod telemetry;
 pub mod token;

@@ -19,6 +19,8 @@ pub enum NatsError {
         url: String,
         source: async_nats::ConnectError,
     },
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Auth { url: String, message: String },
     #[error("cannot provision stream {stream}: {message} (is JetStream enabled, nats-server -js?)")]
     Stream { stream: String, message: String },
     #[error("publish to {subject} failed: {message}")]
@@ -40,19 +42,193 @@ impl NatsError {
     }
 }
 
-/// Connects with a client name that shows in `nats-server` monitoring.
+/// How a service proves itself to NATS, and how it checks the server: the
+/// NATS ways, any one of them (a creds file, an nkey seed, user and
+/// password, a token; user and password may also ride in the URL), with
+/// TLS when a CA or a client certificate is given. Environment:
+/// `CORRAL_NATS_AUTH__CREDS_FILE` and so on, or the NATS CLI's own
+/// `NATS_CREDS`, `NATS_NKEY`, `NATS_USER`, `NATS_PASSWORD`, `NATS_TOKEN`,
+/// `NATS_CA`, `NATS_CERT`, `NATS_KEY`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsAuth {
+    /// A `.creds` file: the user JWT and its nkey seed (operator mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<std::path::PathBuf>,
+    /// A file holding an nkey user seed (`SU...`), as `nk -gen user` writes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nkey_file: Option<std::path::PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<crate::Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<crate::Secret>,
+    /// CA certificate (PEM) the server's certificate must chain to; TLS on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Refuse a connection without TLS (implied by `tls_ca`/`tls_cert`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tls_required: bool,
+    /// Where replies come back (default `_INBOX`): a role's own prefix
+    /// (`_INBOX_spawner`), so the server can keep every other party from
+    /// reading its replies (`corral keys nats` sets it per role).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbox_prefix: Option<String>,
+}
+
+impl NatsAuth {
+    /// The settings as connect options; a file that cannot be read is an
+    /// error naming the setting.
+    async fn options(&self) -> Result<async_nats::ConnectOptions, String> {
+        let mut options = async_nats::ConnectOptions::new();
+        let methods = [
+            self.creds_file.is_some(),
+            self.nkey_file.is_some(),
+            self.user.is_some() || self.password.is_some(),
+            self.token.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return Err(
+                "nats_auth: give one of creds_file, nkey_file, user/password, token".into(),
+            );
+        }
+        if let Some(path) = &self.creds_file {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|err| format!("nats_auth.creds_file {}: {err}", path.display()))?;
+        }
+        if let Some(path) = &self.nkey_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|err| format!("nats_auth.nkey_file {}: {err}", path.display()))?;
+            let seed = text
+                .lines()
+                .map(str::trim)
+                .find(|line| line.starts_with("SU"))
+                .ok_or_else(|| {
+                    format!(
+                        "nats_auth.nkey_file {} holds no user seed (a line starting SU)",
+                        path.display()
+                    )
+                })?;
+            options = options.nkey(seed.to_owned());
+        }
+        match (&self.user, &self.password) {
+            (Some(user), Some(password)) => {
+                options = options.user_and_password(user.clone(), password.expose().to_owned());
+            }
+            (None, None) => {}
+            _ => return Err("nats_auth: user and password go together".into()),
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.expose().to_owned());
+        }
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                options = options
+                    .add_client_certificate(cert.clone(), key.clone())
+                    .require_tls(true);
+            }
+            (None, None) => {}
+            _ => return Err("nats_auth: tls_cert and tls_key go together".into()),
+        }
+        if self.tls_required {
+            options = options.require_tls(true);
+        }
+        if let Some(prefix) = &self.inbox_prefix {
+            options = options.custom_inbox_prefix(prefix.clone());
+        }
+        Ok(options)
+    }
+}
+
+/// `url` with any password or token in it replaced by `***`, for errors
+/// and logs (`nats://user:***@host:4222`). Several comma-separated URLs
+/// are redacted each.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| {
+            let (scheme, rest) = match one.split_once("://") {
+                Some((scheme, rest)) => (Some(scheme), rest),
+                None => (None, one),
+            };
+            let redacted = match rest.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{user}:***@{host}"),
+                    None => format!("***@{host}"),
+                },
+                None => rest.to_owned(),
+            };
+            match scheme {
+                Some(scheme) => format!("{scheme}://{redacted}"),
+                None => redacted,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Connects with a client name that shows in `nats-server` monitoring,
+/// authenticating as `auth` says. A permissions violation (a subject this
+/// credential may not use) is logged as an error naming the subject: it
+/// means the server's permissions and this service's role disagree.
 pub async fn connect(
     url: &str,
     name: &str,
     request_timeout: Duration,
 ) -> Result<Client, NatsError> {
-    async_nats::ConnectOptions::new()
+    connect_with(url, &NatsAuth::default(), name, request_timeout).await
+}
+
+/// [`connect`] with credentials and TLS settings.
+pub async fn connect_with(
+    url: &str,
+    auth: &NatsAuth,
+    name: &str,
+    request_timeout: Duration,
+) -> Result<Client, NatsError> {
+    let redacted = redact_url(url);
+    let options = auth.options().await.map_err(|message| NatsError::Auth {
+        url: redacted.clone(),
+        message,
+    })?;
+    let client_name = name.to_owned();
+    options
         .name(name)
         .request_timeout(Some(request_timeout))
+        .event_callback(move |event| {
+            let client_name = client_name.clone();
+            async move {
+                match event {
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(what))
+                        if what.to_ascii_lowercase().contains("permissions violation") =>
+                    {
+                        metrics::counter!("corral_nats_permission_violations_total").increment(1);
+                        tracing::error!(client = %client_name, violation = %what, "NATS refused a subject this credential may not use (see the permissions table in README)");
+                    }
+                    async_nats::Event::ServerError(err) => {
+                        tracing::warn!(client = %client_name, error = %err, "NATS server error");
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::info!(client = %client_name, "NATS disconnected; reconnecting");
+                    }
+                    _ => {}
+                }
+            }
+        })
         .connect(url)
         .await
         .map_err(|source| NatsError::Connect {
-            url: url.to_owned(),
+            url: redacted,
             source,
         })
 }
@@ -246,4 +422,55 @@ fn sanitize_header(text: &str) -> String {
         .collect();
     line.truncate(1024);
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_and_tokens_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("nats://corral:hunter2@nats:4222"),
+            "nats://corral:***@nats:4222"
+        );
+        assert_eq!(
+            redact_url("nats://s3cr3t@nats:4222"),
+            "nats://***@nats:4222"
+        );
+        assert_eq!(
+            redact_url("tls://a:b@n1:4222,nats://n2:4222"),
+            "tls://a:***@n1:4222,nats://n2:4222"
+        );
+        assert_eq!(redact_url("127.0.0.1:4222"), "127.0.0.1:4222");
+        // A password holding '@' is still cut at the last one.
+        assert_eq!(redact_url("nats://u:p@ss@h:1"), "nats://u:***@h:1");
+    }
+
+    #[tokio::test]
+    async fn conflicting_or_half_given_settings_are_refused_naming_them() {
+        let both = NatsAuth {
+            token: Some(crate::Secret::new("t")),
+            user: Some("u".into()),
+            password: Some(crate::Secret::new("p")),
+            ..Default::default()
+        };
+        let err = both.options().await.expect_err("refused");
+        assert!(err.contains("give one of"), "{err}");
+        let half = NatsAuth {
+            user: Some("u".into()),
+            ..Default::default()
+        };
+        let err = half.options().await.expect_err("refused");
+        assert!(err.contains("user and password go together"), "{err}");
+        let missing = NatsAuth {
+            nkey_file: Some("/nonexistent/spawner.nk".into()),
+            ..Default::default()
+        };
+        let err = missing.options().await.expect_err("refused");
+        assert!(
+            err.contains("nats_auth.nkey_file /nonexistent/spawner.nk"),
+            "{err}"
+        );
+    }
 }

@@ -5,15 +5,19 @@
 
 use std::collections::HashMap;
 
-use corral_common::token;
+use corral_common::token::{self, Keyring};
 use proptest::prelude::*;
 
 const KEY: &[u8] = b"fuzz-key";
 
+fn ring() -> Keyring {
+    Keyring::single("k1", KEY)
+}
+
 proptest! {
     #[test]
     fn any_presented_token_is_judged_without_panic(text in "\\PC{0,120}", now in any::<i64>()) {
-        let _ = token::verify(KEY, &text, now);
+        let _ = ring().verify(&text, now);
     }
 
     #[test]
@@ -23,7 +27,9 @@ proptest! {
         mac in "[0-9a-f]{0,70}",
         now in any::<i64>(),
     ) {
-        let _ = token::verify(KEY, &format!("v1.{run_id}.{expires}.{mac}"), now);
+        let _ = ring().verify(&format!("v1.{run_id}.{expires}.{mac}"), now);
+        let _ = ring().verify(&format!("v2.k1.{run_id}.{expires}.{mac}"), now);
+        let _ = ring().verify(&format!("v2.{run_id}.{expires}.{mac}"), now);
     }
 
     #[test]
@@ -32,15 +38,18 @@ proptest! {
         expires in 0i64..4_102_444_800_000,
         now in 0i64..4_102_444_800_000,
     ) {
-        let minted = token::mint(KEY, &run_id, expires);
-        match token::verify(KEY, &minted, now) {
+        let minted = ring().mint(&run_id, expires);
+        match ring().verify(&minted, now) {
             Ok(verified) => {
-                prop_assert_eq!(verified, run_id);
+                prop_assert_eq!(&verified, &run_id);
                 prop_assert!(now <= expires);
             }
             Err(_) => prop_assert!(now > expires),
         }
-        prop_assert!(token::verify(b"another-key", &minted, now).is_err());
+        prop_assert!(Keyring::single("k1", b"another-key").verify(&minted, now).is_err());
+        prop_assert!(Keyring::single("k2", KEY).verify(&minted, now).is_err());
+        let v1 = token::mint_v1(KEY, &run_id, expires);
+        prop_assert_eq!(ring().verify(&v1, now).is_ok(), now <= expires);
     }
 
     /// Configuration from the environment (what an operator sets): any

@@ -11,14 +11,36 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// NATS server (`NATS_URL`).
     pub nats_url: String,
+    /// Credentials and TLS for NATS (`nats_auth: {creds_file | nkey_file |
+    /// user + password | token, tls_ca, tls_cert, tls_key}`; `NATS_CREDS`, ...).
+    pub nats_auth: corral_common::nats::NatsAuth,
     /// PostgreSQL (`DATABASE_URL`).
     pub database_url: Secret,
     /// First token of every subject; lets deployments share one NATS.
     pub subject_prefix: String,
     /// HTTP listen address.
     pub listen: String,
-    /// Key of the run tokens (shared with the spawners; `CORRAL_TOKEN_SECRET`).
+    /// Key of the run tokens (shared with the spawners; `CORRAL_TOKEN_SECRET`),
+    /// key id `default`.
     pub token_secret: Secret,
+    /// The token keyring by key id (`CORRAL_TOKEN_KEYS__<ID>`): a token is
+    /// accepted when the key it names is here.
+    pub token_keys: std::collections::BTreeMap<String, Secret>,
+    /// Allows weak token keys, and reads without an API key when
+    /// `api_keys` is empty (a laptop); never in production.
+    pub dev_mode: bool,
+    /// Who may read events, by key id: `{sha256, scopes}` (`corral keys
+    /// new` prints both; scopes `events:read`, `events:stream`).
+    pub api_keys: std::collections::BTreeMap<String, crate::auth::ApiKey>,
+    /// Reads without a key while `api_keys` is empty (a laptop's `corral
+    /// up` on loopback; dev mode implies it).
+    pub anonymous_reads: bool,
+    /// Read requests per second per key (beyond the burst: 429).
+    pub read_rate_per_sec: u32,
+    /// Read requests a key may make at once above its rate.
+    pub read_burst: u32,
+    /// Live tails (SSE) one key may hold open at once.
+    pub max_streams_per_key: u32,
     /// Largest accepted request body, bytes (larger: 413).
     pub max_body_bytes: usize,
     /// Diffs longer than this are stored cut, marked truncated, bytes.
@@ -33,10 +55,18 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: Default::default(),
             database_url: Secret::new("postgres://postgres@127.0.0.1:5432/corral"),
             subject_prefix: corral_proto::Subjects::DEFAULT_PREFIX.into(),
             listen: "127.0.0.1:8470".into(),
             token_secret: Secret::default(),
+            token_keys: Default::default(),
+            dev_mode: false,
+            api_keys: Default::default(),
+            anonymous_reads: false,
+            read_rate_per_sec: 20,
+            read_burst: 40,
+            max_streams_per_key: 8,
             max_body_bytes: 1024 * 1024,
             max_diff_bytes: 256 * 1024,
             batch_max: 1000,

@@ -1,5 +1,5 @@
-//! The HTTP API: agents post their run's events with the run token; anyone
-//! on the internal network reads them (paged up to the settled watermark,
+//! The HTTP API: agents post their run's events with the run token; holders
+//! of an API key with the scope read them ([`crate::auth`]; paged up to the settled watermark,
 //! so pages have no gap however many instances commit in whatever order, or
 //! as a live Server-Sent Events tail that continues a cursor with no gap
 //! and no duplicate).
@@ -24,6 +24,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use crate::auth::Scope;
 use crate::{store, wire};
 
 pub struct AppState {
@@ -31,7 +32,10 @@ pub struct AppState {
     pub nats: async_nats::Client,
     pub subjects: Subjects,
     pub pool: PgPool,
-    pub secret: Vec<u8>,
+    /// The run-token keys a token may be signed with.
+    pub keyring: corral_common::token::Keyring,
+    /// Who may read events.
+    pub auth: crate::auth::Auth,
     pub max_diff: usize,
     /// Ends live tails, so a graceful shutdown does not wait on them.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -114,11 +118,10 @@ async fn post_events(
             "missing bearer token (use CORRAL_TOKEN)",
         );
     };
-    let token_run =
-        match corral_common::token::verify(&state.secret, token, corral_common::now_ms()) {
-            Ok(run) => run,
-            Err(err) => return error(StatusCode::UNAUTHORIZED, err.to_string()),
-        };
+    let token_run = match state.keyring.verify(token, corral_common::now_ms()) {
+        Ok(run) => run,
+        Err(err) => return error(StatusCode::UNAUTHORIZED, err.to_string()),
+    };
     if token_run != run_id {
         return error(
             StatusCode::FORBIDDEN,
@@ -212,7 +215,11 @@ async fn list_events(
     State(state): State<Arc<AppState>>,
     Path(run_id): Path<String>,
     Query(query): Query<PageQuery>,
+    headers: HeaderMap,
 ) -> Response {
+    if let Err(refused) = state.auth.check(&headers, Scope::Read) {
+        return refused.into_response();
+    }
     if let Some(refused) = refused_run_id(&run_id) {
         return refused;
     }
@@ -280,9 +287,18 @@ async fn stream_events(
     Query(mut query): Query<TailQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
+    let granted = state
+        .auth
+        .check(&headers, Scope::Stream)
+        .map_err(IntoResponse::into_response)?;
     if let Some(refused) = refused_run_id(&run_id) {
         return Err(refused);
     }
+    // Held as long as the tail is open.
+    let permit = state
+        .auth
+        .stream_permit(&granted)
+        .map_err(IntoResponse::into_response)?;
     // A reconnecting EventSource resumes from the last id it saw.
     if query.after == 0
         && let Some(last) = headers
@@ -329,6 +345,10 @@ async fn stream_events(
             .id(cursor.to_string())
             .event(event.kind)
             .data(body.to_string())))
+    });
+    let events = events.map(move |event| {
+        let _held = &permit;
+        event
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }

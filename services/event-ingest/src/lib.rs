@@ -9,6 +9,7 @@
 //! analytics consumers read the same stream with durable consumers of their
 //! own (see `examples/analytics-consumer`).
 
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod persister;
@@ -55,8 +56,9 @@ pub enum Error {
         addr: String,
         source: std::io::Error,
     },
-    #[error("token_secret is empty: set CORRAL_TOKEN_SECRET (the spawners need the same value)")]
-    NoSecret,
+    /// Keys are missing, weak or malformed; the message names the setting.
+    #[error("keys: {0}")]
+    Keys(String),
 }
 
 /// A bound HTTP listener; `port()` tells where tests must connect.
@@ -84,9 +86,23 @@ impl Bound {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let starting = corral_common::admin::starting("event-ingest");
         let config = self.config;
-        if config.token_secret.expose().is_empty() {
-            return Err(Error::NoSecret);
-        }
+        let keyring = corral_common::token::Keyring::from_config(
+            &config.token_keys,
+            &config.token_secret,
+            "",
+            config.dev_mode,
+        )
+        .map_err(Error::Keys)?;
+        let auth = auth::Auth::new(
+            &config.api_keys,
+            auth::Limits {
+                rate_per_sec: config.read_rate_per_sec,
+                burst: config.read_burst,
+                streams: config.max_streams_per_key,
+            },
+            config.dev_mode || config.anonymous_reads,
+        )
+        .map_err(Error::Keys)?;
         let subjects = Subjects::new(&config.subject_prefix)?;
         let pool = PgPoolOptions::new()
             .max_connections(config.db_pool_size)
@@ -96,8 +112,9 @@ impl Bound {
         let mut migrator = sqlx::migrate!("./migrations");
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;
-        let nats = corral_common::nats::connect(
+        let nats = corral_common::nats::connect_with(
             &config.nats_url,
+            &config.nats_auth,
             "corral-event-ingest",
             Duration::from_secs(5),
         )
@@ -126,7 +143,8 @@ impl Bound {
             nats: nats.clone(),
             subjects: subjects.clone(),
             pool: pool.clone(),
-            secret: config.token_secret.expose().as_bytes().to_vec(),
+            keyring,
+            auth,
             max_diff: config.max_diff_bytes,
             shutdown: shutdown.clone(),
             client: client.clone(),

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// NATS server (`NATS_URL`).
     pub nats_url: String,
+    /// Credentials and TLS for NATS (`nats_auth: {creds_file | nkey_file |
+    /// user + password | token, tls_ca, tls_cert, tls_key}`; `NATS_CREDS`, ...).
+    pub nats_auth: corral_common::nats::NatsAuth,
     /// First token of every subject; lets deployments share one NATS.
     pub subject_prefix: String,
     /// The `corral.deployment` label of the sandboxes to reconcile ("" = the
@@ -67,6 +70,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: Default::default(),
             subject_prefix: corral_proto::Subjects::DEFAULT_PREFIX.into(),
             deployment: String::new(),
             home: PathBuf::new(),

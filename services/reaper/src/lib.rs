@@ -72,8 +72,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &config.daytona,
     )?;
     let id = config.reaper_id();
-    let nats = corral_common::nats::connect(
+    let nats = corral_common::nats::connect_with(
         &config.nats_url,
+        &config.nats_auth,
         &format!("corral-reaper {id}"),
         Duration::from_secs(5),
     )

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// NATS server (`NATS_URL`).
     pub nats_url: String,
+    /// Credentials and TLS for NATS (`nats_auth: {creds_file | nkey_file |
+    /// user + password | token, tls_ca, tls_cert, tls_key}`; `NATS_CREDS`, ...).
+    pub nats_auth: corral_common::nats::NatsAuth,
     /// First token of every subject; lets deployments share one NATS.
     pub subject_prefix: String,
     /// Value of the `corral.deployment` label on every sandbox ("" = the
@@ -45,8 +48,17 @@ pub struct Config {
     /// redelivers it to another spawner (one that died before claiming), ms.
     pub command_ack_wait_ms: u64,
     /// Key of the run tokens handed to agents as `CORRAL_TOKEN` (shared with
-    /// event-ingest; `CORRAL_TOKEN_SECRET`). Empty: agents get no token.
+    /// event-ingest; `CORRAL_TOKEN_SECRET`), key id `default`. With
+    /// `token_keys` too, or instead: empty. None at all: agents get no token.
     pub token_secret: corral_common::Secret,
+    /// The token keyring by key id (`CORRAL_TOKEN_KEYS__<ID>`; ids are
+    /// lowercased from the environment). Tokens are signed with
+    /// `token_signing_key`, or the greatest id.
+    pub token_keys: std::collections::BTreeMap<String, corral_common::Secret>,
+    /// The key id new tokens are signed with; empty: the greatest id.
+    pub token_signing_key: String,
+    /// Allows weak token keys (a laptop, `corral up`); never in production.
+    pub dev_mode: bool,
     /// Event-ingest's base URL as agents reach it, handed to them as
     /// `CORRAL_EVENTS_URL`.
     pub events_url: String,
@@ -70,6 +82,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: Default::default(),
             subject_prefix: corral_proto::Subjects::DEFAULT_PREFIX.into(),
             deployment: String::new(),
             home: PathBuf::new(),
@@ -83,6 +96,9 @@ impl Default for Config {
             drain_timeout_ms: 600_000,
             command_ack_wait_ms: 30_000,
             token_secret: corral_common::Secret::default(),
+            token_keys: Default::default(),
+            token_signing_key: String::new(),
+            dev_mode: false,
             events_url: "http://127.0.0.1:8470".into(),
             boot_delay_ms: 0,
             provider: "local".into(),

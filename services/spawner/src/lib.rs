@@ -55,6 +55,9 @@ pub enum Error {
     Provider(#[from] corral_provider::ProviderError),
     #[error("nats: {0}")]
     Consumer(String),
+    /// The run-token keys are weak or inconsistent; the message names the setting.
+    #[error("run-token keys: {0}")]
+    Keys(String),
 }
 
 /// What every task of one spawner shares.
@@ -80,6 +83,8 @@ pub(crate) struct Spawner {
     pub exiting: CancellationToken,
     /// Progress reports to the tracker, coalesced.
     pub activity: Arc<ActivityReporter>,
+    /// Signs the run tokens handed to agents; none configured: no token.
+    pub keyring: Option<corral_common::token::Keyring>,
 }
 
 impl Spawner {
@@ -151,6 +156,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // Cancelled once the last owned run is over (after the drain).
     let stopped = CancellationToken::new();
     let subjects = Subjects::new(&config.subject_prefix)?;
+    let keyring = if config.token_keys.is_empty() && config.token_secret.expose().is_empty() {
+        tracing::warn!(
+            "no run-token keys (token_secret, token_keys): agents get no CORRAL_TOKEN and cannot post events"
+        );
+        None
+    } else {
+        Some(
+            corral_common::token::Keyring::from_config(
+                &config.token_keys,
+                &config.token_secret,
+                &config.token_signing_key,
+                config.dev_mode,
+            )
+            .map_err(Error::Keys)?,
+        )
+    };
     let home = config.home_dir();
     let provider = corral_provider::build(
         &config.provider,
@@ -160,8 +181,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &config.daytona,
     )?;
     let id = config.spawner_id();
-    let nats = corral_common::nats::connect(
+    let nats = corral_common::nats::connect_with(
         &config.nats_url,
+        &config.nats_auth,
         &format!("corral-spawner {id}"),
         Duration::from_secs(5),
     )
@@ -180,6 +202,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         end_runs: CancellationToken::new(),
         exiting: CancellationToken::new(),
         activity: ActivityReporter::start(client.clone(), stopped.clone()),
+        keyring,
         client,
         config,
         id,

@@ -332,11 +332,10 @@ impl Supervisor {
         if let Some(session) = self.session_id.lock().ok().and_then(|s| s.clone()) {
             env.insert("CORRAL_SESSION_ID".into(), session);
         }
-        let secret = self.spawner.config.token_secret.expose();
-        if !secret.is_empty() {
+        if let Some(keyring) = &self.spawner.keyring {
             // Valid until a minute past the deadline: the run is over by then.
             let expires = self.run.deadline_at_ms.max(corral_common::now_ms()) + 60_000;
-            let token = corral_common::token::mint(secret.as_bytes(), &self.run_id, expires);
+            let token = keyring.mint(&self.run_id, expires);
             env.insert("CORRAL_TOKEN".into(), token);
             env.insert(
                 "CORRAL_EVENTS_URL".into(),

@@ -76,7 +76,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         config.prices.clone(),
     )
     .await?;
-    let client = nats::connect(&config.nats_url, "corral-tracker", Duration::from_secs(5)).await?;
+    let client = nats::connect_with(
+        &config.nats_url,
+        &config.nats_auth,
+        "corral-tracker",
+        Duration::from_secs(5),
+    )
+    .await?;
     let js = jetstream::new(client.clone());
     nats::ensure_streams(&js, &subjects).await?;
     let relay = relay::Relay::new(store.pool().clone(), js.clone(), subjects.clone());

@@ -1,0 +1,183 @@
+//! corral on a NATS server that authenticates every party and gives each
+//! only its subjects (the users `corral keys nats` generates): the whole
+//! lifecycle works with no permissions violation, a client without
+//! credentials is refused at connect, and a credential used outside its
+//! permissions is refused by the server.
+
+use std::time::Duration;
+
+use corral_common::nats::NatsAuth;
+use corral_common::nats_roles::{self, Role};
+use corral_proto::v1::RunState;
+use corral_tests::sessions::stop_run;
+use corral_tests::{PrivateNats, TestEnv, eventually};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn auth_of(generated: &nats_roles::Generated, role: Role) -> NatsAuth {
+    let (_, seed, _) = generated
+        .roles
+        .iter()
+        .find(|(r, _, _)| *r == role)
+        .expect("every role is generated");
+    NatsAuth {
+        nkey_file: Some(seed.clone()),
+        inbox_prefix: Some(role.inbox_prefix()),
+        ..Default::default()
+    }
+}
+
+fn violations(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|line| line.contains("Violation"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_party_works_with_only_its_own_subjects() {
+    // The users are generated for the test's prefix, then a server of the
+    // test's own starts with them.
+    let mut env = TestEnv::new().await;
+    let generated =
+        nats_roles::generate(&env.home.join("nats-keys"), &env.subjects).expect("generate users");
+    let nats = PrivateNats::start_with_config(
+        &std::fs::read_to_string(&generated.auth_conf).expect("auth.conf"),
+    );
+    env.nats_url = nats.url();
+
+    // No credential: refused at connect, with the server's reason.
+    let refused = corral_client::Client::connect(&nats.url(), &env.prefix, "anonymous")
+        .await
+        .err()
+        .expect("a client without credentials is refused");
+    let text = refused.to_string().to_ascii_lowercase();
+    assert!(text.contains("authoriz"), "{refused}");
+
+    env.nats_auth = auth_of(&generated, Role::Platform);
+    let mut tracker_config = env.tracker_config();
+    tracker_config.nats_auth = auth_of(&generated, Role::Tracker);
+    let tracker = env.start_tracker_with(tracker_config).await;
+    let mut spawner_config = env.spawner_config();
+    spawner_config.nats_auth = auth_of(&generated, Role::Spawner);
+    let spawner = env.start_spawner_with(spawner_config).await;
+    let mut reaper_config = env.reaper_config();
+    reaper_config.nats_auth = auth_of(&generated, Role::Reaper);
+    let reaper = env.start_reaper_with(reaper_config).await;
+    let mut ingest_config = env.ingest_config("127.0.0.1:0");
+    ingest_config.nats_auth = auth_of(&generated, Role::Ingest);
+    let (ingest, url) = env.start_ingest_with(ingest_config).await;
+    let client = env.client().await;
+
+    // A run to its end: output stored by ingest and read back over HTTP.
+    let command = env.command(&["sh", "-c", "echo secure-1; echo secure-2"]);
+    client
+        .start_run(&command)
+        .await
+        .expect("submit as the platform");
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    assert_eq!(run.state(), RunState::Completed, "{}", run.reason);
+    let http = corral_tests::http();
+    let lines = eventually("ingest stores the run's output", LIMIT, || async {
+        let page: serde_json::Value = http
+            .get(format!("{url}/v1/runs/{}/events", command.run_id))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let lines: Vec<String> = page["events"]
+            .as_array()?
+            .iter()
+            .filter_map(|e| e["data"]["line"].as_str().map(str::to_owned))
+            .collect();
+        (lines.len() == 2).then_some(lines)
+    })
+    .await;
+    assert_eq!(lines, ["secure-1", "secure-2"]);
+
+    // A stop from the platform reaches the owner.
+    let sleeper = env.command(&["sleep", "300"]);
+    client.start_run(&sleeper).await.expect("submit");
+    env.wait_state(&client, &sleeper.run_id, RunState::Running)
+        .await;
+    stop_run(&client, &sleeper.run_id, "secure stop").await;
+    let stopped = env.wait_terminal(&client, &sleeper.run_id, LIMIT).await;
+    assert_eq!(stopped.state(), RunState::Stopped, "{}", stopped.reason);
+
+    // The analytics reader reads events and may publish no command.
+    let analytics = corral_client::Client::connect_with(
+        &nats.url(),
+        &auth_of(&generated, Role::Analytics),
+        &env.prefix,
+        "analytics",
+    )
+    .await
+    .expect("analytics connects");
+    let seen = analytics
+        .get(&command.run_id)
+        .await
+        .expect_err("analytics may not ask the tracker");
+    assert!(seen.is_transient(), "refused as no answer: {seen}");
+    let forged = env.command(&["sh", "-c", "echo forged"]);
+    let publish = analytics.publish_run(&forged).await;
+    assert!(publish.is_err(), "a command from analytics is not taken");
+    let spawner_credential = corral_client::Client::connect_with(
+        &nats.url(),
+        &auth_of(&generated, Role::Spawner),
+        &env.prefix,
+        "not-a-platform",
+    )
+    .await
+    .expect("connects");
+    let stop = corral_proto::v1::StopCommand {
+        run_id: command.run_id.clone(),
+        reason: "forged".into(),
+        requested_by: "spawner".into(),
+        requested_at_ms: corral_common::now_ms(),
+    };
+    assert!(
+        spawner_credential.stop(&stop).await.is_err(),
+        "a spawner may not ask the tracker to stop runs"
+    );
+    let log = eventually("the server logs the refused publishes", LIMIT, || async {
+        let log = nats.log();
+        (violations(&log).len() >= 3).then_some(log)
+    })
+    .await;
+    let refused: Vec<&str> = violations(&log);
+    let expected = [
+        format!("Subject \"{}\"", env.subjects.cmd_run()),
+        format!("Subject \"{}\"", env.subjects.tracker("get")),
+        format!("Subject \"{}\"", env.subjects.tracker("stop")),
+    ];
+    for line in &refused {
+        assert!(
+            expected.iter().any(|e| line.contains(e.as_str())),
+            "a service used a subject its role may not: {line}"
+        );
+    }
+    for e in &expected {
+        assert!(
+            refused.iter().any(|line| line.contains(e.as_str())),
+            "the server refused {e}: {refused:#?}"
+        );
+    }
+    let forged_run = client.get(&forged.run_id).await;
+    assert!(forged_run.is_err(), "the forged run was never recorded");
+
+    ingest.stop().await;
+    reaper.stop().await;
+    spawner.stop().await;
+    tracker.stop().await;
+    let log = nats.log();
+    let after: Vec<&str> = violations(&log)
+        .into_iter()
+        .filter(|line| !expected.iter().any(|e| line.contains(e.as_str())))
+        .collect();
+    assert!(
+        after.is_empty(),
+        "no service was refused a subject: {after:#?}"
+    );
+    env.cleanup().await;
+}
