@@ -431,7 +431,7 @@ impl Supervisor {
             exit_code,
             expected_version: 0,
             session_id,
-            owner: String::new(),
+            owner: self.spawner.id.clone(),
         };
         match outcomes::record(&self.spawner, &request).await {
             Ok(run) => self.run = run,
@@ -669,6 +669,9 @@ impl Supervisor {
             reason: reason.to_owned(),
             actor: self.spawner.actor.clone(),
             exit_code,
+            // The tracker takes an end, start or finalize of an owned run
+            // only from its owner (or the reaper).
+            owner: self.spawner.id.clone(),
             ..Default::default()
         }
     }

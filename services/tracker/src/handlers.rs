@@ -41,6 +41,7 @@ fn store_error(err: &StoreError) -> Option<TrackerError> {
         StoreError::Illegal(_) => Code::IllegalTransition,
         StoreError::Conflict(_) => Code::Conflict,
         StoreError::Invalid(_) => Code::Invalid,
+        StoreError::Forbidden(_) => Code::Forbidden,
         StoreError::Db(_) | StoreError::Migrate(_) => Code::Unavailable,
     };
     if code == Code::Unavailable {

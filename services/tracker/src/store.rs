@@ -28,6 +28,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// Not the run's owner, nor the reaper.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
@@ -506,6 +509,9 @@ impl Store {
             if let Some(refusal) = fence(&row, event, &request.owner) {
                 return Err(StoreError::Conflict(refusal));
             }
+            if let Some(refusal) = not_owner(&row, event, &request.owner, &request.actor) {
+                return Err(StoreError::Forbidden(refusal));
+            }
         }
         Err(StoreError::Conflict(format!(
             "run {} kept changing during {}",
@@ -563,7 +569,10 @@ impl Store {
             }
             _ => "",
         };
-        let guard = guard.replace("$HOLD", &HOLD_SECS.to_string());
+        let mut guard = guard.replace("$HOLD", &HOLD_SECS.to_string());
+        if owner_only(event) {
+            guard.push_str(OWNER_GUARD);
+        }
         let updated = sqlx::query_as::<_, AppliedRow>(&format!(
             "WITH u AS (
                 UPDATE runs r SET
@@ -976,6 +985,42 @@ fn nonzero(value: i32, default: i32) -> i32 {
 }
 
 /// Why a fenced event may not apply to this row, if it may not.
+/// Events that, on a run someone owns (booting, running, finalizing), only
+/// its owner or the reaper may apply.
+fn owner_only(event: RunEvent) -> bool {
+    matches!(
+        event,
+        RunEvent::Start
+            | RunEvent::BeginFinalize
+            | RunEvent::Complete
+            | RunEvent::Fail
+            | RunEvent::Stop
+            | RunEvent::TimeOut
+            | RunEvent::TurnEnd
+    )
+}
+
+/// The rule of [`owner_only`] in SQL (`$6` the request's owner, `$9` its
+/// actor): one place, [`not_owner`] says why in words.
+const OWNER_GUARD: &str = " AND (r.state NOT IN ('booting', 'running', 'finalizing')
+    OR r.owner IS NULL OR r.owner = $6 OR $9 LIKE 'reaper:%')";
+
+/// Why `owner` (acting as `actor`) may not apply `event` to `row`, if so.
+fn not_owner(row: &RunRow, event: RunEvent, owner: &str, actor: &str) -> Option<String> {
+    let owned = matches!(
+        row.state(),
+        RunState::Booting | RunState::Running | RunState::Finalizing
+    );
+    let held = row.owner.as_deref()?;
+    (owner_only(event) && owned && held != owner && !actor.starts_with("reaper:")).then(|| {
+        format!(
+            "run {} is owned by {held}: only its owner or the reaper may {} it ({actor:?} as owner {owner:?} may not)",
+            row.run_id,
+            event.name()
+        )
+    })
+}
+
 fn fence(row: &RunRow, event: RunEvent, owner: &str) -> Option<String> {
     let between_turns = matches!(
         event,

@@ -1,0 +1,122 @@
+//! The tracker takes the end, start or finalize of an owned run only from
+//! its owner or the reaper; anyone else is refused with `FORBIDDEN`, and
+//! the run is untouched.
+
+use corral_proto::v1::tracker_error::Code;
+use corral_proto::v1::{RecordSandboxRequest, RunEvent, RunState, TransitionRequest};
+use corral_tests::TestEnv;
+
+fn request(run_id: &str, event: RunEvent, actor: &str, owner: &str) -> TransitionRequest {
+    TransitionRequest {
+        run_id: run_id.to_owned(),
+        event: event as i32,
+        reason: format!("{actor} tried"),
+        actor: actor.to_owned(),
+        owner: owner.to_owned(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_owner_or_the_reaper_ends_an_owned_run() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let client = env.client().await;
+    let owned = |n: usize| {
+        let env = &env;
+        let client = &client;
+        async move {
+            let command = env.command(&["true"]);
+            client.submit(&command).await.expect("submit");
+            client.claim(&command, "spawner-a").await.expect("claim");
+            client
+                .record_sandbox(&RecordSandboxRequest {
+                    run_id: command.run_id.clone(),
+                    owner: "spawner-a".into(),
+                    sandbox_id: format!("sandbox-{n}"),
+                    provider: "local".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("record sandbox");
+            command.run_id
+        }
+    };
+
+    // Another spawner may not start, finalize or end it.
+    let run_id = owned(1).await;
+    for event in [RunEvent::Start, RunEvent::Fail, RunEvent::Stop] {
+        let refused = client
+            .transition(&request(&run_id, event, "spawner:spawner-b", "spawner-b"))
+            .await
+            .expect_err("not the owner");
+        assert_eq!(refused.code(), Some(Code::Forbidden), "{refused}");
+        assert!(
+            refused.to_string().contains("owned by spawner-a"),
+            "{refused}"
+        );
+    }
+    // Nor may a caller that names no owner.
+    let anonymous = client
+        .transition(&request(&run_id, RunEvent::Fail, "someone", ""))
+        .await
+        .expect_err("no owner named");
+    assert_eq!(anonymous.code(), Some(Code::Forbidden), "{anonymous}");
+    assert_eq!(
+        client.get(&run_id).await.expect("get").state(),
+        RunState::Booting,
+        "refusals change nothing"
+    );
+    // The owner may.
+    client
+        .transition(&request(
+            &run_id,
+            RunEvent::Start,
+            "spawner:spawner-a",
+            "spawner-a",
+        ))
+        .await
+        .expect("the owner starts it");
+    let finalizing = client
+        .transition(&request(
+            &run_id,
+            RunEvent::BeginFinalize,
+            "spawner:spawner-a",
+            "spawner-a",
+        ))
+        .await
+        .expect("the owner finalizes it");
+    assert_eq!(finalizing.state(), RunState::Finalizing);
+    let done = client
+        .transition(&request(
+            &run_id,
+            RunEvent::Complete,
+            "spawner:spawner-a",
+            "spawner-a",
+        ))
+        .await
+        .expect("the owner completes it");
+    assert_eq!(done.state(), RunState::Completed);
+
+    // The reaper may end a run it does not own (owner lost, deadline).
+    let judged = owned(2).await;
+    let failed = client
+        .transition(&request(&judged, RunEvent::Fail, "reaper:r1", ""))
+        .await
+        .expect("the reaper ends it");
+    assert_eq!(failed.state(), RunState::Failed);
+    let history: Vec<(String,)> =
+        sqlx::query_as("SELECT actor FROM run_transitions WHERE run_id = $1 ORDER BY id")
+            .bind(&judged)
+            .fetch_all(&env.pool().await)
+            .await
+            .expect("history");
+    assert_eq!(
+        history.last().map(|(actor,)| actor.as_str()),
+        Some("reaper:r1"),
+        "the actor is recorded"
+    );
+
+    tracker.stop().await;
+    env.cleanup().await;
+}
