@@ -76,6 +76,8 @@ ensure_sandbox_tools() {
   for tool in nsenter setpriv setsid prlimit; do
     command -v "$tool" >/dev/null || { apt_install util-linux; break; }
   done
+  # openssl makes the certificates of the mutual-TLS test.
+  command -v openssl >/dev/null || apt_install openssl
 }
 
 ensure_sandbox_tools

@@ -17,6 +17,8 @@ pub struct Global {
     pub nats_url: String,
     /// Credentials and TLS for NATS, from the flags and the environment.
     pub nats_auth: corral_common::nats::NatsAuth,
+    /// The `--nats-*` flags alone (over a service's own configuration).
+    pub nats_auth_flags: corral_common::config::NatsAuthFlags,
     pub prefix: String,
     pub json: bool,
 }

@@ -129,6 +129,7 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = commands::Global {
         nats_auth: commands::nats_auth(&cli.nats_auth)?,
+        nats_auth_flags: cli.nats_auth.clone(),
         nats_url: cli.nats_url,
         prefix: cli.prefix,
         json: cli.json,

@@ -127,11 +127,11 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     {
         ingest.anonymous_reads = true;
     }
-    // The credentials this command was given (flags over environment).
-    tracker.nats_auth = global.nats_auth.clone();
-    spawner.nats_auth = global.nats_auth.clone();
-    reaper.nats_auth = global.nats_auth.clone();
-    ingest.nats_auth = global.nats_auth.clone();
+    // The credential files this command was given as flags.
+    global.nats_auth_flags.apply(&mut tracker.nats_auth);
+    global.nats_auth_flags.apply(&mut spawner.nats_auth);
+    global.nats_auth_flags.apply(&mut reaper.nats_auth);
+    global.nats_auth_flags.apply(&mut ingest.nats_auth);
     // One token keyring for the spawner (which mints) and ingest (which
     // checks): a random key for this process unless CORRAL_TOKEN_SECRET or
     // CORRAL_TOKEN_KEYS__<ID> name some.
@@ -184,6 +184,7 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         let global = Global {
             nats_url: global.nats_url.clone(),
             nats_auth: global.nats_auth.clone(),
+            nats_auth_flags: global.nats_auth_flags.clone(),
             prefix: global.prefix.clone(),
             json: false,
         };
@@ -311,7 +312,7 @@ async fn demo_session(corral: &impl Fn(&[&str]) -> tokio::process::Command) -> a
     Ok(())
 }
 
-pub async fn serve(_global: &Global, service: Service) -> anyhow::Result<ExitCode> {
+pub async fn serve(global: &Global, service: Service) -> anyhow::Result<ExitCode> {
     let env = process_env();
     let argv0 = |name: &str| std::iter::once(format!("corral serve {name}"));
     // Parse first, so a bad flag or key fails before anything starts.
@@ -320,36 +321,41 @@ pub async fn serve(_global: &Global, service: Service) -> anyhow::Result<ExitCod
         futures::future::BoxFuture<'static, anyhow::Result<()>>,
     ) = match service {
         Service::Tracker { args } => {
-            let config = corral_tracker::Cli::parse_from(argv0("tracker").chain(args))
+            let mut config = corral_tracker::Cli::parse_from(argv0("tracker").chain(args))
                 .flags
                 .load(&env)?;
+            global.nats_auth_flags.apply(&mut config.nats_auth);
             (
                 "corral-tracker",
                 Box::pin(async move { Ok(corral_tracker::run(config, signal()).await?) }),
             )
         }
         Service::Spawner { args } => {
-            let config = corral_spawner::Cli::parse_from(argv0("spawner").chain(args))
+            let mut config = corral_spawner::Cli::parse_from(argv0("spawner").chain(args))
                 .flags
                 .load(&env)?;
+            global.nats_auth_flags.apply(&mut config.nats_auth);
             (
                 "corral-spawner",
                 Box::pin(async move { Ok(corral_spawner::run(config, signal()).await?) }),
             )
         }
         Service::EventIngest { args } => {
-            let config = corral_event_ingest::Cli::parse_from(argv0("event-ingest").chain(args))
-                .flags
-                .load(&env)?;
+            let mut config =
+                corral_event_ingest::Cli::parse_from(argv0("event-ingest").chain(args))
+                    .flags
+                    .load(&env)?;
+            global.nats_auth_flags.apply(&mut config.nats_auth);
             (
                 "corral-event-ingest",
                 Box::pin(async move { Ok(corral_event_ingest::run(config, signal()).await?) }),
             )
         }
         Service::Reaper { args } => {
-            let config = corral_reaper::Cli::parse_from(argv0("reaper").chain(args))
+            let mut config = corral_reaper::Cli::parse_from(argv0("reaper").chain(args))
                 .flags
                 .load(&env)?;
+            global.nats_auth_flags.apply(&mut config.nats_auth);
             (
                 "corral-reaper",
                 Box::pin(async move { Ok(corral_reaper::run(config, signal()).await?) }),

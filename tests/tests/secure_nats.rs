@@ -9,7 +9,7 @@ use std::time::Duration;
 use corral_common::nats::NatsAuth;
 use corral_common::nats_roles::{self, Role};
 use corral_proto::v1::RunState;
-use corral_tests::sessions::stop_run;
+use corral_tests::sessions::{idle_after, released, stop_run};
 use corral_tests::{PrivateNats, TestEnv, eventually};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -105,6 +105,17 @@ async fn every_party_works_with_only_its_own_subjects() {
     let stopped = env.wait_terminal(&client, &sleeper.run_id, LIMIT).await;
     assert_eq!(stopped.state(), RunState::Stopped, "{}", stopped.reason);
 
+    // A kept run idle past its window is paused by the reaper (a session
+    // command) and stopped by the platform between turns.
+    let mut kept = env.kept(&["true"]);
+    kept.spec.as_mut().expect("spec").idle_pause_secs = 1;
+    client.start_run(&kept).await.expect("submit kept");
+    idle_after(&client, &kept.run_id, 1).await;
+    released(&client, &kept.run_id, RunState::Paused).await;
+    stop_run(&client, &kept.run_id, "secure stop between turns").await;
+    let ended = env.wait_terminal(&client, &kept.run_id, LIMIT).await;
+    assert_eq!(ended.state(), RunState::Stopped, "{}", ended.reason);
+
     // The analytics reader reads events and may publish no command.
     let analytics = corral_client::Client::connect_with(
         &nats.url(),
@@ -179,5 +190,135 @@ async fn every_party_works_with_only_its_own_subjects() {
         after.is_empty(),
         "no service was refused a subject: {after:#?}"
     );
+    env.cleanup().await;
+}
+
+/// Runs `openssl` with `args` in `dir`; panics with its output on failure.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let output = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl on PATH (Debian package openssl)");
+    assert!(
+        output.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, in `dir`.
+fn certificates(dir: &std::path::Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=corral-test-ca",
+        ],
+    );
+    for (name, extension) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), extension).expect("extension file");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}-key.pem"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN=corral-test-{name}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "1",
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_is_required_when_the_server_asks_for_it() {
+    let env = TestEnv::new().await;
+    let dir = env.home.join("tls");
+    std::fs::create_dir_all(&dir).expect("tls dir");
+    certificates(&dir);
+    let path = |name: &str| dir.join(name);
+    let nats = PrivateNats::start_with_config(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true, timeout: 5 }}",
+        path("server.pem").display(),
+        path("server-key.pem").display(),
+        path("ca.pem").display(),
+    ));
+    let connect = |auth: NatsAuth| {
+        let url = nats.url();
+        let prefix = env.prefix.clone();
+        async move { corral_client::Client::connect_with(&url, &auth, &prefix, "tls-test").await }
+    };
+
+    let plain = connect(NatsAuth::default()).await;
+    assert!(plain.is_err(), "a client without TLS is refused");
+    let no_certificate = connect(NatsAuth {
+        tls_ca: Some(path("ca.pem")),
+        ..Default::default()
+    })
+    .await;
+    assert!(
+        no_certificate.is_err(),
+        "a client without a certificate is refused when the server verifies"
+    );
+    let client = connect(NatsAuth {
+        tls_ca: Some(path("ca.pem")),
+        tls_cert: Some(path("client.pem")),
+        tls_key: Some(path("client-key.pem")),
+        ..Default::default()
+    })
+    .await
+    .expect("a client with the CA and its certificate connects");
+    // The connection carries JetStream calls: the streams are provisioned.
+    corral_common::nats::ensure_streams(client.jetstream(), &env.subjects)
+        .await
+        .expect("JetStream over mutual TLS");
+    drop(client);
     env.cleanup().await;
 }

@@ -264,6 +264,21 @@ pub struct NatsAuthFlags {
 }
 
 impl NatsAuthFlags {
+    /// Sets in `auth` what these flags give (for a command whose flags
+    /// were parsed before the service's configuration was loaded).
+    pub fn apply(&self, auth: &mut crate::nats::NatsAuth) {
+        let set = |from: &Option<std::path::PathBuf>, to: &mut Option<std::path::PathBuf>| {
+            if from.is_some() {
+                to.clone_from(from);
+            }
+        };
+        set(&self.creds_file, &mut auth.creds_file);
+        set(&self.nkey_file, &mut auth.nkey_file);
+        set(&self.tls_ca, &mut auth.tls_ca);
+        set(&self.tls_cert, &mut auth.tls_cert);
+        set(&self.tls_key, &mut auth.tls_key);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.creds_file.is_none()
             && self.nkey_file.is_none()

@@ -58,6 +58,9 @@ pub struct NatsAuth {
     /// A file holding an nkey user seed (`SU...`), as `nk -gen user` writes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nkey_file: Option<std::path::PathBuf>,
+    /// The nkey user seed itself (`SU...`), from a secret store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nkey_seed: Option<crate::Secret>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -89,13 +92,14 @@ impl NatsAuth {
         let mut options = async_nats::ConnectOptions::new();
         let methods = [
             self.creds_file.is_some(),
-            self.nkey_file.is_some(),
+            self.nkey_file.is_some() || self.nkey_seed.is_some(),
             self.user.is_some() || self.password.is_some(),
             self.token.is_some(),
         ];
         if methods.iter().filter(|m| **m).count() > 1 {
             return Err(
-                "nats_auth: give one of creds_file, nkey_file, user/password, token".into(),
+                "nats_auth: give one of creds_file, nkey_file or nkey_seed, user/password, token"
+                    .into(),
             );
         }
         if let Some(path) = &self.creds_file {
@@ -118,6 +122,15 @@ impl NatsAuth {
                     )
                 })?;
             options = options.nkey(seed.to_owned());
+        }
+        if let Some(seed) = &self.nkey_seed {
+            if self.nkey_file.is_some() {
+                return Err("nats_auth: give nkey_file or nkey_seed, not both".into());
+            }
+            if !seed.expose().starts_with("SU") {
+                return Err("nats_auth.nkey_seed is not a user seed (it starts SU)".into());
+            }
+            options = options.nkey(seed.expose().to_owned());
         }
         match (&self.user, &self.password) {
             (Some(user), Some(password)) => {

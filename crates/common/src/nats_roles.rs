@@ -114,9 +114,11 @@ pub fn permissions(role: Role, subjects: &Subjects) -> Permissions {
             streams(&mut publish, subjects, true);
             subscribe.push(subjects.tracker_all());
             allow_responses = true;
+            // A stop between turns goes to a spawner as a session command.
             publish.extend([
                 subjects.lifecycle_all(),
                 subjects.cmd_stop_all(),
+                subjects.cmd_session(),
                 subjects.dlq_all(),
             ]);
             consume(
@@ -146,15 +148,10 @@ pub fn permissions(role: Role, subjects: &Subjects) -> Permissions {
                 &subjects.cmd_stream(),
                 Subjects::SPAWNER_CONSUMER,
             );
-            // Stops reach the owner on the core subject; node-local kills
-            // are requests it answers; its agents' events (progress,
-            // session ids) reset the run's inactivity window.
-            subscribe.extend([
-                subjects.cmd_stop_all(),
-                format!("{p}.node.>"),
-                subjects.events_all(),
-            ]);
-            allow_responses = true;
+            // Stops reach the owner on the core subject; its agents'
+            // events (progress, session ids) reset the run's inactivity
+            // window.
+            subscribe.extend([subjects.cmd_stop_all(), subjects.events_all()]);
         }
         Role::Reaper => {
             streams(&mut publish, subjects, true);
@@ -163,9 +160,9 @@ pub fn permissions(role: Role, subjects: &Subjects) -> Permissions {
                 subjects,
                 &["sweep", "transition", "get", "list", "spawners"],
             );
-            // Kills on a node: asked of its spawner, or answered for a
-            // node whose spawner is gone.
-            publish.push(format!("{p}.node.*.kill"));
+            // Kills on a node: the leader asks the node's reapers, which
+            // answer; idle kept runs are paused with a session command.
+            publish.extend([format!("{p}.node.*.kill"), subjects.cmd_session()]);
             subscribe.push(format!("{p}.node.>"));
             allow_responses = true;
             let bucket = subjects.reaper_lease_bucket();
@@ -207,7 +204,13 @@ pub fn permissions(role: Role, subjects: &Subjects) -> Permissions {
             ] {
                 consume(&mut publish, &stream, "*");
             }
-            publish.push(format!("$JS.API.STREAM.MSG.GET.{}", subjects.dlq_stream()));
+            // `corral dlq`: read letters, and delete one once replayed (a
+            // replay publishes to the letter's subject: commands; replaying
+            // an event's letter needs a credential that may publish events).
+            publish.extend([
+                format!("$JS.API.STREAM.MSG.GET.{}", subjects.dlq_stream()),
+                format!("$JS.API.STREAM.MSG.DELETE.{}", subjects.dlq_stream()),
+            ]);
             // Watching a run: its lifecycle and output as they happen.
             subscribe.extend([subjects.lifecycle_all(), subjects.events_all()]);
         }
@@ -312,7 +315,8 @@ pub fn generate(dir: &Path, subjects: &Subjects) -> std::io::Result<Generated> {
     Ok(Generated { auth_conf, roles })
 }
 
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+/// Writes `text` to `path`, readable by its owner only (a secret).
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()

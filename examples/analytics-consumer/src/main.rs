@@ -42,6 +42,62 @@ struct Args {
     /// Stop after this many events (0 = never).
     #[arg(long, default_value_t = 0)]
     max_events: u64,
+    /// NATS credentials file (JWT + nkey seed).
+    #[arg(long, env = "NATS_CREDS", value_name = "FILE")]
+    nats_creds: Option<std::path::PathBuf>,
+    /// File holding an nkey user seed (`corral keys nats` writes analytics.nk).
+    #[arg(long, env = "NATS_NKEY", value_name = "FILE")]
+    nats_nkey: Option<std::path::PathBuf>,
+    /// The nkey user seed itself (`corral keys init` writes analytics.env).
+    #[arg(long, env = "CORRAL_NATS_AUTH__NKEY_SEED", hide_env_values = true)]
+    nats_nkey_seed: Option<String>,
+    /// NATS user and password.
+    #[arg(long, env = "NATS_USER", requires = "nats_password")]
+    nats_user: Option<String>,
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    nats_token: Option<String>,
+    /// CA certificate for TLS to NATS.
+    #[arg(long, env = "NATS_CA", value_name = "FILE")]
+    nats_ca: Option<std::path::PathBuf>,
+    /// The reply inbox this credential may read (`_INBOX_analytics` for the
+    /// generated analytics user).
+    #[arg(long, env = "CORRAL_NATS_AUTH__INBOX_PREFIX")]
+    inbox_prefix: Option<String>,
+}
+
+/// Connect options from the credential flags: any one of the NATS ways.
+async fn connect_options(args: &Args) -> anyhow::Result<async_nats::ConnectOptions> {
+    let mut options = async_nats::ConnectOptions::new().name(args.name.clone());
+    if let Some(path) = &args.nats_creds {
+        options = options
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("--nats-creds {}", path.display()))?;
+    }
+    if let Some(path) = &args.nats_nkey {
+        let seed = std::fs::read_to_string(path)
+            .with_context(|| format!("--nats-nkey {}", path.display()))?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if let Some(seed) = &args.nats_nkey_seed {
+        options = options.nkey(seed.clone());
+    }
+    if let (Some(user), Some(password)) = (&args.nats_user, &args.nats_password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &args.nats_token {
+        options = options.token(token.clone());
+    }
+    if let Some(ca) = &args.nats_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some(prefix) = &args.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix.clone());
+    }
+    Ok(options)
 }
 
 #[derive(Default)]
@@ -54,9 +110,11 @@ struct RunStats {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let subjects = Subjects::new(&args.prefix)?;
-    let nats = async_nats::connect(&args.nats_url)
+    let nats = connect_options(&args)
+        .await?
+        .connect(&args.nats_url)
         .await
-        .context("cannot reach NATS")?;
+        .context("cannot reach NATS (credentials: --nats-creds, --nats-nkey, ...)")?;
     let js = jetstream::new(nats);
     let stream = js
         .get_stream(subjects.events_stream())
