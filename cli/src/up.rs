@@ -148,9 +148,13 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     ingest.token_secret = secret;
     ingest.token_keys = keys;
     // The demo's agent is this binary: an isolated sandbox sees it read-only
-    // at the same path (a sandbox sees no host path it is not given).
+    // at DEMO_AGENT (a sandbox sees no host path it is not given, and its
+    // own /work hides whatever the host has there).
     if let Ok(exe) = std::env::current_exe() {
-        spawner.local.binds.push(exe.to_string_lossy().into_owned());
+        spawner
+            .local
+            .binds
+            .push(format!("{}:{DEMO_AGENT}:ro", exe.display()));
     }
     // Agents reach the ingest this process runs, unless told otherwise.
     if spawner.events_url == corral_spawner::Config::default().events_url {
@@ -227,13 +231,17 @@ async fn wait_for_tracker(
     }
 }
 
+/// Where an isolated demo sandbox sees the `corral` binary.
+const DEMO_AGENT: &str = "/opt/corral/bin/corral";
+
 async fn demo(global: &Global, shutdown: CancellationToken) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the corral binary")?;
     let exe = exe.to_string_lossy().into_owned();
     // The reference agent posts its events over HTTP; the shell lines are output.
+    // Isolated, the binary is at DEMO_AGENT; with `isolation: none`, where it is.
     let script = format!(
         "echo \"hello from sandbox $CORRAL_SANDBOX_ID (run $CORRAL_RUN_ID)\"; echo \"working in $(pwd)\"; \
-         '{exe}' agent-demo"
+         agent={DEMO_AGENT}; [ -x \"$agent\" ] || agent='{exe}'; \"$agent\" agent-demo"
     );
     let run_id = corral_client::new_run_id();
     let corral = |args: &[&str]| {

@@ -87,6 +87,35 @@ pub(crate) fn system() -> Vec<OsString> {
 /// killed.
 pub(crate) const INIT_ARGV: [&str; 6] = ["bwrap", "--args", "0", "--", "sleep", "infinity"];
 
+/// The ancestors of a bind's sandbox path that bubblewrap would create
+/// (not `/`, nor under the system, work, `/tmp`, `/proc` or `/dev` mounts),
+/// outermost first.
+fn made_on_the_way(sandbox: &Path) -> Vec<std::path::PathBuf> {
+    const MOUNTED: [&str; 12] = [
+        "/usr",
+        "/etc",
+        "/bin",
+        "/sbin",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/libx32",
+        "/proc",
+        "/dev",
+        "/tmp",
+        SANDBOX_WORK,
+    ];
+    let mut dirs: Vec<std::path::PathBuf> = sandbox
+        .ancestors()
+        .skip(1)
+        .filter(|dir| dir.parent().is_some())
+        .take_while(|dir| !MOUNTED.iter().any(|m| dir.starts_with(m)))
+        .map(Path::to_path_buf)
+        .collect();
+    dirs.reverse();
+    dirs
+}
+
 /// bubblewrap's options for a sandbox's init, NUL-separated.
 pub(crate) fn init_args(spec: &InitSpec) -> Vec<u8> {
     let mut args: Vec<OsString> = vec![
@@ -121,6 +150,13 @@ pub(crate) fn init_args(spec: &InitSpec) -> Vec<u8> {
         SANDBOX_WORK.into(),
     ]);
     for bind in spec.binds {
+        // Directories bubblewrap makes on the way to a bind are private
+        // (0700) unless told otherwise: the agent (not root) could not
+        // reach the bind. Those outside the system and work directories
+        // are made 0755.
+        for dir in made_on_the_way(&bind.sandbox) {
+            args.extend(["--perms".into(), "0755".into(), "--dir".into(), dir.into()]);
+        }
         let how = if bind.writable { "--bind" } else { "--ro-bind" };
         args.extend([
             how.into(),
@@ -215,4 +251,21 @@ pub(crate) fn on_path(program: &str, path: &str) -> bool {
 pub(crate) fn executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directories_made_for_a_bind_are_those_outside_the_mounts() {
+        let made = made_on_the_way(Path::new("/opt/corral/bin/corral"));
+        assert_eq!(
+            made,
+            ["/opt", "/opt/corral", "/opt/corral/bin"].map(std::path::PathBuf::from)
+        );
+        assert!(made_on_the_way(Path::new("/usr/local/bin/tool")).is_empty());
+        assert!(made_on_the_way(Path::new("/work/cache")).is_empty());
+        assert!(made_on_the_way(Path::new("/shared")).is_empty());
+    }
 }
