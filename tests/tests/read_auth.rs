@@ -142,3 +142,48 @@ async fn reads_need_a_key_with_the_scope_and_are_limited_per_key() {
     tracker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_with_a_weak_token_key_refuses_to_start_naming_the_setting() {
+    let env = TestEnv::new().await;
+    for (service, var, value, says) in [
+        (
+            "event-ingest",
+            "CORRAL_TOKEN_SECRET",
+            "change-me",
+            "token_secret (CORRAL_TOKEN_SECRET) is a well-known placeholder",
+        ),
+        (
+            "spawner",
+            "CORRAL_TOKEN_KEYS__K1",
+            "short",
+            "token_keys.k1 (CORRAL_TOKEN_KEYS__K1) is 5 bytes",
+        ),
+    ] {
+        let output = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(corral_tests::corral_bin())
+                .args(["serve", service])
+                .env("NATS_URL", &env.nats_url)
+                .env("DATABASE_URL", &env.database_url)
+                .env("CORRAL_SUBJECT_PREFIX", &env.prefix)
+                .env("CORRAL_HOME", &env.home)
+                .env(var, value)
+                .output(),
+        )
+        .await
+        .expect("a refusing service exits at once")
+        .expect("corral runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "{service} started with {var}={value}"
+        );
+        assert!(stderr.contains(says), "{service}: {stderr}");
+        assert!(
+            stderr.contains("CORRAL_DEV_MODE"),
+            "says how a laptop may: {stderr}"
+        );
+    }
+    env.cleanup().await;
+}
