@@ -8,6 +8,7 @@ pub mod fault;
 pub mod nats;
 pub mod nats_roles;
 pub mod shutdown;
+pub mod streams;
 pub mod telemetry;
 pub mod token;
 

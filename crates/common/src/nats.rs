@@ -246,63 +246,22 @@ pub async fn connect_with(
         })
 }
 
-const DAY: Duration = Duration::from_secs(24 * 3600);
-
-/// The stream configurations, from the subject prefix.
+/// The stream configurations with the default settings (see
+/// [`crate::streams`] for configured ones).
 pub fn stream_configs(subjects: &Subjects) -> Vec<stream::Config> {
-    vec![
-        stream::Config {
-            name: subjects.cmd_stream(),
-            description: Some("corral commands: run and continue (work queue), stop".into()),
-            subjects: vec![subjects.cmd_all()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            max_age: 7 * DAY,
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        },
-        stream::Config {
-            name: subjects.lifecycle_stream(),
-            description: Some("corral run state transitions".into()),
-            subjects: vec![subjects.lifecycle_all()],
-            retention: stream::RetentionPolicy::Limits,
-            max_age: 7 * DAY,
-            ..Default::default()
-        },
-        stream::Config {
-            name: subjects.events_stream(),
-            description: Some("corral agent events".into()),
-            subjects: vec![subjects.events_all()],
-            retention: stream::RetentionPolicy::Limits,
-            max_age: 7 * DAY,
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        },
-        stream::Config {
-            name: subjects.dlq_stream(),
-            description: Some(
-                "corral dead letters: messages that could not be decoded or applied".into(),
-            ),
-            subjects: vec![subjects.dlq_all()],
-            retention: stream::RetentionPolicy::Limits,
-            max_age: 30 * DAY,
-            ..Default::default()
-        },
-    ]
+    crate::streams::configs(subjects, &crate::streams::Streams::default()).unwrap_or_default()
 }
 
-/// Creates corral's streams when they are missing; leaves existing ones as
-/// they are. Safe to call from every service at every start.
+/// Creates corral's streams, with the default settings, when they are
+/// missing; leaves existing ones as they are.
 pub async fn ensure_streams(js: &jetstream::Context, subjects: &Subjects) -> Result<(), NatsError> {
-    for config in stream_configs(subjects) {
-        let name = config.name.clone();
-        js.get_or_create_stream(config)
-            .await
-            .map_err(|err| NatsError::Stream {
-                stream: name,
-                message: err.to_string(),
-            })?;
-    }
-    Ok(())
+    crate::streams::ensure(
+        js,
+        subjects,
+        &crate::streams::Streams::default(),
+        crate::streams::Existing::Keep,
+    )
+    .await
 }
 
 /// Headers carrying the current trace context.

@@ -83,8 +83,9 @@ fn consume(publish: &mut Vec<String>, stream: &str, consumer: &str) {
 }
 
 /// Every role reads stream info; services may create corral's streams
-/// (idempotently, whoever starts first), never update or delete them.
-fn streams(publish: &mut Vec<String>, subjects: &Subjects, create: bool) {
+/// (idempotently, whoever starts first); only the tracker updates them
+/// (to the configured settings); nobody deletes or purges them.
+fn streams(publish: &mut Vec<String>, subjects: &Subjects, create: bool, update: bool) {
     publish.push("$JS.API.INFO".into());
     for stream in [
         subjects.cmd_stream(),
@@ -95,6 +96,9 @@ fn streams(publish: &mut Vec<String>, subjects: &Subjects, create: bool) {
         publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
         if create {
             publish.push(format!("$JS.API.STREAM.CREATE.{stream}"));
+        }
+        if update {
+            publish.push(format!("$JS.API.STREAM.UPDATE.{stream}"));
         }
     }
 }
@@ -111,7 +115,7 @@ pub fn permissions(role: Role, subjects: &Subjects) -> Permissions {
     let mut allow_responses = false;
     match role {
         Role::Tracker => {
-            streams(&mut publish, subjects, true);
+            streams(&mut publish, subjects, true, true);
             subscribe.push(subjects.tracker_all());
             allow_responses = true;
             // A stop between turns goes to a spawner as a session command.
@@ -128,7 +132,7 @@ pub fn permissions(role: Role, subjects: &Subjects) -> Permissions {
             );
         }
         Role::Spawner => {
-            streams(&mut publish, subjects, true);
+            streams(&mut publish, subjects, true, false);
             tracker_ops(
                 &mut publish,
                 subjects,
@@ -154,7 +158,7 @@ pub fn permissions(role: Role, subjects: &Subjects) -> Permissions {
             subscribe.extend([subjects.cmd_stop_all(), subjects.events_all()]);
         }
         Role::Reaper => {
-            streams(&mut publish, subjects, true);
+            streams(&mut publish, subjects, true, false);
             tracker_ops(
                 &mut publish,
                 subjects,
@@ -177,7 +181,7 @@ pub fn permissions(role: Role, subjects: &Subjects) -> Permissions {
             ]);
         }
         Role::Ingest => {
-            streams(&mut publish, subjects, true);
+            streams(&mut publish, subjects, true, false);
             tracker_ops(&mut publish, subjects, &["get", "activity"]);
             publish.extend([subjects.events_all(), subjects.dlq("events")]);
             consume(&mut publish, &subjects.events_stream(), "event-ingest");
@@ -185,7 +189,7 @@ pub fn permissions(role: Role, subjects: &Subjects) -> Permissions {
             consume(&mut publish, &subjects.events_stream(), "*");
         }
         Role::Platform => {
-            streams(&mut publish, subjects, false);
+            streams(&mut publish, subjects, false, false);
             publish.extend([
                 subjects.cmd_run(),
                 subjects.cmd_continue(),
@@ -215,7 +219,7 @@ pub fn permissions(role: Role, subjects: &Subjects) -> Permissions {
             subscribe.extend([subjects.lifecycle_all(), subjects.events_all()]);
         }
         Role::Analytics => {
-            streams(&mut publish, subjects, false);
+            streams(&mut publish, subjects, false, false);
             for stream in [subjects.lifecycle_stream(), subjects.events_stream()] {
                 consume(&mut publish, &stream, "*");
             }
@@ -353,10 +357,15 @@ mod tests {
         for role in Role::ALL {
             let p = permissions(role, &subjects);
             assert!(
-                !p.publish.iter().any(|s| s.contains("STREAM.DELETE")
-                    || s.contains("STREAM.UPDATE")
-                    || s.contains("STREAM.PURGE")),
-                "{role:?} may not delete, update or purge a stream"
+                !p.publish
+                    .iter()
+                    .any(|s| s.contains("STREAM.DELETE") || s.contains("STREAM.PURGE")),
+                "{role:?} may not delete or purge a stream"
+            );
+            assert_eq!(
+                p.publish.iter().any(|s| s.contains("STREAM.UPDATE")),
+                role == Role::Tracker,
+                "only the tracker updates streams"
             );
             assert_eq!(p.subscribe[0], format!("_INBOX_{}.>", role.name()));
         }

@@ -14,6 +14,9 @@ pub struct Config {
     /// Credentials and TLS for NATS (`nats_auth: {creds_file | nkey_file |
     /// user + password | token, tls_ca, tls_cert, tls_key}`; `NATS_CREDS`, ...).
     pub nats_auth: corral_common::nats::NatsAuth,
+    /// JetStream streams: replicas, age, size, discard per stream
+    /// (`streams: {commands, lifecycle, events, dead_letters}`).
+    pub streams: corral_common::streams::Streams,
     /// PostgreSQL (`DATABASE_URL`).
     pub database_url: Secret,
     /// First token of every subject; lets deployments share one NATS.
@@ -56,6 +59,7 @@ impl Default for Config {
         Config {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_auth: Default::default(),
+            streams: Default::default(),
             database_url: Secret::new("postgres://postgres@127.0.0.1:5432/corral"),
             subject_prefix: corral_proto::Subjects::DEFAULT_PREFIX.into(),
             listen: "127.0.0.1:8470".into(),

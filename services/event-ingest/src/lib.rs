@@ -134,9 +134,14 @@ impl Bound {
         });
         let client = Client::from_parts(nats.clone(), subjects.clone());
         let js = client.jetstream().clone();
-        corral_common::nats::ensure_streams(&js, &subjects)
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
+        corral_common::streams::ensure(
+            &js,
+            &subjects,
+            &config.streams,
+            corral_common::streams::Existing::Keep,
+        )
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
         let activity = ActivityReporter::start(client.clone(), shutdown.clone());
         let state = Arc::new(http::AppState {
             js: js.clone(),

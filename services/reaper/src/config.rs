@@ -14,6 +14,9 @@ pub struct Config {
     /// Credentials and TLS for NATS (`nats_auth: {creds_file | nkey_file |
     /// user + password | token, tls_ca, tls_cert, tls_key}`; `NATS_CREDS`, ...).
     pub nats_auth: corral_common::nats::NatsAuth,
+    /// JetStream streams: replicas, age, size, discard per stream
+    /// (`streams: {commands, lifecycle, events, dead_letters}`).
+    pub streams: corral_common::streams::Streams,
     /// First token of every subject; lets deployments share one NATS.
     pub subject_prefix: String,
     /// The `corral.deployment` label of the sandboxes to reconcile ("" = the
@@ -71,6 +74,7 @@ impl Default for Config {
         Config {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_auth: Default::default(),
+            streams: Default::default(),
             subject_prefix: corral_proto::Subjects::DEFAULT_PREFIX.into(),
             deployment: String::new(),
             home: PathBuf::new(),

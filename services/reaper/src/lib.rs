@@ -81,7 +81,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     .await?;
     corral_common::admin::nats_check("reaper.nats", nats.clone());
     let client = Client::from_parts(nats, subjects.clone());
-    corral_common::nats::ensure_streams(client.jetstream(), &subjects).await?;
+    corral_common::streams::ensure(
+        client.jetstream(),
+        &subjects,
+        &config.streams,
+        corral_common::streams::Existing::Keep,
+    )
+    .await?;
     let lease = lease::Lease::open(
         client.jetstream(),
         &subjects.reaper_lease_bucket(),

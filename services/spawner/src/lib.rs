@@ -190,7 +190,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     .await?;
     corral_common::admin::nats_check("spawner.nats", nats.clone());
     let client = Client::from_parts(nats, subjects.clone());
-    corral_common::nats::ensure_streams(client.jetstream(), &subjects).await?;
+    corral_common::streams::ensure(
+        client.jetstream(),
+        &subjects,
+        &config.streams,
+        corral_common::streams::Existing::Keep,
+    )
+    .await?;
     let spawner = Arc::new(Spawner {
         provider,
         deployment: config.deployment_label(),

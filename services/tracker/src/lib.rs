@@ -84,7 +84,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     )
     .await?;
     let js = jetstream::new(client.clone());
-    nats::ensure_streams(&js, &subjects).await?;
+    // The tracker brings existing streams to the configured settings.
+    corral_common::streams::ensure(
+        &js,
+        &subjects,
+        &config.streams,
+        corral_common::streams::Existing::Update,
+    )
+    .await?;
     let relay = relay::Relay::new(store.pool().clone(), js.clone(), subjects.clone());
     let handlers = Arc::new(Handlers {
         store,
