@@ -1,8 +1,8 @@
-//! The HTTP API: agents post their run's events with the run token; holders
-//! of an API key with the scope read them ([`crate::auth`]; paged up to the settled watermark,
-//! so pages have no gap however many instances commit in whatever order, or
-//! as a live Server-Sent Events tail that continues a cursor with no gap
-//! and no duplicate).
+//! The HTTP API: agents post their run's events with the run token;
+//! holders of an API key with the scope ([`crate::auth`]) read them, paged
+//! up to the settled watermark (so pages have no gap however many instances
+//! commit in whatever order), or as a live Server-Sent Events tail that
+//! continues a cursor with no gap and no duplicate.
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -984,7 +984,6 @@ fn nonzero(value: i32, default: i32) -> i32 {
     if value == 0 { default } else { value }
 }
 
-/// Why a fenced event may not apply to this row, if it may not.
 /// Events that, on a run someone owns (booting, running, finalizing), only
 /// its owner or the reaper may apply.
 fn owner_only(event: RunEvent) -> bool {
@@ -1021,6 +1020,7 @@ fn not_owner(row: &RunRow, event: RunEvent, owner: &str, actor: &str) -> Option<
     })
 }
 
+/// Why a fenced event may not apply to this row, if it may not.
 fn fence(row: &RunRow, event: RunEvent, owner: &str) -> Option<String> {
     let between_turns = matches!(
         event,
