@@ -27,7 +27,7 @@ PostgreSQL through DATABASE_URL and keep local sandboxes under CORRAL_HOME (defa
     after_help = "Examples:\n  corral up --demo\n  corral run --wait -- sh -c 'echo hello; exit 0'\n  corral run --timeout 300 --idle-timeout 60 --label team=infra -- python3 agent.py\n  corral status <run-id>\n  corral ls --status running --label team=infra --json\n  corral stop <run-id> --reason 'user pressed stop' --wait\n  corral run --keep-alive --idle-pause 10m --max-lifetime 24h -- ./agent.sh \"first prompt\"\n  corral continue <run-id> --wait -- ./agent.sh --resume \"second prompt\"\n  corral pause <run-id>; corral resume <run-id>\n  corral cost --label team=infra --since 24h"
 )]
 struct Cli {
-    /// NATS server URL.
+    /// NATS server URL, or a cluster's comma-separated seed list.
     #[arg(
         long,
         global = true,

@@ -20,6 +20,7 @@ use corral_proto::v1::{LifecycleEvent, Run, RunCommand, RunSpec};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
+pub mod cluster;
 pub mod sessions;
 
 pub fn nats_url() -> String {
@@ -190,6 +191,9 @@ pub struct TestEnv {
     pub nats_url: String,
     /// How the test's own clients authenticate to NATS (none by default).
     pub nats_auth: corral_common::nats::NatsAuth,
+    /// The streams' settings every service of this test is given (one
+    /// replica; three on a [`cluster::PrivateCluster`]).
+    pub streams: corral_common::streams::Streams,
     pub database_url: String,
     db_name: String,
     pub home: PathBuf,
@@ -253,6 +257,7 @@ impl TestEnv {
             prefix,
             nats_url: nats_url.to_owned(),
             nats_auth: Default::default(),
+            streams: Default::default(),
             database_url: url,
             db_name,
             home,
@@ -272,6 +277,7 @@ impl TestEnv {
             nats_url: self.nats_url.clone(),
             database_url: Secret::new(self.database_url.clone()),
             subject_prefix: self.prefix.clone(),
+            streams: self.streams.clone(),
             db_pool_size: 8,
             ..Default::default()
         }
@@ -290,6 +296,7 @@ impl TestEnv {
             },
             nats_url: self.nats_url.clone(),
             subject_prefix: self.prefix.clone(),
+            streams: self.streams.clone(),
             home: self.home.clone(),
             kill_grace_ms: 1000,
             heartbeat_ms: 500,
@@ -302,6 +309,7 @@ impl TestEnv {
         corral_reaper::Config {
             nats_url: self.nats_url.clone(),
             subject_prefix: self.prefix.clone(),
+            streams: self.streams.clone(),
             home: self.home.clone(),
             sweep_period_ms: 200,
             lease_ttl_ms: 1500,
@@ -342,6 +350,23 @@ impl TestEnv {
         }
     }
 
+    /// Gives a service process this test's stream settings
+    /// (`CORRAL_STREAMS__<STREAM>__REPLICAS`).
+    fn streams_env(&self, command: &mut tokio::process::Command) {
+        let streams = &self.streams;
+        for (name, settings) in [
+            ("COMMANDS", &streams.commands),
+            ("LIFECYCLE", &streams.lifecycle),
+            ("EVENTS", &streams.events),
+            ("DEAD_LETTERS", &streams.dead_letters),
+        ] {
+            command.env(
+                format!("CORRAL_STREAMS__{name}__REPLICAS"),
+                settings.replicas.to_string(),
+            );
+        }
+    }
+
     /// Starts `corral serve <service>` as a real process with this test's
     /// prefix, database and sandbox directory, plus `extra` env.
     pub fn spawn_service_process(
@@ -360,6 +385,7 @@ impl TestEnv {
             .stdin(Stdio::null())
             .kill_on_drop(true);
         self.log_to_file(&mut command, service);
+        self.streams_env(&mut command);
         // Ingest reads with the tests' API key (the others ignore these).
         for (key, value) in api_key_env() {
             command.env(key, value);
@@ -375,6 +401,7 @@ impl TestEnv {
             nats_url: self.nats_url.clone(),
             database_url: Secret::new(self.database_url.clone()),
             subject_prefix: self.prefix.clone(),
+            streams: self.streams.clone(),
             listen: listen.to_owned(),
             token_secret: Secret::new(TOKEN_SECRET),
             api_keys: api_keys(),
@@ -488,6 +515,7 @@ impl TestEnv {
             .stdin(Stdio::null())
             .kill_on_drop(true);
         self.log_to_file(&mut command, "spawner");
+        self.streams_env(&mut command);
         for (key, value) in extra {
             command.env(key, value);
         }

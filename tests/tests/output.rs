@@ -113,9 +113,12 @@ async fn start_printing(
     (command, subject)
 }
 
-/// Makes the events stream refuse every new message (full, discard new),
-/// as a stream without a leader or out of space does; returns the stream,
-/// its configuration to restore and how many messages it held.
+/// Makes the events stream refuse every new message (none fits its
+/// maximum message size), as a stream without a leader or out of space
+/// does; returns the stream, its configuration before and how many
+/// messages it held. Lowering the message limit instead would evict the
+/// oldest messages when a line lands between reading the count and the
+/// update, which loses a line the spawner was told was stored.
 async fn refuse_new_messages(
     env: &TestEnv,
     js: &async_nats::jetstream::Context,
@@ -128,14 +131,14 @@ async fn refuse_new_messages(
         .get_stream(env.subjects.events_stream())
         .await
         .expect("events stream");
-    let info = stream.info().await.expect("info").clone();
-    let mut full = info.config.clone();
-    full.max_messages = info.state.messages as i64;
-    full.discard = async_nats::jetstream::stream::DiscardPolicy::New;
-    js.update_stream(&full)
+    let original = stream.info().await.expect("info").config.clone();
+    let mut refusing = original.clone();
+    refusing.max_message_size = 1;
+    js.update_stream(&refusing)
         .await
         .expect("make the stream refuse");
-    (stream, info.config, info.state.messages)
+    let held = stream.info().await.expect("info").state.messages;
+    (stream, original, held)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

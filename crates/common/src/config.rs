@@ -214,7 +214,7 @@ pub struct CommonFlags {
     #[arg(long, short = 'c', value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<std::path::PathBuf>,
-    /// NATS server URL [env: NATS_URL, CORRAL_NATS_URL; default nats://127.0.0.1:4222].
+    /// NATS server URL, or a cluster's comma-separated seed list [env: NATS_URL, CORRAL_NATS_URL; default nats://127.0.0.1:4222].
     #[arg(long, value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_url: Option<String>,

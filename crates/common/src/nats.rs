@@ -190,6 +190,27 @@ pub fn redact_url(url: &str) -> String {
         .join(",")
 }
 
+/// The servers in `url`: one URL, or several comma-separated (the seed
+/// list of a cluster, `nats://n1:4222,nats://n2:4222,nats://n3:4222`). The
+/// client starts at a random one, reconnects to the others and learns the
+/// rest of the cluster from the server it reaches.
+pub fn seeds(url: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    let urls: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|one| !one.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err("no NATS URL given (nats_url, NATS_URL)".into());
+    }
+    urls.into_iter()
+        .map(|one| {
+            one.parse::<async_nats::ServerAddr>()
+                .map_err(|err| format!("{:?} is not a NATS URL: {err}", redact_url(one)))
+        })
+        .collect()
+}
+
 /// Connects with a client name that shows in `nats-server` monitoring,
 /// authenticating as `auth` says. A permissions violation (a subject this
 /// credential may not use) is logged as an error naming the subject: it
@@ -238,7 +259,10 @@ pub async fn connect_with(
                 }
             }
         })
-        .connect(url)
+        .connect(seeds(url).map_err(|message| NatsError::Auth {
+            url: redacted.clone(),
+            message,
+        })?)
         .await
         .map_err(|source| NatsError::Connect {
             url: redacted,
@@ -417,6 +441,19 @@ mod tests {
         assert_eq!(redact_url("127.0.0.1:4222"), "127.0.0.1:4222");
         // A password holding '@' is still cut at the last one.
         assert_eq!(redact_url("nats://u:p@ss@h:1"), "nats://u:***@h:1");
+    }
+
+    #[test]
+    fn a_seed_list_is_every_server_in_it_and_a_bad_one_is_named() {
+        let three = seeds("nats://127.0.0.1:4222, nats://127.0.0.1:4223,tls://n3:4224")
+            .expect("three servers");
+        assert_eq!(three.len(), 3);
+        assert_eq!(three[1].port(), 4223);
+        assert!(three[2].tls_required());
+        let err = seeds("nats://a:1,http://u:secret@b:2").expect_err("refused");
+        assert!(err.contains("http://u:***@b:2"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+        assert!(seeds(" , ").is_err());
     }
 
     #[tokio::test]

@@ -88,6 +88,40 @@ impl Default for Streams {
     }
 }
 
+impl Streams {
+    /// The defaults with `replicas` copies of every stream: 3 on a 3-node
+    /// cluster (`CORRAL_STREAMS__<STREAM>__REPLICAS=3` says the same per
+    /// stream).
+    pub fn replicated(replicas: usize) -> Streams {
+        let mut streams = Streams::default();
+        for settings in [
+            &mut streams.commands,
+            &mut streams.lifecycle,
+            &mut streams.events,
+            &mut streams.dead_letters,
+        ] {
+            settings.replicas = replicas;
+        }
+        streams
+    }
+
+    /// The most copies any stream keeps: what the reaper's lease bucket
+    /// keeps, so that the lease survives what the streams survive.
+    pub fn most_replicas(&self) -> usize {
+        [
+            &self.commands,
+            &self.lifecycle,
+            &self.events,
+            &self.dead_letters,
+        ]
+        .iter()
+        .map(|s| s.replicas)
+        .max()
+        .unwrap_or(1)
+        .max(1)
+    }
+}
+
 /// The stream configurations, from the subject prefix and the settings.
 pub fn configs(subjects: &Subjects, streams: &Streams) -> Result<Vec<stream::Config>, NatsError> {
     let with = |mut config: stream::Config, settings: &StreamSettings| {

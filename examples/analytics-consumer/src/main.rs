@@ -110,9 +110,16 @@ struct RunStats {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let subjects = Subjects::new(&args.prefix)?;
+    // One URL, or a cluster's comma-separated seed list.
+    let seeds = args
+        .nats_url
+        .split(',')
+        .map(|url| url.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("--nats-url is not a NATS URL or a comma-separated list of them")?;
     let nats = connect_options(&args)
         .await?
-        .connect(&args.nats_url)
+        .connect(seeds)
         .await
         .context("cannot reach NATS (credentials: --nats-creds, --nats-nkey, ...)")?;
     let js = jetstream::new(nats);

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// NATS server (`NATS_URL`).
+    /// NATS server, or a cluster's comma-separated seed list (`NATS_URL`).
     pub nats_url: String,
     /// Credentials and TLS for NATS (`nats_auth: {creds_file | nkey_file |
     /// user + password | token, tls_ca, tls_cert, tls_key}`; `NATS_CREDS`, ...).

@@ -25,11 +25,14 @@ impl Lease {
         bucket: &str,
         id: &str,
         ttl: Duration,
+        replicas: usize,
     ) -> Result<Lease, String> {
         // The bucket's stream is provisioned here, as a KV bucket's stream
         // is laid out (subjects `$KV.<bucket>.>`, one message per subject,
         // entries expiring after the TTL): the client's own bucket creation
         // sends settings a 2.9 server does not answer in the form it expects.
+        // It keeps as many copies as the most replicated stream: on a
+        // cluster the lease outlives the loss of a node.
         let stream = stream::Config {
             name: format!("KV_{bucket}"),
             description: Some("corral reaper leader lease".into()),
@@ -40,6 +43,7 @@ impl Lease {
             deny_delete: true,
             allow_direct: true,
             discard: stream::DiscardPolicy::New,
+            num_replicas: replicas.max(1),
             ..Default::default()
         };
         js.get_or_create_stream(stream)

@@ -93,6 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &subjects.reaper_lease_bucket(),
         &id,
         Duration::from_millis(config.lease_ttl_ms.max(300)),
+        config.streams.most_replicas(),
     )
     .await
     .map_err(Error::Lease)?;
