@@ -10,7 +10,9 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::{CreateStreamError, CreateStreamErrorKind};
 use async_nats::jetstream::{self, stream};
+use backon::{ExponentialBuilder, Retryable};
 use corral_proto::Subjects;
 use serde::{Deserialize, Serialize};
 
@@ -181,6 +183,18 @@ pub fn configs(subjects: &Subjects, streams: &Streams) -> Result<Vec<stream::Con
     ])
 }
 
+/// Whether a failed stream creation may succeed later: no answer in time,
+/// JetStream not (yet) there, or a cluster without a leader for a moment.
+fn passing(err: &CreateStreamError) -> bool {
+    match err.kind() {
+        CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
+        CreateStreamErrorKind::JetStream(inner) => {
+            inner.code() == 503 || inner.to_string().contains("temporarily unavailable")
+        }
+        _ => false,
+    }
+}
+
 /// What differs between an existing stream and the wanted one: settings
 /// an update changes in place, and settings it cannot.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -276,8 +290,20 @@ pub async fn ensure(
             stream: name.clone(),
             message: err,
         };
-        let mut stream = js
-            .get_or_create_stream(wanted.clone())
+        // A cluster electing leaders, or loaded, answers late or "temporarily
+        // unavailable" for a while: wait that out rather than exit.
+        let mut stream = (|| js.get_or_create_stream(wanted.clone()))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(3))
+                    .with_max_times(12)
+                    .with_jitter(),
+            )
+            .when(passing)
+            .notify(|err, after| {
+                tracing::warn!(stream = %name, error = %err, retry_in = ?after, "stream not provisioned yet; trying again");
+            })
             .await
             .map_err(|err| fail(err.to_string()))?;
         if existing == Existing::Keep {
