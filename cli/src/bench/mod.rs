@@ -19,6 +19,7 @@ mod isolation;
 mod outage;
 mod reaper;
 mod resume;
+mod scale;
 mod stack;
 mod stop;
 
@@ -38,6 +39,8 @@ pub enum Bench {
     Isolation(isolation::IsolationArgs),
     /// Runs through PostgreSQL, tracker, NATS and ingest outages: what was lost; self-contained.
     Outage(outage::OutageArgs),
+    /// Runs/s and stop p99 by spawner and tracker processes, on one NATS server and on a 3-node cluster; self-contained.
+    Scale(scale::ScaleArgs),
 }
 
 #[derive(clap::Args)]
@@ -70,6 +73,7 @@ pub async fn bench(global: &Global, bench: Bench) -> anyhow::Result<ExitCode> {
         Bench::Resume(args) => resume::run(global, args).await,
         Bench::Isolation(args) => isolation::run(args).await,
         Bench::Outage(args) => outage::run(args).await,
+        Bench::Scale(args) => scale::run(global, args).await,
     }
 }
 
@@ -85,12 +89,46 @@ async fn runs(global: &Global, args: RunsArgs) -> anyhow::Result<ExitCode> {
     if args.count == 0 || args.concurrency == 0 {
         bail!("--count and --concurrency must be positive");
     }
+    let client = global.client().await?;
+    let figures = measure_runs(&client, &args).await?;
+    println!(
+        "runs completed        {}/{} in {:.2} s",
+        figures["completed"], args.count, figures["elapsed_s"]
+    );
+    println!(
+        "throughput            {:.1} runs/s",
+        figures["runs_per_sec"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "submit -> running     p50 {} ms, p99 {} ms",
+        figures["submit_to_running_p50_ms"], figures["submit_to_running_p99_ms"]
+    );
+    println!(
+        "submit -> done        p50 {} ms, p99 {} ms",
+        figures["submit_to_done_p50_ms"], figures["submit_to_done_p99_ms"]
+    );
+    println!("{figures}");
+    Ok(
+        if figures["completed"].as_u64() == Some(args.count as u64) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        },
+    )
+}
+
+/// Submits `args.count` runs, `args.concurrency` in flight at once, and
+/// times each from submit to running and to its end, on the lifecycle
+/// events; returns the figures (JSON, as `bench runs` prints them).
+async fn measure_runs(
+    client: &corral_client::Client,
+    args: &RunsArgs,
+) -> anyhow::Result<serde_json::Value> {
     let argv = if args.argv.is_empty() {
         vec!["true".to_owned()]
     } else {
         args.argv.clone()
     };
-    let client = global.client().await?;
     let timings: Arc<Mutex<HashMap<String, Timing>>> = Arc::default();
 
     let mut lifecycle = client
@@ -215,26 +253,7 @@ async fn runs(global: &Global, args: RunsArgs) -> anyhow::Result<ExitCode> {
         "submit_to_done_p50_ms": round(percentile(&mut to_done, 0.50)),
         "submit_to_done_p99_ms": round(percentile(&mut to_done, 0.99)),
     });
-    println!(
-        "runs completed        {completed}/{} in {:.2} s",
-        args.count,
-        elapsed.as_secs_f64()
-    );
-    println!("throughput            {runs_per_sec:.1} runs/s");
-    println!(
-        "submit -> running     p50 {} ms, p99 {} ms",
-        figures["submit_to_running_p50_ms"], figures["submit_to_running_p99_ms"]
-    );
-    println!(
-        "submit -> done        p50 {} ms, p99 {} ms",
-        figures["submit_to_done_p50_ms"], figures["submit_to_done_p99_ms"]
-    );
-    println!("{figures}");
-    Ok(if completed == args.count {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(figures)
 }
 
 pub fn ms(duration: Duration) -> f64 {

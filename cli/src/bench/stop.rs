@@ -60,6 +60,44 @@ async fn measure(stack: &mut Stack, args: &StopArgs) -> anyhow::Result<ExitCode>
         ];
         spawners.push(stack.spawn("spawner", &env)?);
     }
+    let figures = stop_burst(stack, args.sandboxes, &spawners).await?;
+    println!(
+        "sandboxes stopped        {}/{}",
+        figures["gone"], args.sandboxes
+    );
+    println!(
+        "publish -> process gone  p50 {} ms, p99 {} ms, max {} ms",
+        figures["stop_p50_ms"], figures["stop_p99_ms"], figures["stop_max_ms"]
+    );
+    println!(
+        "publish -> stopped event p50 {} ms, p99 {} ms",
+        figures["stopped_event_p50_ms"], figures["stopped_event_p99_ms"]
+    );
+    println!(
+        "spawner memory           {} KiB per owned sandbox",
+        figures["spawner_rss_kib_per_sandbox"]
+    );
+    println!("{figures}");
+    Ok(if figures["gone"].as_u64() == Some(args.sandboxes as u64) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Starts `sandboxes` sleeping runs on the stack's spawners (`spawners`:
+/// their pids), stops them all at once and times each from the stop's
+/// publish to its processes being gone and to its `stopped` event;
+/// returns the figures (JSON, as `bench stop` prints them).
+pub(super) async fn stop_burst(
+    stack: &Stack,
+    sandboxes_wanted: usize,
+    spawners: &[u32],
+) -> anyhow::Result<serde_json::Value> {
+    let args = StopArgs {
+        sandboxes: sandboxes_wanted,
+        spawners: spawners.len(),
+    };
     let client = stack.client.clone();
     let seen: Arc<Mutex<Seen>> = Arc::default();
     let mut lifecycle = client
@@ -244,26 +282,7 @@ async fn measure(stack: &mut Stack, args: &StopArgs) -> anyhow::Result<ExitCode>
         "stopped_event_p99_ms": round(percentile(&mut to_event, 0.99)),
         "spawner_rss_kib_per_sandbox": round(rss_per_sandbox),
     });
-    println!(
-        "sandboxes stopped        {}/{}",
-        to_gone.len(),
-        args.sandboxes
-    );
-    println!(
-        "publish -> process gone  p50 {} ms, p99 {} ms, max {} ms",
-        figures["stop_p50_ms"], figures["stop_p99_ms"], figures["stop_max_ms"]
-    );
-    println!(
-        "publish -> stopped event p50 {} ms, p99 {} ms",
-        figures["stopped_event_p50_ms"], figures["stopped_event_p99_ms"]
-    );
-    println!("spawner memory           {rss_per_sandbox:.1} KiB per owned sandbox");
-    println!("{figures}");
-    Ok(if to_gone.len() == args.sandboxes {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(figures)
 }
 
 /// Process ids by the `CORRAL_SANDBOX_ID` in their environment, in one
