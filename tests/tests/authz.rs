@@ -1,9 +1,10 @@
 //! The tracker takes the end, start or finalize of an owned run only from
 //! its owner or the reaper; anyone else is refused with `FORBIDDEN`, and
-//! the run is untouched.
+//! the run is untouched. Every refusal says why as a typed `Refusal`, so
+//! no caller reads the message.
 
-use corral_proto::v1::tracker_error::Code;
-use corral_proto::v1::{RecordSandboxRequest, RunEvent, RunState, TransitionRequest};
+use corral_proto::v1::tracker_error::{Code, Refusal};
+use corral_proto::v1::{RecordSandboxRequest, RunEvent, RunState, StopCommand, TransitionRequest};
 use corral_tests::TestEnv;
 
 fn request(run_id: &str, event: RunEvent, actor: &str, owner: &str) -> TransitionRequest {
@@ -51,6 +52,7 @@ async fn only_the_owner_or_the_reaper_ends_an_owned_run() {
             .await
             .expect_err("not the owner");
         assert_eq!(refused.code(), Some(Code::Forbidden), "{refused}");
+        assert_eq!(refused.refusal(), Refusal::NotOwner, "{refused}");
         assert!(
             refused.to_string().contains("owned by spawner-a"),
             "{refused}"
@@ -115,6 +117,86 @@ async fn only_the_owner_or_the_reaper_ends_an_owned_run() {
         history.last().map(|(actor,)| actor.as_str()),
         Some("reaper:r1"),
         "the actor is recorded"
+    );
+
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_say_why_as_a_code() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let client = env.client().await;
+    let command = env.command(&["true"]);
+    client.submit(&command).await.expect("submit");
+    let claimed = client.claim(&command, "spawner-a").await.expect("claim");
+    let run_id = command.run_id.clone();
+    let owner = |event: RunEvent| request(&run_id, event, "spawner:spawner-a", "spawner-a");
+
+    // Start before the sandbox is recorded.
+    let refused = client
+        .transition(&owner(RunEvent::Start))
+        .await
+        .expect_err("no sandbox yet");
+    assert_eq!(refused.refusal(), Refusal::NoSandbox, "{refused}");
+    assert_eq!(refused.code(), Some(Code::Conflict));
+
+    // Another spawner records a sandbox of a run it does not hold.
+    let refused = client
+        .record_sandbox(&RecordSandboxRequest {
+            run_id: run_id.clone(),
+            owner: "spawner-b".into(),
+            sandbox_id: "sandbox-b".into(),
+            provider: "local".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("held by spawner-a");
+    assert_eq!(refused.refusal(), Refusal::HeldByAnother, "{refused}");
+
+    client
+        .record_sandbox(&RecordSandboxRequest {
+            run_id: run_id.clone(),
+            owner: "spawner-a".into(),
+            sandbox_id: "sandbox-a".into(),
+            provider: "local".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("record sandbox");
+    let running = client
+        .transition(&owner(RunEvent::Start))
+        .await
+        .expect("start");
+    assert_eq!(running.state(), RunState::Running);
+
+    // A version that is not the run's.
+    let mut stale = owner(RunEvent::BeginFinalize);
+    stale.expected_version = claimed.1.version;
+    let refused = client.transition(&stale).await.expect_err("an old version");
+    assert_eq!(refused.refusal(), Refusal::VersionMismatch, "{refused}");
+
+    // A stop was requested: no finalize.
+    client
+        .stop(&StopCommand {
+            run_id: run_id.clone(),
+            reason: "test".into(),
+            requested_by: "test".into(),
+            requested_at_ms: corral_common::now_ms(),
+        })
+        .await
+        .expect("stop");
+    let before = client.get(&run_id).await.expect("get").version;
+    let refused = client
+        .transition(&owner(RunEvent::BeginFinalize))
+        .await
+        .expect_err("stop requested");
+    assert_eq!(refused.refusal(), Refusal::StopRequested, "{refused}");
+    assert_eq!(
+        client.get(&run_id).await.expect("get").version,
+        before,
+        "refusals change nothing"
     );
 
     tracker.stop().await;

@@ -13,7 +13,8 @@ use corral_proto::v1::{
     LifecycleEvent, ListRunsReply, ListRunsRequest, RecordSandboxRequest, ReleaseRequest, Run,
     RunCommand, RunReply, RunState, SessionCommand, Spawner, SpawnersReply, SpawnersRequest,
     StopCommand, StopReply, SubmitRequest, SweepReply, SweepRequest, TrackerError,
-    TransitionRequest, claim_reply, stop_reply, tracker_error::Code,
+    TransitionRequest, claim_reply, stop_reply,
+    tracker_error::{Code, Refusal},
 };
 use futures::StreamExt;
 use prost::Message;
@@ -23,7 +24,12 @@ pub enum ClientError {
     #[error(transparent)]
     Nats(#[from] NatsError),
     #[error("{message}")]
-    Tracker { code: Code, message: String },
+    Tracker {
+        code: Code,
+        /// Why a conflict or a forbidden request was refused.
+        refusal: Refusal,
+        message: String,
+    },
     #[error("invalid command: {0}")]
     Invalid(String),
     #[error("nats: {0}")]
@@ -50,6 +56,15 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Why the tracker refused, when it did (`Refusal::Unspecified` for
+    /// any other error).
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            ClientError::Tracker { refusal, .. } => *refusal,
+            _ => Refusal::Unspecified,
+        }
+    }
 }
 
 fn check(error: Option<TrackerError>) -> Result<(), ClientError> {
@@ -57,6 +72,7 @@ fn check(error: Option<TrackerError>) -> Result<(), ClientError> {
         None => Ok(()),
         Some(error) => Err(ClientError::Tracker {
             code: Code::try_from(error.code).unwrap_or(Code::Unspecified),
+            refusal: Refusal::try_from(error.refusal).unwrap_or(Refusal::Unspecified),
             message: error.message,
         }),
     }
@@ -66,6 +82,7 @@ fn run_of(reply: RunReply) -> Result<Run, ClientError> {
     check(reply.error)?;
     reply.run.ok_or_else(|| ClientError::Tracker {
         code: Code::Unspecified,
+        refusal: Refusal::Unspecified,
         message: "tracker reply carried no run".into(),
     })
 }

@@ -15,7 +15,7 @@ use backon::{ExponentialBuilder, Retryable};
 use corral_client::ClientError;
 use corral_proto::v1::{
     ContinueCommand, Run, RunEvent, RunState, SessionCommand, TransitionRequest, session_command,
-    tracker_error::Code,
+    tracker_error::{Code, Refusal},
 };
 use corral_provider::ProviderError;
 
@@ -251,7 +251,7 @@ async fn refuse(
     err: ClientError,
 ) {
     let deliveries = message.info().map(|i| i.delivered).unwrap_or(1);
-    let busy = err.code() == Some(Code::Conflict) && err.to_string().contains("is held by");
+    let busy = err.refusal() == Refusal::HeldByAnother;
     if (busy || err.is_transient()) && within_horizon(spawner, message) {
         let delay = if busy {
             Duration::from_millis(100)

@@ -13,7 +13,8 @@ use corral_proto::v1::{
     GetRunRequest, HeartbeatReply, HeartbeatRequest, ListRunsReply, ListRunsRequest,
     RecordSandboxRequest, ReleaseRequest, RunReply, RunState, SessionCommand, SpawnersReply,
     SpawnersRequest, StopCommand, StopReply, SubmitRequest, SweepReply, SweepRequest, TrackerError,
-    TransitionRequest, session_command, stop_reply, tracker_error::Code,
+    TransitionRequest, session_command, stop_reply,
+    tracker_error::{Code, Refusal},
 };
 use corral_proto::{Subjects, validate};
 use prost::Message;
@@ -32,22 +33,27 @@ fn error(code: Code, message: impl Into<String>) -> Option<TrackerError> {
     Some(TrackerError {
         code: code as i32,
         message: message.into(),
+        refusal: Refusal::Unspecified as i32,
     })
 }
 
 fn store_error(err: &StoreError) -> Option<TrackerError> {
-    let code = match err {
-        StoreError::NotFound(_) => Code::NotFound,
-        StoreError::Illegal(_) => Code::IllegalTransition,
-        StoreError::Conflict(_) => Code::Conflict,
-        StoreError::Invalid(_) => Code::Invalid,
-        StoreError::Forbidden(_) => Code::Forbidden,
-        StoreError::Db(_) | StoreError::Migrate(_) => Code::Unavailable,
+    let (code, refusal) = match err {
+        StoreError::NotFound(_) => (Code::NotFound, Refusal::Unspecified),
+        StoreError::Illegal(_) => (Code::IllegalTransition, Refusal::Unspecified),
+        StoreError::Refused(Refusal::NotOwner, _) => (Code::Forbidden, Refusal::NotOwner),
+        StoreError::Refused(refusal, _) => (Code::Conflict, *refusal),
+        StoreError::Invalid(_) => (Code::Invalid, Refusal::Unspecified),
+        StoreError::Db(_) | StoreError::Migrate(_) => (Code::Unavailable, Refusal::Unspecified),
     };
     if code == Code::Unavailable {
         tracing::warn!(error = %err, "database error");
     }
-    error(code, err.to_string())
+    Some(TrackerError {
+        code: code as i32,
+        message: err.to_string(),
+        refusal: refusal as i32,
+    })
 }
 
 /// A reply message: every one carries an optional error.

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use corral_proto::v1::{
     ClaimRequest, DueRun, HeartbeatRequest, ListRunsRequest, RecordSandboxRequest, Run, RunCommand,
     RunEvent, RunSpec, RunState, StopCommand, SweepRequest, TransitionRequest, claim_reply,
-    due_run, stop_reply,
+    due_run, stop_reply, tracker_error::Refusal,
 };
 use prost::Message;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -24,13 +24,12 @@ pub enum StoreError {
     NotFound(String),
     #[error(transparent)]
     Illegal(#[from] Illegal),
-    #[error("{0}")]
-    Conflict(String),
+    /// Refused, and why: `NotOwner` is a forbidden request, the others
+    /// conflicts with the run's state.
+    #[error("{1}")]
+    Refused(Refusal, String),
     #[error("{0}")]
     Invalid(String),
-    /// Not the run's owner, nor the reaper.
-    #[error("{0}")]
-    Forbidden(String),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
@@ -418,10 +417,10 @@ impl Store {
                 _ => return Ok((Outcome::AlreadyClaimed, row.to_proto(), applied)),
             }
         }
-        Err(StoreError::Conflict(format!(
-            "run {} kept changing while being claimed",
-            command.run_id
-        )))
+        Err(StoreError::Refused(
+            Refusal::Contended,
+            format!("run {} kept changing while being claimed", command.run_id),
+        ))
     }
 
     /// Records the sandbox id (and bumps the epoch) while the caller owns
@@ -462,13 +461,21 @@ impl Store {
             Some(row) => Ok(row.to_proto()),
             None => {
                 let current = self.load(&request.run_id).await?;
-                Err(StoreError::Conflict(format!(
-                    "run {} is {} and owned by {:?}, not live and owned by {}",
-                    request.run_id,
-                    current.state,
-                    current.owner.unwrap_or_default(),
-                    request.owner
-                )))
+                let refusal = if current.owner.as_deref() == Some(request.owner.as_str()) {
+                    Refusal::NotLive
+                } else {
+                    Refusal::HeldByAnother
+                };
+                Err(StoreError::Refused(
+                    refusal,
+                    format!(
+                        "run {} is {} and owned by {:?}, not live and owned by {}",
+                        request.run_id,
+                        current.state,
+                        current.owner.unwrap_or_default(),
+                        request.owner
+                    ),
+                ))
             }
         }
     }
@@ -500,24 +507,30 @@ impl Store {
             if let Some(version) = expected
                 && row.version != version
             {
-                return Err(StoreError::Conflict(format!(
-                    "run {} is at version {}, not {version}",
-                    request.run_id, row.version
-                )));
+                return Err(StoreError::Refused(
+                    Refusal::VersionMismatch,
+                    format!(
+                        "run {} is at version {}, not {version}",
+                        request.run_id, row.version
+                    ),
+                ));
             }
             state::next(row.state(), event)?;
-            if let Some(refusal) = fence(&row, event, &request.owner) {
-                return Err(StoreError::Conflict(refusal));
+            if let Some((refusal, why)) = fence(&row, event, &request.owner) {
+                return Err(StoreError::Refused(refusal, why));
             }
-            if let Some(refusal) = not_owner(&row, event, &request.owner, &request.actor) {
-                return Err(StoreError::Forbidden(refusal));
+            if let Some(why) = not_owner(&row, event, &request.owner, &request.actor) {
+                return Err(StoreError::Refused(Refusal::NotOwner, why));
             }
         }
-        Err(StoreError::Conflict(format!(
-            "run {} kept changing during {}",
-            request.run_id,
-            event.name()
-        )))
+        Err(StoreError::Refused(
+            Refusal::Contended,
+            format!(
+                "run {} kept changing during {}",
+                request.run_id,
+                event.name()
+            ),
+        ))
     }
 
     /// Compare-and-set of one transition against `row.version`; `None` when
@@ -719,10 +732,13 @@ impl Store {
             }
             return Ok((Outcome::Accepted, Some(recorded.to_proto()), None));
         }
-        Err(StoreError::Conflict(format!(
-            "run {} kept changing while a stop was recorded",
-            stop.run_id
-        )))
+        Err(StoreError::Refused(
+            Refusal::Contended,
+            format!(
+                "run {} kept changing while a stop was recorded",
+                stop.run_id
+            ),
+        ))
     }
 
     /// Newest first, filtered by states and labels, paged by `before_run_id`.
@@ -903,9 +919,10 @@ impl Store {
         .await?;
         match row {
             Some(row) => Ok(row.to_proto()),
-            None => Err(StoreError::Conflict(format!(
-                "run {run_id} is not held by {owner} between turns"
-            ))),
+            None => Err(StoreError::Refused(
+                Refusal::Unspecified,
+                format!("run {run_id} is not held by {owner} between turns"),
+            )),
         }
     }
 
@@ -1021,7 +1038,7 @@ fn not_owner(row: &RunRow, event: RunEvent, owner: &str, actor: &str) -> Option<
 }
 
 /// Why a fenced event may not apply to this row, if it may not.
-fn fence(row: &RunRow, event: RunEvent, owner: &str) -> Option<String> {
+fn fence(row: &RunRow, event: RunEvent, owner: &str) -> Option<(Refusal, String)> {
     let between_turns = matches!(
         event,
         RunEvent::Continue | RunEvent::Pause | RunEvent::Resume
@@ -1030,15 +1047,22 @@ fn fence(row: &RunRow, event: RunEvent, owner: &str) -> Option<String> {
         RunEvent::BeginFinalize | RunEvent::Start | RunEvent::TurnEnd
             if row.stop_requested_at.is_some() =>
         {
-            Some(format!("stop requested for run {}", row.run_id))
+            Some((
+                Refusal::StopRequested,
+                format!("stop requested for run {}", row.run_id),
+            ))
         }
-        _ if between_turns && row.stop_requested_at.is_some() => {
-            Some(format!("stop requested for run {}", row.run_id))
-        }
+        _ if between_turns && row.stop_requested_at.is_some() => Some((
+            Refusal::StopRequested,
+            format!("stop requested for run {}", row.run_id),
+        )),
         _ if (between_turns || event == RunEvent::BeginFinalize)
             && row.deadline_at.is_some_and(|d| d <= Utc::now()) =>
         {
-            Some(format!("deadline passed for run {}", row.run_id))
+            Some((
+                Refusal::DeadlinePassed,
+                format!("deadline passed for run {}", row.run_id),
+            ))
         }
         _ if between_turns
             && row.owner.as_deref().is_some_and(|held| {
@@ -1046,15 +1070,21 @@ fn fence(row: &RunRow, event: RunEvent, owner: &str) -> Option<String> {
                     && row.updated_at > Utc::now() - chrono::Duration::seconds(HOLD_SECS.into())
             }) =>
         {
-            Some(format!(
-                "run {} is held by {} (pausing or resuming); try again",
-                row.run_id,
-                row.owner.as_deref().unwrap_or_default()
+            Some((
+                Refusal::HeldByAnother,
+                format!(
+                    "run {} is held by {} (pausing or resuming); try again",
+                    row.run_id,
+                    row.owner.as_deref().unwrap_or_default()
+                ),
             ))
         }
-        RunEvent::Start if row.sandbox_id.is_none() => Some(format!(
-            "run {} has no recorded sandbox id; record it before start",
-            row.run_id
+        RunEvent::Start if row.sandbox_id.is_none() => Some((
+            Refusal::NoSandbox,
+            format!(
+                "run {} has no recorded sandbox id; record it before start",
+                row.run_id
+            ),
         )),
         _ => None,
     }
