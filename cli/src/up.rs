@@ -20,6 +20,13 @@ pub struct UpArgs {
     /// Submit a demo run once the services are up and print its output.
     #[arg(long)]
     demo: bool,
+    /// Log more: -v for info, -vv for debug (default: warnings and errors
+    /// only; RUST_LOG, when set, decides instead).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Append the services' logs to FILE instead of standard error.
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<std::path::PathBuf>,
     /// Directory for local sandboxes [env: CORRAL_HOME; default ~/.corral].
     #[arg(long, value_name = "DIR")]
     home: Option<std::path::PathBuf>,
@@ -165,10 +172,43 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     if spawner.drain_timeout_ms == corral_spawner::Config::default().drain_timeout_ms {
         spawner.drain_timeout_ms = 30_000;
     }
-    let telemetry = corral_common::telemetry::init("corral").map_err(anyhow::Error::msg)?;
-    corral_common::admin::serve_from_env()
+    // A workstation's terminal shows the demo and problems, not every
+    // service's INFO lines.
+    let logging = corral_common::telemetry::Logging {
+        default_level: match args.verbose {
+            0 => "warn",
+            1 => "info",
+            _ => "debug",
+        }
+        .into(),
+        file: args.log_file.clone(),
+    };
+    let drain_secs = spawner.drain_timeout_ms / 1000;
+    let telemetry =
+        corral_common::telemetry::init_with("corral", &logging).map_err(anyhow::Error::msg)?;
+    let admin = corral_common::admin::serve_from_env()
         .await
         .map_err(anyhow::Error::msg)?;
+    // Ingest's port first: one already taken is an error now, naming the
+    // setting, not when the other services are up.
+    let ingest_listen = ingest.listen.clone();
+    let ingest = corral_event_ingest::Bound::bind(ingest)
+        .await
+        .map_err(|err| match err {
+            corral_event_ingest::Error::Listen { addr, source } => anyhow::anyhow!(
+                "event ingest cannot listen on {addr}: {source}; give it another address with \
+                 CORRAL_LISTEN=127.0.0.1:<port> (or `listen:` in --ingest-config)"
+            ),
+            other => other.into(),
+        })?;
+    let ingest_addr = format!(
+        "http://{}:{}",
+        ingest_listen
+            .rsplit_once(':')
+            .map(|(host, _)| host.replace("0.0.0.0", "127.0.0.1"))
+            .unwrap_or_else(|| "127.0.0.1".into()),
+        ingest.port()
+    );
     let shutdown = corral_common::shutdown::signal_token();
 
     // The spawner drains first (its runs record their outcomes through the
@@ -180,8 +220,11 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     wait_for_tracker(&client, &tracker_task).await?;
     let spawner_task = tokio::spawn(corral_spawner::run(spawner, shutdown.clone()));
     let reaper_task = tokio::spawn(corral_reaper::run(reaper, after_spawner.clone()));
-    let ingest_task = tokio::spawn(corral_event_ingest::run(ingest, after_spawner.clone()));
-    eprintln!("corral is up (prefix {}); stop with Ctrl-C", global.prefix);
+    let ingest_task = tokio::spawn(ingest.run(after_spawner.clone()));
+    eprintln!(
+        "{}",
+        banner(global, &ingest_addr, admin, &logging, drain_secs)
+    );
 
     if args.demo {
         let demo_shutdown = shutdown.clone();
@@ -209,6 +252,48 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     spawner_result.context("spawner panicked")??;
     tracker_result.context("tracker panicked")??;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `corral up` prints once every service is up: where things are and
+/// how to stop.
+fn banner(
+    global: &Global,
+    ingest: &str,
+    admin: Option<std::net::SocketAddr>,
+    logging: &corral_common::telemetry::Logging,
+    drain_secs: u64,
+) -> String {
+    let mut lines = vec![
+        format!(
+            "corral is up: tracker, spawner (local sandboxes), reaper and event ingest on {} (prefix {})",
+            corral_common::nats::redact_url(&global.nats_url),
+            global.prefix
+        ),
+        format!("  event ingest  {ingest}  (agents post events; GET /v1/runs/<run-id>/events)"),
+    ];
+    if let Some(admin) = admin {
+        lines.push(format!(
+            "  admin         http://{admin}/metrics, /healthz, /readyz"
+        ));
+    }
+    let level = if std::env::var_os("RUST_LOG").is_some() {
+        "as RUST_LOG says".to_owned()
+    } else {
+        format!("{} and above", logging.default_level)
+    };
+    lines.push(match &logging.file {
+        Some(file) => format!("  logs          {level}, to {}", file.display()),
+        None => {
+            format!("  logs          {level}, here (-v for more, --log-file FILE to move them)")
+        }
+    });
+    lines.push(
+        "  try           corral run --wait -- sh -c 'echo hello'   (in another shell)".into(),
+    );
+    lines.push(format!(
+        "  stop          Ctrl-C (runs get {drain_secs} s to finish)"
+    ));
+    lines.join("\n")
 }
 
 async fn wait_for_tracker(

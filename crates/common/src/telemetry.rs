@@ -37,6 +37,29 @@ impl Telemetry {
 /// Installs the global subscriber for `service`. Log level from `RUST_LOG`
 /// (default `info`). Fails only if a subscriber is already installed.
 pub fn init(service: &'static str) -> Result<Telemetry, String> {
+    init_with(service, &Logging::default())
+}
+
+/// Where logs go and at what level when `RUST_LOG` does not say.
+#[derive(Clone, Debug)]
+pub struct Logging {
+    /// The level (an `EnvFilter` directive) unless `RUST_LOG` is set.
+    pub default_level: String,
+    /// A file to append logs to instead of standard error.
+    pub file: Option<std::path::PathBuf>,
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Logging {
+            default_level: "info".into(),
+            file: None,
+        }
+    }
+}
+
+/// [`init`] with the level and destination of `logging`.
+pub fn init_with(service: &'static str, logging: &Logging) -> Result<Telemetry, String> {
     let mut builder = SdkTracerProvider::builder().with_resource(
         opentelemetry_sdk::Resource::builder()
             .with_service_name(service)
@@ -54,23 +77,37 @@ pub fn init(service: &'static str) -> Result<Telemetry, String> {
     }
     let provider = builder.build();
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&logging.default_level));
     let json = std::env::var("CORRAL_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let (writer, ansi) = match &logging.file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|err| format!("cannot open the log file {}: {err}", path.display()))?;
+            (
+                tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(file)),
+                false,
+            )
+        }
+        None => (
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ),
+    };
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = if json {
         registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr),
-            )
+            .with(tracing_subscriber::fmt::layer().json().with_writer(writer))
             .try_init()
     } else {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .with_writer(std::io::stderr),
+                    .with_ansi(ansi)
+                    .with_writer(writer),
             )
             .try_init()
     };

@@ -51,7 +51,7 @@ pub enum Error {
     Db(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source} (set `listen`, CORRAL_LISTEN, to a free host:port)")]
     Listen {
         addr: String,
         source: std::io::Error,
