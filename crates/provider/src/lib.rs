@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+mod connect;
 pub mod daytona;
 pub mod e2b;
 pub mod local;
