@@ -64,6 +64,13 @@ async fn readyz_follows_postgres_and_healthz_stays_up() {
     postgres.stop();
     let body = until_status(&tracker_addr, "/readyz", StatusCode::SERVICE_UNAVAILABLE).await;
     assert!(body.contains("tracker.postgres"), "names the check: {body}");
+    let metrics = until_status(&tracker_addr, "/metrics", StatusCode::OK).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("corral_probe_failures_total{check=\"tracker.postgres\"}")),
+        "the failed probe is counted: {metrics}"
+    );
     assert_eq!(
         get(&tracker_addr, "/healthz").await.map(|(s, _)| s),
         Some(StatusCode::OK),

@@ -147,6 +147,10 @@ fn router(handle: PrometheusHandle) -> Router {
                 if failed.is_empty() {
                     return (StatusCode::OK, "ready\n".to_owned());
                 }
+                for (name, _) in &failed {
+                    metrics::counter!("corral_probe_failures_total", "check" => name.clone())
+                        .increment(1);
+                }
                 let lines: Vec<String> = failed
                     .iter()
                     .map(|(name, why)| format!("{name}: {why}\n"))

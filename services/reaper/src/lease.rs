@@ -88,6 +88,8 @@ impl Lease {
                 },
             };
             self.leader.store(revision.is_some(), Ordering::SeqCst);
+            // 1 on the instance that sweeps: across the reapers, exactly one.
+            metrics::gauge!("corral_reaper_leader").set(f64::from(u8::from(revision.is_some())));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(period) => {}
@@ -95,6 +97,7 @@ impl Lease {
         }
         if revision.is_some() {
             self.leader.store(false, Ordering::SeqCst);
+            metrics::gauge!("corral_reaper_leader").set(0.0);
             // Hand over at once instead of after the TTL.
             let _ = self.store.delete(KEY).await;
         }

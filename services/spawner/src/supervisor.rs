@@ -602,7 +602,16 @@ impl Supervisor {
                 let reason = describe(status);
                 self.end(RunEvent::Fail, &reason, Some(status.code())).await;
             }
-            Ending::Stopped(stop) => self.end(RunEvent::Stop, &stop_reason(&stop), None).await,
+            Ending::Stopped(stop) => {
+                self.kill_sandbox().await;
+                // From the stop's request (its publisher's clock) to the
+                // sandbox gone.
+                if stop.requested_at_ms > 0 {
+                    let waited = (corral_common::now_ms() - stop.requested_at_ms).max(0);
+                    metrics::histogram!("corral_stop_seconds").record(waited as f64 / 1000.0);
+                }
+                self.end(RunEvent::Stop, &stop_reason(&stop), None).await
+            }
             Ending::TimedOut(kind) => self.end(RunEvent::TimeOut, kind, None).await,
             Ending::Shutdown => self.end(RunEvent::Fail, "spawner_shutdown", None).await,
         }

@@ -212,7 +212,11 @@ impl Relay {
         tx.commit().await?;
         metrics::counter!("corral_lifecycle_relayed_total").increment(relayed.len() as u64);
         match failed {
-            Some((msg_id, message)) => Err(RelayError::Publish { msg_id, message }),
+            Some((msg_id, message)) => {
+                // Announced later, by the next round: a delay, not a loss.
+                metrics::counter!("corral_lifecycle_publish_failures_total").increment(1);
+                Err(RelayError::Publish { msg_id, message })
+            }
             None => Ok(Round::Relayed(relayed.len())),
         }
     }
