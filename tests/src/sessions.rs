@@ -107,3 +107,35 @@ pub async fn provider_and_records_agree(
         .count();
     (orphans == 0 && missing == 0).then_some((sandboxes, live))
 }
+
+/// After a chaos: waits until every sandbox of the deployment is claimed by
+/// a live run and every live run past `pending` holds a listed sandbox (0
+/// orphans, 0 missing), then asserts each of `survivors` holds its own.
+/// Returns the sandboxes.
+pub async fn assert_provider_and_records_agree(
+    client: &Client,
+    provider: &dyn Provider,
+    deployment: &str,
+    survivors: &[String],
+    limit: Duration,
+) -> Vec<SandboxInfo> {
+    let (sandboxes, live) = eventually("provider and records agree", limit, || {
+        provider_and_records_agree(client, provider, deployment)
+    })
+    .await;
+    assert_eq!(
+        sandboxes.len(),
+        live.iter()
+            .filter(|r| r.state() != RunState::Pending)
+            .count()
+    );
+    for run_id in survivors {
+        assert!(
+            sandboxes
+                .iter()
+                .any(|s| s.labels.get(corral_provider::LABEL_RUN_ID) == Some(run_id)),
+            "survivor {run_id} holds its sandbox"
+        );
+    }
+    sandboxes
+}

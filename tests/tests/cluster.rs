@@ -8,9 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use corral_proto::v1::{AgentEvent, RunState, StopCommand};
-use corral_provider::{LABEL_RUN_ID, Labels, LocalProvider, Provider};
+use corral_provider::{Labels, LocalProvider, Provider};
 use corral_tests::cluster::PrivateCluster;
-use corral_tests::sessions::provider_and_records_agree;
+use corral_tests::sessions::assert_provider_and_records_agree;
 use corral_tests::{TestEnv, eventually};
 use prost::Message;
 
@@ -286,24 +286,7 @@ async fn several_of_every_service_on_the_cluster_survive_the_orphan_chaos() {
 
     // Provider and records in exact agreement: 0 orphans.
     let provider = env.local_provider();
-    let (sandboxes, live) = eventually("provider and records agree", LIMIT, || {
-        provider_and_records_agree(&client, &provider, &env.prefix)
-    })
-    .await;
-    assert_eq!(
-        sandboxes.len(),
-        live.iter()
-            .filter(|r| r.state() != RunState::Pending)
-            .count()
-    );
-    for run_id in &survivors {
-        assert!(
-            sandboxes
-                .iter()
-                .any(|s| s.labels.get(LABEL_RUN_ID) == Some(run_id)),
-            "survivor {run_id} holds its sandbox"
-        );
-    }
+    assert_provider_and_records_agree(&client, &provider, &env.prefix, &survivors, LIMIT).await;
     for run_id in &submitted {
         eventually(&format!("run {run_id} is recorded"), LIMIT, || async {
             client.get(run_id).await.ok()

@@ -8,7 +8,7 @@ use corral_proto::v1::{RunCommand, RunState, StopCommand, stop_reply::Outcome};
 use corral_provider::{
     CreateSpec, LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, Provider,
 };
-use corral_tests::sessions::provider_and_records_agree;
+use corral_tests::sessions::assert_provider_and_records_agree;
 use corral_tests::{TestEnv, eventually};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -366,26 +366,14 @@ async fn orphan_chaos_leaves_the_provider_and_the_records_in_exact_agreement() {
     // Quiet: after reconciliation every sandbox is claimed by a live run and
     // every live run that should hold a sandbox holds a listed one.
     let provider = env.local_provider();
-    let (sandboxes, live) = eventually(
-        "provider and records agree",
+    assert_provider_and_records_agree(
+        &client,
+        &provider,
+        &env.prefix,
+        &survivors,
         Duration::from_secs(90),
-        || provider_and_records_agree(&client, &provider, &env.prefix),
     )
     .await;
-    assert_eq!(
-        sandboxes.len(),
-        live.iter()
-            .filter(|r| r.state() != RunState::Pending)
-            .count()
-    );
-    for run_id in &survivors {
-        assert!(
-            sandboxes
-                .iter()
-                .any(|s| s.labels.get(LABEL_RUN_ID) == Some(run_id)),
-            "survivor {run_id} holds its sandbox"
-        );
-    }
     // Every run submitted in the chaos is recorded; one that ended says why.
     for run_id in &submitted {
         let run = eventually(&format!("run {run_id} is recorded"), LIMIT, || async {
