@@ -7,7 +7,9 @@
 #     a metrics port on corral's, references to ConfigMaps and Secrets that
 #     exist, stream replicas that the NATS cluster can hold;
 #   - the NATS configurations the overlays render (`nats-server -t`);
-#   - docker-compose.yml (`docker-compose config`).
+#   - docker-compose.yml (`docker-compose config`);
+#   - deploy/grafana: every dashboard is valid JSON, and every corral_ metric
+#     its queries name is in the Rust sources (services/, crates/, cli/).
 # What is missing is installed: kubectl (Debian's kubernetes-client),
 # docker-compose and nats-server with apt, kubernetes-validate with pip into
 # a virtualenv under the cache directory. After that, no network is needed.
@@ -71,6 +73,74 @@ say "docker-compose $(docker-compose version --short 2>/dev/null), $("$NATS_SERV
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+
+# ---- grafana ----
+# Every dashboard is JSON, and every corral_ metric its queries (`expr`)
+# name is one the Rust sources emit (a summary's _sum and _count, a
+# histogram's _bucket, count as their metric's name).
+python3 - <<'PY'
+import glob, json, os, re, sys
+
+SOURCES = ["services", "crates", "cli"]
+dashboards = sorted(glob.glob("deploy/grafana/*.json"))
+if not dashboards:
+    sys.exit("check-deploy: FAILED: no dashboard in deploy/grafana/*.json")
+
+text = []
+for top in SOURCES:
+    for here, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if d != "target"]
+        text += [open(os.path.join(here, f), encoding="utf-8", errors="replace").read()
+                 for f in files if f.endswith(".rs")]
+text = "\n".join(text)
+
+
+def emitted(name):
+    if re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", text):
+        return True
+    base = re.sub(r"_(sum|count|bucket)$", "", name)
+    return base != name and emitted(base)
+
+
+def panels(items):
+    for panel in items or []:
+        yield panel
+        yield from panels(panel.get("panels"))
+
+
+errors = []
+for path in dashboards:
+    try:
+        dashboard = json.load(open(path, encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        sys.exit(f"check-deploy: FAILED: {path} is not valid JSON: {err}")
+    for key in ("uid", "title", "schemaVersion", "panels"):
+        if key not in dashboard:
+            errors.append(f"{path}: no {key!r}")
+    ids = [p.get("id") for p in panels(dashboard.get("panels"))]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}, key=str):
+        errors.append(f"{path}: panel id {dup} is used more than once")
+    exprs = 0
+    for panel in panels(dashboard.get("panels")):
+        for target in panel.get("targets") or []:
+            expr = target.get("expr")
+            if not expr:
+                continue
+            exprs += 1
+            for name in sorted(set(re.findall(r"(?<![A-Za-z0-9_:])corral_[A-Za-z0-9_]+", expr))):
+                if not emitted(name):
+                    errors.append(
+                        f'{path}: panel "{panel.get("title")}" queries {name}, which no Rust '
+                        f"source under {'/, '.join(SOURCES)}/ names (misspelt, renamed or removed?)"
+                    )
+    print(f"==> {path}: valid JSON, {exprs} queries")
+
+for error in dict.fromkeys(errors):
+    print(f"  {error}", file=sys.stderr)
+if errors:
+    sys.exit(f"check-deploy: FAILED: {len(dict.fromkeys(errors))} problem(s) in deploy/grafana")
+print("==> every corral_ metric the dashboards query is in the Rust sources")
+PY
 
 # ---- render ----
 # A copy without any overlay's secrets/ (real secrets never leave it), where
