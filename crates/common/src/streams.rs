@@ -185,7 +185,7 @@ pub fn configs(subjects: &Subjects, streams: &Streams) -> Result<Vec<stream::Con
 
 /// Whether a failed stream creation may succeed later: no answer in time,
 /// JetStream not (yet) there, or a cluster without a leader for a moment.
-fn passing(err: &CreateStreamError) -> bool {
+fn transient(err: &CreateStreamError) -> bool {
     match err.kind() {
         CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
         CreateStreamErrorKind::JetStream(inner) => {
@@ -300,7 +300,7 @@ pub async fn ensure(
                     .with_max_times(12)
                     .with_jitter(),
             )
-            .when(passing)
+            .when(transient)
             .notify(|err, after| {
                 tracing::warn!(stream = %name, error = %err, retry_in = ?after, "stream not provisioned yet; trying again");
             })
