@@ -257,20 +257,26 @@ async fn orphan_chaos_against_e2b_ends_in_exact_agreement() {
         })
         .await
         .expect("create the orphan");
+    // Quiet: the records and E2B's listing agree, and so does E2B's own
+    // view (not only its listing), looked at in the same moment: runs of
+    // the killed spawners may still be ending, their sandboxes going.
     let (sandboxes, live) = eventually(
-        "E2B and the records agree",
+        "E2B's own view, its listing and the records agree",
         Duration::from_secs(120),
-        || provider_and_records_agree(&client, provider.as_ref(), &env.prefix),
+        || async {
+            let (sandboxes, live) =
+                provider_and_records_agree(&client, provider.as_ref(), &env.prefix).await?;
+            let listed: std::collections::BTreeSet<String> =
+                sandboxes.iter().map(|s| s.id.clone()).collect();
+            let held: std::collections::BTreeSet<String> =
+                emulator.sandbox_ids().into_iter().collect();
+            (listed == held).then_some((sandboxes, live))
+        },
     )
     .await;
     assert!(
         sandboxes.len() >= survivors.len(),
         "the survivors hold their sandboxes"
-    );
-    assert_eq!(
-        emulator.sandbox_ids().len(),
-        sandboxes.len(),
-        "E2B's own view (not only its listing) holds no orphan"
     );
     assert!(
         !emulator.sandbox_ids().contains(&orphan.id),
