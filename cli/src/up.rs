@@ -287,9 +287,15 @@ fn banner(
             format!("  logs          {level}, here (-v for more, --log-file FILE to move them)")
         }
     });
-    lines.push(
-        "  try           corral run --wait -- sh -c 'echo hello'   (in another shell)".into(),
-    );
+    // Another shell reaches this deployment only with its prefix.
+    let prefix = if global.prefix == "corral" {
+        String::new()
+    } else {
+        format!("--prefix {} ", global.prefix)
+    };
+    lines.push(format!(
+        "  try           corral {prefix}run --wait -- sh -c 'echo hello'   (in another shell)"
+    ));
     lines.push(format!(
         "  stop          Ctrl-C (runs get {drain_secs} s to finish)"
     ));

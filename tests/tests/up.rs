@@ -72,6 +72,10 @@ async fn the_banner_says_where_ingest_is_and_how_to_stop_and_info_lines_stay_out
     );
     assert!(text.contains("-v for more"), "{text}");
     assert!(
+        text.contains(&format!("corral --prefix {} run --wait", env.prefix)),
+        "the hint reaches this deployment: {text}"
+    );
+    assert!(
         !seen.iter().any(|line| line.contains(" INFO ")),
         "INFO lines by default: {text}"
     );
