@@ -119,41 +119,27 @@ fn run_reply(run: corral_proto::v1::Run) -> Answer<RunReply> {
     })
 }
 
-/// The ops the tracker answers (the label of `corral_tracker_request_seconds`).
-const KNOWN_OPS: [&str; 13] = [
-    "submit",
-    "claim",
-    "record_sandbox",
-    "transition",
-    "get",
-    "list",
-    "stop",
-    "heartbeat",
-    "spawners",
-    "activity",
-    "sweep",
-    "release",
-    "cost",
-];
-
 impl Handlers {
     /// Answers one request on `<prefix>.tracker.<op>`; returns the reply.
     pub async fn handle(&self, op: &str, payload: &Bytes) -> Vec<u8> {
         let started = std::time::Instant::now();
-        let reply = self.answer(op, payload).await;
-        // Unknown ops share one label: a caller cannot grow the series.
-        let label = if KNOWN_OPS.contains(&op) {
-            op
-        } else {
-            "unknown"
+        let (reply, label) = match self.answer(op, payload).await {
+            Some(reply) => (reply, op),
+            // Unknown ops share one label: a caller cannot grow the series.
+            None => (
+                RunReply::failed(error(Code::Invalid, format!("unknown tracker op {op:?}")))
+                    .encode_to_vec(),
+                "unknown",
+            ),
         };
         metrics::histogram!("corral_tracker_request_seconds", "op" => label.to_owned())
             .record(started.elapsed().as_secs_f64());
         reply
     }
 
-    async fn answer(&self, op: &str, payload: &Bytes) -> Vec<u8> {
-        match op {
+    /// The reply to a known op; `None` for an op the tracker does not answer.
+    async fn answer(&self, op: &str, payload: &Bytes) -> Option<Vec<u8>> {
+        let reply = match op {
             "submit" => answer(payload, async |r| self.handle_submit(r).await).await,
             "claim" => answer(payload, async |r| self.handle_claim(r).await).await,
             "record_sandbox" => {
@@ -220,12 +206,9 @@ impl Handlers {
                 })
                 .await
             }
-            other => RunReply::failed(error(
-                Code::Invalid,
-                format!("unknown tracker op {other:?}"),
-            ))
-            .encode_to_vec(),
-        }
+            _ => return None,
+        };
+        Some(reply)
     }
 
     async fn handle_submit(&self, request: SubmitRequest) -> Answer<RunReply> {
