@@ -119,6 +119,8 @@ impl PrivateCluster {
             if self.leader(js, stream).await == to {
                 return;
             }
+            // The next leader is elected among the others; `leader` waits
+            // for it.
             let _ = js
                 .client()
                 .request(
@@ -126,17 +128,6 @@ impl PrivateCluster {
                     "".into(),
                 )
                 .await;
-            // The next leader is elected among the others; wait until one is.
-            eventually(
-                &format!("stream {stream} elects a leader after a step-down"),
-                ELECTION,
-                || async {
-                    let mut stream = js.get_stream(stream).await.ok()?;
-                    let info = stream.info().await.ok()?;
-                    info.cluster.as_ref()?.leader.as_ref().map(|_| ())
-                },
-            )
-            .await;
         }
         panic!("stream {stream} never elected n{to} in 40 step-downs");
     }
