@@ -3,7 +3,7 @@
 
 use corral_proto::v1::{
     AgentEvent, Completed, Error, FileEdited, Heartbeat, Message, Output, Started, ToolCompleted,
-    ToolUse, agent_event::Payload, output,
+    ToolUse, Usage, agent_event::Payload, output,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -48,6 +48,19 @@ struct MessageJson {
     role: String,
     #[serde(default)]
     text: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    usage: Option<UsageJson>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct UsageJson {
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -190,6 +203,11 @@ pub fn to_proto(run_id: &str, incoming: Incoming) -> Result<AgentEvent, String> 
             Payload::Message(Message {
                 role: d.role,
                 text: d.text,
+                model: d.model,
+                usage: d.usage.map(|u| Usage {
+                    input_tokens: u.input_tokens,
+                    output_tokens: u.output_tokens,
+                }),
             })
         }
     };
@@ -256,7 +274,19 @@ pub fn data_json(event: &AgentEvent, max_diff: usize) -> (Value, bool) {
         Some(Payload::Started(p)) => {
             serde_json::json!({ "session_id": p.session_id, "model": p.model })
         }
-        Some(Payload::Message(p)) => serde_json::json!({ "role": p.role, "text": p.text }),
+        Some(Payload::Message(p)) => {
+            let mut value = serde_json::json!({ "role": p.role, "text": p.text });
+            // Only what the agent reported: messages without them read as before.
+            if !p.model.is_empty() {
+                value["model"] = Value::String(p.model.clone());
+            }
+            if let Some(usage) = &p.usage {
+                value["usage"] = serde_json::json!({
+                    "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+                });
+            }
+            value
+        }
         Some(Payload::ToolUse(p)) => serde_json::json!({
             "tool_use_id": p.tool_use_id,
             "tool": p.tool,
@@ -327,6 +357,36 @@ mod tests {
         assert_eq!(data["tool"], "Write");
         assert_eq!(data["input"]["path"], "a.rs");
         assert!(!truncated);
+    }
+
+    #[test]
+    fn a_message_keeps_its_model_and_usage_only_when_reported() {
+        let event = to_proto(
+            "r1",
+            incoming(
+                r#"{"kind":"agent.assistant_message","data":{"role":"assistant","text":"hi","model":"m-1","usage":{"input_tokens":12,"output_tokens":3}}}"#,
+            ),
+        )
+        .expect("valid");
+        let (data, _) = data_json(&event, 100);
+        assert_eq!(data["model"], "m-1");
+        assert_eq!(data["usage"]["input_tokens"], 12);
+        assert_eq!(data["usage"]["output_tokens"], 3);
+        let plain = to_proto(
+            "r1",
+            incoming(
+                r#"{"kind":"agent.assistant_message","data":{"role":"assistant","text":"hi"}}"#,
+            ),
+        )
+        .expect("valid");
+        let (data, _) = data_json(&plain, 100);
+        assert_eq!(data, serde_json::json!({"role": "assistant", "text": "hi"}));
+        let err = to_proto(
+            "r1",
+            incoming(r#"{"kind":"agent.assistant_message","data":{"usage":{"tokens":1}}}"#),
+        )
+        .expect_err("unknown usage field");
+        assert!(err.starts_with("data:") && err.contains("tokens"), "{err}");
     }
 
     #[test]
