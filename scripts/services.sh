@@ -80,7 +80,17 @@ ensure_sandbox_tools() {
   command -v openssl >/dev/null || apt_install openssl
 }
 
+ensure_browser() {
+  # Headless Chromium drives the console's browser tests; without it they
+  # print why and skip, so a failed install is said, not fatal.
+  if ! command -v chromedriver >/dev/null || ! command -v chromium >/dev/null; then
+    (apt_install chromium chromium-driver) ||
+      say "chromium could not be installed: the console's browser tests will be skipped"
+  fi
+}
+
 ensure_sandbox_tools
+ensure_browser
 ensure_nats
 ensure_postgres
 say "NATS_URL=$NATS_URL DATABASE_URL=$DATABASE_URL"

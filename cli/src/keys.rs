@@ -18,13 +18,15 @@ pub enum Keys {
     /// A new API key for reading events from event ingest; prints the key
     /// once and the ingest settings that hold its hash.
     #[command(
-        after_help = "Example:\n  corral keys api --id dashboard --scope events:read\n\nThe key is shown once; ingest keeps only its SHA-256. Revoke a key by removing its settings."
+        after_help = "Example:\n  corral keys api --id dashboard --scope events:read\n  corral keys api --id operator --scope events:read --scope events:stream --scope runs:control\n\nThe key is shown once; ingest keeps only its SHA-256. Revoke a key by removing its settings."
     )]
     Api {
         /// Key id (1-32 of a-z 0-9 _ -): names the key in settings, logs and limits.
         #[arg(long)]
         id: String,
-        /// What the key may do: events:read (pages), events:stream (live tails).
+        /// What the key may do: events:read (pages, the console), events:stream
+        /// (live tails), runs:control (the console's stop, pause, resume and
+        /// continue buttons). Repeat for several.
         #[arg(long = "scope", value_name = "SCOPE", default_values = ["events:read", "events:stream"])]
         scopes: Vec<String>,
     },
@@ -95,9 +97,10 @@ pub async fn keys(global: &Global, command: Keys) -> anyhow::Result<ExitCode> {
     match command {
         Keys::Api { id, scopes } => {
             check_id(&id)?;
+            let known = corral_event_ingest::auth::Scope::ALL.map(|s| s.name());
             for scope in &scopes {
-                if !["events:read", "events:stream"].contains(&scope.as_str()) {
-                    bail!("--scope {scope:?}: known scopes are events:read, events:stream");
+                if !known.contains(&scope.as_str()) {
+                    bail!("--scope {scope:?}: known scopes are {}", known.join(", "));
                 }
             }
             let key = format!("ck_{id}_{}", random_text(40));

@@ -269,6 +269,7 @@ fn banner(
             corral_common::nats::redact_url(&global.nats_url),
             global.prefix
         ),
+        format!("  console       {ingest}/console  (runs, their events live, stop buttons)"),
         format!("  event ingest  {ingest}  (agents post events; GET /v1/runs/<run-id>/events)"),
     ];
     if let Some(admin) = admin {

@@ -19,6 +19,7 @@ mod services;
 mod streams;
 mod waits;
 
+pub mod browser;
 pub mod cluster;
 pub mod sessions;
 

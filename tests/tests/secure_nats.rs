@@ -12,6 +12,9 @@ use corral_proto::v1::RunState;
 use corral_tests::sessions::{idle_after, released, stop_run};
 use corral_tests::{PrivateNats, TestEnv, eventually};
 
+/// A console key that may press the buttons.
+const OPERATOR_KEY: &str = "ck_operator_0123456789abcdefghijklmnopqrst";
+
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn auth_of(generated: &nats_roles::Generated, role: Role) -> NatsAuth {
@@ -65,6 +68,13 @@ async fn every_party_works_with_only_its_own_subjects() {
     let reaper = env.start_reaper_with(reaper_config).await;
     let mut ingest_config = env.ingest_config("127.0.0.1:0");
     ingest_config.nats_auth = auth_of(&generated, Role::Ingest);
+    ingest_config.api_keys.insert(
+        "operator".into(),
+        corral_event_ingest::auth::ApiKey {
+            sha256: corral_event_ingest::auth::hash_key(OPERATOR_KEY),
+            scopes: vec!["events:read".into(), "runs:control".into()],
+        },
+    );
     let (ingest, url) = env.start_ingest_with(ingest_config).await;
     let client = env.client().await;
 
@@ -104,6 +114,36 @@ async fn every_party_works_with_only_its_own_subjects() {
     stop_run(&client, &sleeper.run_id, "secure stop").await;
     let stopped = env.wait_terminal(&client, &sleeper.run_id, LIMIT).await;
     assert_eq!(stopped.state(), RunState::Stopped, "{}", stopped.reason);
+
+    // The console, under ingest's credential: its views, and its stop
+    // button, which reaches the owner as the platform's stop does.
+    let operator = reqwest::Client::new();
+    for view in ["/console", "/console/nodes", "/console/dead-letters"] {
+        let page = operator
+            .get(format!("{url}{view}"))
+            .header("authorization", format!("Bearer {OPERATOR_KEY}"))
+            .send()
+            .await
+            .expect("console");
+        assert!(page.status().is_success(), "{view}: {}", page.status());
+        let page = page.text().await.expect("page");
+        assert!(!page.contains("did not answer"), "{view}: {page}");
+        assert!(!page.contains("dead-letter stream:"), "{view}: {page}");
+    }
+    let pressed = env.command(&["sleep", "300"]);
+    client.start_run(&pressed).await.expect("submit");
+    env.wait_state(&client, &pressed.run_id, RunState::Running)
+        .await;
+    let button = operator
+        .post(format!("{url}/console/runs/{}/stop", pressed.run_id))
+        .header("authorization", format!("Bearer {OPERATOR_KEY}"))
+        .send()
+        .await
+        .expect("stop button");
+    assert!(button.status().is_success(), "{}", button.status());
+    let stopped = env.wait_terminal(&client, &pressed.run_id, LIMIT).await;
+    assert_eq!(stopped.state(), RunState::Stopped, "{}", stopped.reason);
+    assert_eq!(stopped.stop_requested_by, "console:operator");
 
     // A kept run idle past its window is paused by the reaper (a session
     // command) and stopped by the platform between turns.

@@ -44,7 +44,8 @@ async fn a_port_already_taken_is_refused_at_once_naming_the_setting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_banner_says_where_ingest_is_and_how_to_stop_and_info_lines_stay_out() {
+async fn the_banner_says_where_the_console_and_ingest_are_and_how_to_stop_and_info_lines_stay_out()
+{
     let env = TestEnv::new().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -71,6 +72,13 @@ async fn the_banner_says_where_ingest_is_and_how_to_stop_and_info_lines_stay_out
         "{text}"
     );
     assert!(text.contains("-v for more"), "{text}");
+    let console = format!("http://127.0.0.1:{port}/console");
+    assert!(text.contains(&format!("console       {console}")), "{text}");
+    // The printed console answers on a laptop without a key.
+    let page = reqwest::get(&console).await.expect("the console answers");
+    assert!(page.status().is_success(), "console: {}", page.status());
+    let page = page.text().await.expect("a page");
+    assert!(page.contains("<h1>Runs</h1>"), "{page}");
     assert!(
         text.contains(&format!("corral --prefix {} run --wait", env.prefix)),
         "the hint reaches this deployment: {text}"

@@ -184,9 +184,25 @@ pub fn permissions(role: Role, subjects: &Subjects) -> Permissions {
             streams(&mut publish, subjects, true, false);
             tracker_ops(&mut publish, subjects, &["get", "activity"]);
             publish.extend([subjects.events_all(), subjects.dlq("events")]);
+            // The console: lists runs and nodes, and its buttons send what
+            // the CLI sends (stop through the tracker, pause, resume and
+            // continue as commands); it reads dead letters.
+            tracker_ops(&mut publish, subjects, &["list", "stop", "spawners"]);
+            publish.extend([
+                subjects.cmd_continue(),
+                subjects.cmd_session(),
+                format!("$JS.API.STREAM.MSG.GET.{}", subjects.dlq_stream()),
+            ]);
             consume(&mut publish, &subjects.events_stream(), "event-ingest");
             // Live tails: ordered consumers of one run's events.
             consume(&mut publish, &subjects.events_stream(), "*");
+            // GenAI traces (`genai_traces`): ended runs from the lifecycle stream.
+            consume(&mut publish, &subjects.lifecycle_stream(), "corral-genai");
+            publish.push(subjects.dlq("genai"));
+            // Webhooks: a durable consumer per endpoint on the lifecycle
+            // stream (`corral-webhook-<name>`, named by the configuration).
+            consume(&mut publish, &subjects.lifecycle_stream(), "*");
+            publish.push(subjects.dlq("webhook"));
         }
         Role::Platform => {
             streams(&mut publish, subjects, false, false);

@@ -29,15 +29,18 @@ pub enum Scope {
     Read,
     /// `GET /v1/runs/{id}/events/stream` (live tail).
     Stream,
+    /// The console's buttons: stop, pause, resume and continue runs.
+    Control,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 2] = [Scope::Read, Scope::Stream];
+    pub const ALL: [Scope; 3] = [Scope::Read, Scope::Stream, Scope::Control];
 
     pub fn name(self) -> &'static str {
         match self {
             Scope::Read => "events:read",
             Scope::Stream => "events:stream",
+            Scope::Control => "runs:control",
         }
     }
 
@@ -52,7 +55,7 @@ impl Scope {
 pub struct ApiKey {
     /// Hex SHA-256 of the key (`corral keys new` prints it).
     pub sha256: String,
-    /// `events:read`, `events:stream`.
+    /// `events:read`, `events:stream`, `runs:control`.
     pub scopes: Vec<String>,
 }
 
@@ -79,6 +82,9 @@ pub struct Auth {
     keys: HashMap<String, Known>,
     /// No keys and dev mode: reads are open.
     open: bool,
+    /// Open, and listening on loopback only: the console's buttons work
+    /// without a key too (a laptop's `corral up`).
+    open_control: bool,
     rate: DefaultKeyedRateLimiter<String>,
     streams: Mutex<HashMap<String, Arc<Semaphore>>>,
     max_streams: usize,
@@ -144,10 +150,22 @@ impl Auth {
         Ok(Auth {
             keys: by_hash,
             open,
+            open_control: false,
             rate: DefaultKeyedRateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst)),
             streams: Mutex::new(HashMap::new()),
             max_streams: limits.streams.max(1) as usize,
         })
+    }
+
+    /// Lets anonymous requests control runs while reads are open; for an
+    /// ingest that listens on loopback only.
+    pub fn allow_anonymous_control(&mut self, allow: bool) {
+        self.open_control = allow && self.open;
+    }
+
+    /// Whether reads need no key.
+    pub fn is_open(&self) -> bool {
+        self.open
     }
 
     /// The key presented in `headers`, if it may do `scope` now.
@@ -190,8 +208,14 @@ impl Auth {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .map(str::trim)
+            .or_else(|| cookie(headers, CONSOLE_COOKIE));
         if self.open && presented.is_none() {
+            if scope == Scope::Control && !self.open_control {
+                return Err(unauthorized(
+                    "controlling runs needs an API key with the scope runs:control unless ingest listens on loopback only",
+                ));
+            }
             return Ok("anonymous".to_owned());
         }
         let Some(presented) = presented else {
@@ -215,6 +239,23 @@ impl Auth {
     }
 }
 
+/// The cookie the console keeps a signed-in browser's key in (HttpOnly,
+/// SameSite=Strict): the same key, the same scopes as the header.
+pub const CONSOLE_COOKIE: &str = "corral_key";
+
+/// The value of cookie `name` in `headers`.
+pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.trim())
+        .filter(|value| !value.is_empty())
+}
+
 /// Why a read was refused; answered as JSON `{"error": ...}` with the
 /// status, and `WWW-Authenticate` or `Retry-After` where they apply.
 #[derive(Debug)]
@@ -227,6 +268,10 @@ pub struct Refusal {
 impl Refusal {
     pub fn status(&self) -> StatusCode {
         self.status
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 
@@ -342,6 +387,39 @@ mod tests {
         assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
         drop(held);
         assert!(auth.stream_permit(&tail).is_ok(), "freed with the tail");
+    }
+
+    #[test]
+    fn the_console_cookie_is_a_key_like_the_header_and_control_is_its_own_scope() {
+        let mut keys = BTreeMap::new();
+        keys.insert(
+            "operator".to_owned(),
+            ApiKey {
+                sha256: hash_key("ck_operator"),
+                scopes: vec!["events:read".into(), "runs:control".into()],
+            },
+        );
+        let auth = Auth::new(&keys, limits(), false).expect("auth");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("theme=dark; corral_key=ck_operator"),
+        );
+        assert_eq!(
+            auth.check(&headers, Scope::Control)
+                .expect("control")
+                .key_id,
+            "operator"
+        );
+        let reader = Auth::new(&BTreeMap::new(), limits(), true).expect("open");
+        let refused = reader
+            .check(&HeaderMap::new(), Scope::Control)
+            .err()
+            .expect("anonymous control needs loopback");
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        let mut laptop = Auth::new(&BTreeMap::new(), limits(), true).expect("open");
+        laptop.allow_anonymous_control(true);
+        assert!(laptop.check(&HeaderMap::new(), Scope::Control).is_ok());
     }
 
     #[test]

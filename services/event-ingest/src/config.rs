@@ -50,8 +50,16 @@ pub struct Config {
     pub max_diff_bytes: usize,
     /// Events persisted per database transaction, at most.
     pub batch_max: usize,
+    /// OTLP/HTTP traces endpoint (`CORRAL_GENAI_TRACES`, e.g.
+    /// `http://collector:4318/v1/traces`): when set, every run that ends is
+    /// exported there as one GenAI trace (see `genai.rs`); unset: none.
+    pub genai_traces: Option<String>,
     /// Database connections.
     pub db_pool_size: u32,
+    /// Lifecycle webhooks by endpoint name (`CORRAL_WEBHOOKS__<NAME>__URL`,
+    /// `..__SECRET`, ...): every matching run transition is POSTed there as
+    /// signed JSON, at least once (see `webhooks.rs`).
+    pub webhooks: std::collections::BTreeMap<String, Webhook>,
 }
 
 impl Default for Config {
@@ -74,7 +82,51 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             max_diff_bytes: 256 * 1024,
             batch_max: 1000,
+            genai_traces: None,
             db_pool_size: 8,
+            webhooks: Default::default(),
+        }
+    }
+}
+
+/// One webhook endpoint (`webhooks.<name>`): where, signed with what, and
+/// which transitions it wants.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Webhook {
+    /// `http://` or `https://` URL the transitions are POSTed to.
+    pub url: String,
+    /// Key of the `corral-webhook-signature` HMAC-SHA256 (at least 16 bytes).
+    pub secret: Secret,
+    /// Only transitions into these states (`running`, `completed`,
+    /// `timed_out`, ...); empty: every state.
+    pub states: Vec<String>,
+    /// Only runs with every one of these labels; empty: every run.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Attempts per transition before it is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay, ms; doubled per attempt up to `max_backoff_ms`.
+    pub backoff_ms: u64,
+    /// Longest retry delay, ms.
+    pub max_backoff_ms: u64,
+    /// A request not answered within this is a failed attempt, ms.
+    pub timeout_ms: u64,
+    /// Requests in flight to this endpoint at once (over all ingest instances).
+    pub max_in_flight: u32,
+}
+
+impl Default for Webhook {
+    fn default() -> Self {
+        Webhook {
+            url: String::new(),
+            secret: Secret::default(),
+            states: Vec::new(),
+            labels: Default::default(),
+            max_attempts: 8,
+            backoff_ms: 1000,
+            max_backoff_ms: 60_000,
+            timeout_ms: 10_000,
+            max_in_flight: 16,
         }
     }
 }

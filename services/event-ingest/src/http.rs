@@ -80,6 +80,7 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> axum::Router {
         .route("/v1/runs/{run_id}/events/stream", get(stream_events))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .merge(crate::console::router())
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

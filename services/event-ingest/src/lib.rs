@@ -8,12 +8,18 @@
 //! pages from PostgreSQL and a live tail from the stream. Any number of
 //! analytics consumers read the same stream with durable consumers of their
 //! own (see `examples/analytics-consumer`).
+//!
+//! With `genai_traces` set, every run that ends is also exported as one
+//! OpenTelemetry trace following the GenAI semantic conventions (`genai.rs`).
 
 pub mod auth;
 pub mod config;
+pub mod console;
+pub mod genai;
 pub mod http;
 pub mod persister;
 pub mod store;
+pub mod webhooks;
 pub mod wire;
 
 use std::sync::Arc;
@@ -59,6 +65,12 @@ pub enum Error {
     /// Keys are missing, weak or malformed; the message names the setting.
     #[error("keys: {0}")]
     Keys(String),
+    /// `genai_traces` is not a usable URL, or its client cannot be made.
+    #[error("genai_traces: {0}")]
+    GenaiTraces(String),
+    /// A webhook endpoint is misconfigured; the message names the setting.
+    #[error("{0}")]
+    Webhooks(String),
 }
 
 /// A bound HTTP listener; `port()` tells where tests must connect.
@@ -93,7 +105,7 @@ impl Bound {
             config.dev_mode,
         )
         .map_err(Error::Keys)?;
-        let auth = auth::Auth::new(
+        let mut auth = auth::Auth::new(
             &config.api_keys,
             auth::Limits {
                 rate_per_sec: config.read_rate_per_sec,
@@ -103,6 +115,13 @@ impl Bound {
             config.dev_mode || config.anonymous_reads,
         )
         .map_err(Error::Keys)?;
+        // The console's buttons need no key only where nobody else can reach them.
+        auth.allow_anonymous_control(
+            self.listener
+                .local_addr()
+                .is_ok_and(|a| a.ip().is_loopback()),
+        );
+        let endpoints = webhooks::endpoints(&config.webhooks).map_err(Error::Webhooks)?;
         let subjects = Subjects::new(&config.subject_prefix)?;
         let pool = PgPoolOptions::new()
             .max_connections(config.db_pool_size)
@@ -155,6 +174,35 @@ impl Bound {
             client: client.clone(),
             liveness: Default::default(),
         });
+        // Before ready: each endpoint's consumer exists, so what is
+        // published from now on reaches it.
+        let webhooks = webhooks::Webhooks::start(
+            endpoints,
+            client.clone(),
+            subjects.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        // Before ready, like the webhooks: runs that end from now on are traced.
+        let genai = match config.genai_traces.as_deref().filter(|url| !url.is_empty()) {
+            Some(url) => Some(
+                genai::GenaiTraces::start(
+                    js.clone(),
+                    subjects.clone(),
+                    pool.clone(),
+                    client.clone(),
+                    url,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let traces = async {
+            match genai {
+                Some(genai) => genai.run(shutdown.clone()).await,
+                None => Ok(()),
+            }
+        };
         starting.done();
         tracing::info!(listen = %config.listen, prefix = subjects.prefix(), "event ingest started");
         let persist = persister::run(
@@ -186,7 +234,7 @@ impl Bound {
                 }
             }
         };
-        let result = tokio::try_join!(persist, serve);
+        let result = tokio::try_join!(persist, serve, webhooks.run(), traces);
         shutdown.cancel();
         pool.close().await;
         let _ = nats.flush().await;

@@ -1,4 +1,5 @@
-//! All of event-ingest's SQL: bulk, idempotent inserts and cursor reads.
+//! All of event-ingest's SQL: bulk, idempotent inserts, cursor reads, and
+//! what GenAI traces read of a run (its history and events).
 
 use serde_json::Value;
 use sqlx::PgPool;
@@ -101,4 +102,92 @@ pub async fn page(
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().map(|(v,)| v).collect())
+}
+
+/// One row of a run's history (`run_transitions`, the tracker's table in
+/// the same database), as GenAI traces show it.
+#[derive(Clone, Debug)]
+pub struct Transition {
+    pub from_state: Option<String>,
+    pub to_state: String,
+    pub event: String,
+    pub reason: String,
+    pub actor: String,
+    pub at_ms: i64,
+    pub sandbox_id: Option<String>,
+}
+
+/// The history of `run_id`, oldest first.
+pub async fn transitions(pool: &PgPool, run_id: &str) -> Result<Vec<Transition>, sqlx::Error> {
+    type Columns = (
+        Option<String>,
+        String,
+        String,
+        String,
+        String,
+        i64,
+        Option<String>,
+    );
+    let rows: Vec<Columns> = sqlx::query_as(
+        "SELECT from_state, to_state, event, reason, actor,
+                (extract(epoch FROM at) * 1000)::bigint, sandbox_id
+         FROM run_transitions WHERE run_id = $1 ORDER BY id",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(from_state, to_state, event, reason, actor, at_ms, sandbox_id)| Transition {
+                from_state,
+                to_state,
+                event,
+                reason,
+                actor,
+                at_ms,
+                sandbox_id,
+            },
+        )
+        .collect())
+}
+
+/// A stored event as GenAI traces read it.
+#[derive(Clone, Debug)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub kind: String,
+    pub at_ms: i64,
+    pub data: Value,
+}
+
+/// The first `limit` stored events of `run_id` of the given kinds, in
+/// stream order.
+pub async fn events_of_kinds(
+    pool: &PgPool,
+    run_id: &str,
+    kinds: &[&str],
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let rows: Vec<(String, String, i64, Value)> = sqlx::query_as(
+        "SELECT event_id, kind, (extract(epoch FROM at) * 1000)::bigint, payload
+         FROM sandbox_events
+         WHERE run_id = $1 AND kind = ANY($2)
+         ORDER BY stream_seq
+         LIMIT $3",
+    )
+    .bind(run_id)
+    .bind(kinds)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(event_id, kind, at_ms, data)| StoredEvent {
+            event_id,
+            kind,
+            at_ms,
+            data,
+        })
+        .collect())
 }
