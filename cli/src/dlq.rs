@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use async_nats::jetstream::{self, message::StreamMessage};
 use corral_proto::headers;
-use corral_proto::v1::{AgentEvent, ContinueCommand, RunCommand, SessionCommand, StopCommand};
+use corral_proto::v1::{
+    AgentEvent, ContinueCommand, LifecycleEvent, RunCommand, SessionCommand, StopCommand,
+};
 use prost::Message;
 use serde_json::json;
 
@@ -28,8 +30,10 @@ pub enum Dlq {
 
 #[derive(clap::Args)]
 pub struct LsArgs {
-    /// Only dead letters of this kind: `cmd` (commands) or `events` (agent events).
-    #[arg(long, value_parser = ["cmd", "events"])]
+    /// Only dead letters of this kind: `cmd` (commands), `events` (agent
+    /// events), `webhook` (transitions an endpoint never took) or `genai`
+    /// (traces the collector refused).
+    #[arg(long, value_parser = ["cmd", "events", "webhook", "genai"])]
     kind: Option<String>,
     /// At most this many.
     #[arg(long, default_value_t = 100)]
@@ -221,6 +225,8 @@ fn decoded(subject: &str, payload: &[u8]) -> String {
         Some(["cmd", "session"]) => SessionCommand::decode(payload).map(|m| format!("{m:#?}")),
         Some(["cmd", "stop"]) => StopCommand::decode(payload).map(|m| format!("{m:#?}")),
         Some(["events", _]) => AgentEvent::decode(payload).map(|m| format!("{m:#?}")),
+        // Webhook and trace letters: the transition they were about.
+        Some(["lifecycle", _]) => LifecycleEvent::decode(payload).map(|m| format!("{m:#?}")),
         _ => return format!("{} bytes: {}", payload.len(), escaped(payload)),
     };
     what.unwrap_or_else(|err| {

@@ -40,9 +40,11 @@
             return;
           }
           if (res.ok) {
+            const html = await res.text();
+            // Read the boxes only now: one ticked while the fetch was out counts.
             const ticked = new Set(
               [...node.querySelectorAll("input[type=checkbox]:checked")].map((box) => box.value));
-            node.innerHTML = await res.text();
+            node.innerHTML = html;
             for (const box of node.querySelectorAll("input[type=checkbox]")) {
               if (ticked.has(box.value)) box.checked = true;
             }

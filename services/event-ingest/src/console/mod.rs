@@ -53,6 +53,24 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/console/logout", post(logout))
         .route("/console/assets/console.js", get(script))
         .route("/console/assets/console.css", get(stylesheet))
+        .layer(axum::middleware::map_response(locked_down))
+}
+
+/// Console pages load only their own script and stylesheet, and no other
+/// site may frame them (a stop button under someone else's page).
+async fn locked_down(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; frame-ancestors 'none'; form-action 'self'",
+        ),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 /// Who is asking, when they may do `scope`; otherwise the answer a
