@@ -1,7 +1,6 @@
-//! What the console reads besides the tracker's answers: a run's
-//! transitions (the tracker's `run_transitions`, read only, from the
-//! database ingest shares with it), the nodes with the runs each owns, and
-//! the newest dead letters.
+//! What the console reads besides the tracker's answers and a run's
+//! transitions (`crate::store::transitions`): the nodes with the runs each
+//! owns, and the newest dead letters.
 
 use std::collections::BTreeMap;
 
@@ -9,44 +8,6 @@ use async_nats::jetstream;
 use corral_client::Client;
 use corral_proto::v1::{ListRunsRequest, Run, RunState, Spawner};
 use corral_proto::{Subjects, headers};
-use sqlx::PgPool;
-
-/// One applied transition.
-pub(crate) struct Transition {
-    pub from: Option<String>,
-    pub to: String,
-    pub event: String,
-    pub reason: String,
-    pub actor: String,
-    pub at_ms: i64,
-}
-
-/// Transitions a run page shows, at most.
-const TIMELINE_MAX: i64 = 500;
-
-/// `run_id`'s transitions, oldest first.
-pub(crate) async fn timeline(pool: &PgPool, run_id: &str) -> Result<Vec<Transition>, sqlx::Error> {
-    let rows: Vec<(Option<String>, String, String, String, String, i64)> = sqlx::query_as(
-        "SELECT from_state, to_state, event, reason, actor,
-                (extract(epoch FROM at) * 1000)::bigint
-           FROM run_transitions WHERE run_id = $1 ORDER BY id LIMIT $2",
-    )
-    .bind(run_id)
-    .bind(TIMELINE_MAX)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(from, to, event, reason, actor, at_ms)| Transition {
-            from,
-            to,
-            event,
-            reason,
-            actor,
-            at_ms,
-        })
-        .collect())
-}
 
 /// The spawners the tracker knows, and the live runs each owns.
 pub(crate) struct Nodes {

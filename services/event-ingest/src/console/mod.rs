@@ -401,7 +401,7 @@ async fn run_status(
 /// What a run's page shows above its events.
 pub(crate) struct RunStatus {
     pub run: corral_proto::v1::Run,
-    pub timeline: Result<Vec<data::Transition>, String>,
+    pub timeline: Result<Vec<crate::store::Transition>, String>,
     pub now_ms: i64,
 }
 
@@ -424,8 +424,13 @@ async fn status_of(state: &AppState, run_id: &str) -> Result<RunStatus, Response
             ));
         }
     };
-    let timeline = data::timeline(&state.pool, run_id)
+    // A page shows the first 500 transitions at most.
+    let timeline = crate::store::transitions(&state.pool, run_id)
         .await
+        .map(|mut steps| {
+            steps.truncate(500);
+            steps
+        })
         .map_err(|err| format!("timeline unavailable: {err}"));
     Ok(RunStatus {
         run,

@@ -329,8 +329,8 @@ pub(crate) fn status(status: &RunStatus, control: bool) -> Markup {
                         li {
                             time title=(when(step.at_ms)) { "+" (span_ms(step.at_ms - run.created_at_ms)) }
                             " "
-                            @if let Some(from) = &step.from { span class={ "state " (from) } { (from) } " → " }
-                            span class={ "state " (step.to) } { (step.to) }
+                            @if let Some(from) = &step.from_state { span class={ "state " (from) } { (from) } " → " }
+                            span class={ "state " (step.to_state) } { (step.to_state) }
                             " " span.event { (step.event) }
                             @if !step.actor.is_empty() { " by " span.mono { (step.actor) } }
                             @if !step.reason.is_empty() { ": " (step.reason) }
