@@ -622,6 +622,68 @@ async fn a_sandbox_gone_behind_a_frozen_owner_is_judged_lost_once() {
     env.cleanup().await;
 }
 
+/// A run asked to stop whose sandbox is gone while its owner cannot record
+/// the end (frozen here; slowed by a tracker's leader election in the
+/// cluster test that found this): the stop was honoured, so the reaper ends
+/// the run `stopped` with the stop's reason, not `sandbox_lost`. The stop
+/// grace is long, so it is the sandbox check, not the stop rule, that ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_run_whose_sandbox_is_gone_ends_stopped_not_lost() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let spawner = env.spawn_spawner_process(&[]).await;
+    let mut config = env.reaper_config();
+    // The frozen owner would be judged lost 6 s after its last heartbeat;
+    // the sandbox is judged after a grace of a second.
+    config.owner_timeout_ms = 6000;
+    config.stop_grace_ms = 60_000;
+    let reaper_started = tokio::time::Instant::now();
+    let reaper = env.start_reaper_with(config).await;
+    let client = env.client().await;
+
+    let command = env.command(&["sleep", "300"]);
+    client.start_run(&command).await.expect("submit");
+    let running = env
+        .wait_state(&client, &command.run_id, RunState::Running)
+        .await;
+    // A reaper judges no sandbox lost before it has watched owners for an
+    // owner timeout and a sweep (its evidence rule): a time rule, waited
+    // out as such.
+    tokio::time::sleep_until(reaper_started + Duration::from_millis(6000 + 200 + 300)).await;
+    signal(spawner.pid(), libc::SIGSTOP);
+    let stop = StopCommand {
+        run_id: command.run_id.clone(),
+        reason: "user pressed stop".into(),
+        requested_by: "test".into(),
+        requested_at_ms: corral_common::now_ms(),
+    };
+    let (outcome, _) = client.stop(&stop).await.expect("stop");
+    assert_eq!(outcome, Outcome::Accepted);
+    env.local_provider()
+        .kill(&running.sandbox_id)
+        .await
+        .expect("the sandbox killed, as its owner would on the stop");
+
+    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    assert_eq!(
+        (run.state(), run.reason.as_str()),
+        (RunState::Stopped, "user pressed stop"),
+        "a stop honoured is not a lost sandbox"
+    );
+    assert!(
+        last_actor(&env, &command.run_id)
+            .await
+            .starts_with("reaper:"),
+        "the reaper, not the frozen owner"
+    );
+
+    signal(spawner.pid(), libc::SIGCONT);
+    spawner.stop().await;
+    reaper.stop().await;
+    tracker.stop().await;
+    env.cleanup().await;
+}
+
 /// A boot that never finishes: past `boot_limit_ms` the reaper fails the
 /// run `stuck_boot` and kills the sandbox it was booting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -311,7 +311,8 @@ impl Reaper {
     }
 
     /// A listed sandbox no live run claims is killed; a live run of this
-    /// provider whose sandbox (held here) is gone fails with `sandbox_lost`.
+    /// provider whose sandbox (held here) is gone fails with `sandbox_lost`,
+    /// or ends `stopped` if a stop was asked for (its owner killed it).
     async fn reconcile(&self, sandboxes: &[SandboxInfo], live: &[Run], report: &mut Report) {
         let live: HashMap<&str, &Run> = live.iter().map(|run| (run.run_id.as_str(), run)).collect();
         let mut listed = std::collections::HashSet::new();
@@ -364,10 +365,23 @@ impl Reaper {
             }
             // Listed before the records were read: ask again before judging,
             // and judge only a run that stayed so for the grace.
-            if let Ok(Health::Gone(why)) = self.provider.probe(&run.sandbox_id).await
-                && self.still_gone_after_grace(run, &mut seen)
-                && self.end(run, RunEvent::Fail, "sandbox_lost").await
-            {
+            let Ok(Health::Gone(why)) = self.provider.probe(&run.sandbox_id).await else {
+                continue;
+            };
+            if !self.still_gone_after_grace(run, &mut seen) {
+                continue;
+            }
+            // A run someone asked to stop whose sandbox is gone was stopped:
+            // its owner killed the sandbox and could not record the end (a
+            // slow tracker, a crash). Ending it `sandbox_lost` would report
+            // a failure where the user's stop was honoured.
+            if run.stop_requested_at_ms > 0 {
+                let reason = stop_reason(run);
+                if self.end(run, RunEvent::Stop, reason).await {
+                    tracing::warn!(run_id = %run.run_id, sandbox_id = %run.sandbox_id, detail = %why, reason = "stop_ignored", "stopped run's end recorded");
+                    metrics::counter!("corral_stops_enforced_total").increment(1);
+                }
+            } else if self.end(run, RunEvent::Fail, "sandbox_lost").await {
                 tracing::warn!(run_id = %run.run_id, sandbox_id = %run.sandbox_id, detail = %why, reason = "sandbox_lost", "run failed");
                 metrics::counter!("corral_sandboxes_lost_total").increment(1);
                 report.sandboxes_lost += 1;
@@ -406,14 +420,7 @@ impl Reaper {
             return self.request_pause(&run).await;
         }
         let (event, reason, metric) = match why {
-            Why::StopIgnored => {
-                let reason = if run.stop_reason.is_empty() {
-                    "stop requested"
-                } else {
-                    run.stop_reason.as_str()
-                };
-                (RunEvent::Stop, reason.to_owned(), "stop_ignored")
-            }
+            Why::StopIgnored => (RunEvent::Stop, stop_reason(&run).to_owned(), "stop_ignored"),
             Why::Deadline => (RunEvent::TimeOut, "deadline".into(), "deadline"),
             Why::Inactivity => (RunEvent::TimeOut, "inactivity".into(), "inactivity"),
             Why::OwnerLost => (RunEvent::Fail, "owner_lost".into(), "owner_lost"),
@@ -524,5 +531,14 @@ impl Reaper {
                 false
             }
         }
+    }
+}
+
+/// The reason a stopped run ends with: the stop's own, if it gave one.
+fn stop_reason(run: &Run) -> &str {
+    if run.stop_reason.is_empty() {
+        "stop requested"
+    } else {
+        &run.stop_reason
     }
 }

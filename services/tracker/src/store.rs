@@ -113,7 +113,8 @@ struct AppliedRow {
     row: RunRow,
 }
 
-/// run_id, state, owner, sandbox_id, sandbox_epoch, version.
+/// run_id, state, owner, sandbox_id, sandbox_epoch, version, provider,
+/// stop_requested_at, stop_reason.
 type LiveRow = (
     String,
     String,
@@ -122,6 +123,8 @@ type LiveRow = (
     i32,
     i64,
     String,
+    Option<DateTime<Utc>>,
+    Option<String>,
 );
 
 #[derive(FromRow)]
@@ -808,7 +811,8 @@ impl Store {
     pub async fn live(&self, after: &str, limit: u32) -> Result<(Vec<Run>, String), StoreError> {
         let limit = if limit == 0 { 5000 } else { limit.min(20_000) };
         let mut rows: Vec<LiveRow> = sqlx::query_as(
-            "SELECT run_id, state, owner, sandbox_id, sandbox_epoch, version, provider FROM runs
+            "SELECT run_id, state, owner, sandbox_id, sandbox_epoch, version, provider,
+                    stop_requested_at, stop_reason FROM runs
              WHERE state NOT IN ('completed', 'failed', 'stopped', 'timed_out') AND run_id > $1
              ORDER BY run_id
              LIMIT $2",
@@ -826,7 +830,17 @@ impl Store {
         let runs = rows
             .into_iter()
             .map(
-                |(run_id, state, owner, sandbox_id, epoch, version, provider)| Run {
+                |(
+                    run_id,
+                    state,
+                    owner,
+                    sandbox_id,
+                    epoch,
+                    version,
+                    provider,
+                    stop_requested_at,
+                    stop_reason,
+                )| Run {
                     run_id,
                     state: RunState::from_name(&state).unwrap_or(RunState::Unspecified) as i32,
                     owner: owner.unwrap_or_default(),
@@ -834,6 +848,10 @@ impl Store {
                     sandbox_epoch: epoch as u32,
                     version: version as u64,
                     provider,
+                    // A live run asked to stop whose sandbox is gone was
+                    // stopped, not lost: the reaper reads these to tell.
+                    stop_requested_at_ms: ms(stop_requested_at),
+                    stop_reason: stop_reason.unwrap_or_default(),
                     ..Default::default()
                 },
             )
