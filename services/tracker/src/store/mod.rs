@@ -4,7 +4,8 @@
 //! `run_transitions` in the same statement: the run's history and the
 //! lifecycle outbox ([`crate::relay`] announces the rows).
 //!
-//! - `mod.rs`: the [`Store`], connecting and migrating, the error type;
+//! - `mod.rs`: the [`Store`], connecting and migrating;
+//! - `error.rs`: [`StoreError`], database errors sorted by SQLSTATE;
 //! - `rows.rs`: the `runs` row and its mapping to the proto `Run`;
 //! - `fence.rs`: when a transition may apply, in SQL and in words, in one place;
 //! - `transitions.rs`: submit, claim, record a sandbox, apply an event, release;
@@ -12,6 +13,7 @@
 //! - `reads.rs`: one run, lists, spawners, and cost;
 //! - `sweep.rs`: what the reaper acts on, and the liveness it is judged by.
 
+mod error;
 mod fence;
 mod reads;
 mod rows;
@@ -21,31 +23,11 @@ mod transitions;
 
 use std::time::Duration;
 
-use corral_proto::v1::tracker_error::Refusal;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::state::Illegal;
-
+pub use error::StoreError;
 pub use transitions::Applied;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("run {0} not found")]
-    NotFound(String),
-    #[error(transparent)]
-    Illegal(#[from] Illegal),
-    /// Refused, and why: `NotOwner` is a forbidden request, the others
-    /// conflicts with the run's state.
-    #[error("{1}")]
-    Refused(Refusal, String),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
-    #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-}
 
 /// Defaults applied to a run's spec when its fields are zero.
 #[derive(Clone, Copy, Debug)]
@@ -84,8 +66,8 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_with(options.clone())
         };
-        let pool = match connect().await {
-            Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("3D000") => {
+        let pool = match connect().await.map_err(StoreError::from) {
+            Err(StoreError::NoDatabase(_)) => {
                 create_database(&options).await?;
                 connect().await?
             }
@@ -129,9 +111,12 @@ async fn create_database(options: &PgConnectOptions) -> Result<(), StoreError> {
         .execute(&mut conn)
         .await
     {
-        // Another instance created it first.
-        Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("42P04") => Ok(()),
-        Err(err) => Err(err.into()),
         Ok(_) => Ok(()),
+        Err(err) => match StoreError::from(err) {
+            // Another instance created it first: the database exists, or
+            // (racing CREATE DATABASE) its name's unique index refused ours.
+            StoreError::Conflict(_) => Ok(()),
+            err => Err(err),
+        },
     }
 }
