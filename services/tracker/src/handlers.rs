@@ -44,7 +44,16 @@ fn store_error(err: &StoreError) -> Option<TrackerError> {
         StoreError::Refused(Refusal::NotOwner, _) => (Code::Forbidden, Refusal::NotOwner),
         StoreError::Refused(refusal, _) => (Code::Conflict, *refusal),
         StoreError::Invalid(_) => (Code::Invalid, Refusal::Unspecified),
-        StoreError::Db(_) | StoreError::Migrate(_) => (Code::Unavailable, Refusal::Unspecified),
+        // The database failed, lost a race or is out of reach: the same
+        // request later may succeed (`is_transient`), so the caller retries.
+        // A unique violation means a concurrent writer got there first; the
+        // request again finds its row, so it too is no refusal.
+        StoreError::Conflict(_)
+        | StoreError::Retryable(_)
+        | StoreError::Unavailable(_)
+        | StoreError::NoDatabase(_)
+        | StoreError::Db(_)
+        | StoreError::Migrate(_) => (Code::Unavailable, Refusal::Unspecified),
     };
     if code == Code::Unavailable {
         tracing::warn!(error = %err, "database error");
@@ -356,5 +365,43 @@ impl Handlers {
             reason = %run.reason,
             "run transition"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(err: StoreError) -> Code {
+        let answered = store_error(&err).expect("a store error should be answered");
+        Code::try_from(answered.code).expect("the code should be known")
+    }
+
+    #[test]
+    fn database_errors_are_answered_unavailable_so_callers_retry() {
+        let transient = [
+            StoreError::Conflict(sqlx::Error::PoolClosed),
+            StoreError::Retryable(sqlx::Error::PoolClosed),
+            StoreError::Unavailable(sqlx::Error::PoolTimedOut),
+            StoreError::NoDatabase(sqlx::Error::PoolClosed),
+            StoreError::Db(sqlx::Error::RowNotFound),
+        ];
+        for err in transient {
+            assert!(err.is_transient(), "{err:?}");
+            assert_eq!(code_of(err), Code::Unavailable);
+        }
+    }
+
+    #[test]
+    fn refusals_are_answered_with_their_code_and_are_not_transient() {
+        let refused = StoreError::Refused(Refusal::NotOwner, "not yours".into());
+        assert!(!refused.is_transient());
+        assert_eq!(code_of(refused), Code::Forbidden);
+        let fenced = StoreError::Refused(Refusal::StopRequested, "stop requested".into());
+        assert!(!fenced.is_transient());
+        assert_eq!(code_of(fenced), Code::Conflict);
+        let missing = StoreError::NotFound("r".into());
+        assert!(!missing.is_transient());
+        assert_eq!(code_of(missing), Code::NotFound);
     }
 }

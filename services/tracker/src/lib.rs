@@ -244,7 +244,7 @@ async fn consume_stops(
                 tracing::info!(run_id = %stop.run_id, outcome = ?outcome, "stop command recorded");
                 let _ = message.ack().await;
             }
-            Err(StoreError::Db(err)) => {
+            Err(err) if err.is_transient() => {
                 let deliveries = message.info().map(|i| i.delivered).unwrap_or(1);
                 // 250 ms doubling, at most 5 s, for as long as it takes.
                 let delay = Duration::from_millis(250 << deliveries.clamp(1, 5) as u32 >> 1)
