@@ -1,9 +1,11 @@
 //! What every corral service shares: telemetry, shutdown, layered
 //! configuration and NATS plumbing (connect, streams, traced publish,
-//! request-reply, dead letters).
+//! request-reply, dead letters), and [`delivery::Delivery`], the one way a
+//! consumer handles a message.
 
 pub mod admin;
 pub mod config;
+pub mod delivery;
 pub mod fault;
 pub mod nats;
 pub mod nats_roles;

@@ -344,7 +344,9 @@ where
 /// Copies a message that cannot be processed to `<prefix>.dlq.<what>` with
 /// the reason in the `Corral-Error` header, then terminates it on its stream
 /// so it is never redelivered. Returns an error (and leaves the message for
-/// redelivery) only when the dead-letter publish itself failed.
+/// redelivery) only when the dead-letter publish itself failed. Consumers
+/// go through [`crate::delivery::DeadLetters`], which also answers the
+/// message when the publish fails.
 pub async fn dead_letter(
     js: &jetstream::Context,
     subjects: &Subjects,

@@ -13,12 +13,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer};
+use async_nats::jetstream::{self, consumer};
 use corral_client::ActivityReporter;
+use corral_common::delivery::{DeadLetters, Delivery};
 use corral_proto::Subjects;
 use corral_proto::v1::AgentEvent;
 use futures::StreamExt;
-use prost::Message;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +26,9 @@ use crate::store::{self, Row};
 use crate::{Error, wire};
 
 pub const CONSUMER: &str = "event-ingest";
+
+/// How long a batch the database could not take waits before it is tried again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
 
 pub async fn run(
     js: jetstream::Context,
@@ -54,6 +57,7 @@ pub async fn run(
         )
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
+    let dead_letters = DeadLetters::new(js.clone(), &subjects, "events");
     let in_flight = Arc::new(tokio::sync::Semaphore::new(1));
     loop {
         if shutdown.is_cancelled() {
@@ -88,22 +92,14 @@ pub async fn run(
         let mut rows = Vec::with_capacity(batch.len());
         let mut good = Vec::with_capacity(batch.len());
         for message in batch {
-            let stream_seq = message
-                .info()
-                .map(|i| i.stream_sequence as i64)
-                .unwrap_or(0);
-            let mut event = match AgentEvent::decode(message.payload.clone()) {
-                Ok(event) => event,
-                Err(err) => {
-                    let reason = format!("payload did not decode as AgentEvent: {err}");
-                    dead_letter(&js, &subjects, &message, &reason).await;
-                    continue;
-                }
-            };
-            if let Err(reason) = check(&subjects, &message.subject, &event) {
-                dead_letter(&js, &subjects, &message, &reason).await;
+            let subject = message.subject.clone();
+            let valid = |event: &AgentEvent| check(&subjects, &subject, event);
+            let Some(mut delivery) = Delivery::decode(message, &dead_letters, valid).await else {
                 continue;
-            }
+            };
+            let stream_seq = delivery.stream_sequence() as i64;
+            // The event moves into its row; the delivery stays for the ack.
+            let mut event = std::mem::take(delivery.value_mut());
             // PostgreSQL text cannot hold NUL (what `cat` of a binary file
             // prints): replaced, counted, never a batch that cannot be stored.
             let (mut data, truncated) = wire::data_json(&event, max_diff);
@@ -126,7 +122,7 @@ pub async fn run(
                 data,
                 truncated,
             });
-            good.push(message);
+            good.push(delivery);
         }
         // Store while the next batch is fetched, one batch at a time so that
         // commits follow the stream order (pages by cursor never skip).
@@ -134,9 +130,8 @@ pub async fn run(
             return Ok(());
         };
         let pool = pool.clone();
-        let (js, subjects) = (js.clone(), subjects.clone());
         tokio::spawn(async move {
-            store_batch(&js, &subjects, &pool, rows, good).await;
+            store_batch(&pool, rows, good).await;
             drop(permit);
         });
     }
@@ -163,16 +158,10 @@ fn check(subjects: &Subjects, subject: &str, event: &AgentEvent) -> Result<(), S
 /// cannot fix splits the batch until the event at fault is alone, which is
 /// dead-lettered with the error while the rest is stored; a transient one
 /// naks the messages for redelivery.
-async fn store_batch(
-    js: &jetstream::Context,
-    subjects: &Subjects,
-    pool: &PgPool,
-    rows: Vec<Row>,
-    messages: Vec<jetstream::Message>,
-) {
+async fn store_batch(pool: &PgPool, rows: Vec<Row>, deliveries: Vec<Delivery<AgentEvent>>) {
     // Halves are stored in stream order: the left one first.
-    let mut pending = vec![(rows, messages)];
-    while let Some((mut rows, mut messages)) = pending.pop() {
+    let mut pending = vec![(rows, deliveries)];
+    while let Some((mut rows, mut deliveries)) = pending.pop() {
         match store::insert(pool, &rows).await {
             Ok(new) => {
                 metrics::counter!("corral_events_ingested_total").increment(new);
@@ -181,38 +170,26 @@ async fn store_batch(
                     metrics::histogram!("corral_ingest_lag_seconds")
                         .record((now - row.at_ms).max(0) as f64 / 1000.0);
                 }
-                futures::future::join_all(messages.iter().map(|m| m.ack())).await;
+                futures::future::join_all(deliveries.into_iter().map(Delivery::ack)).await;
             }
             Err(err) if store::is_transient(&err) => {
                 tracing::warn!(error = %err, events = rows.len(), "event batch not stored, will retry");
-                let nak = AckKind::Nak(Some(Duration::from_secs(1)));
-                futures::future::join_all(messages.iter().map(|m| m.ack_with(nak))).await;
+                let retry = |delivery: Delivery<AgentEvent>| delivery.nak_after(STORE_RETRY);
+                futures::future::join_all(deliveries.into_iter().map(retry)).await;
             }
             Err(err) if rows.len() == 1 => {
                 let reason = format!("event could not be stored: {err}");
-                dead_letter(js, subjects, &messages[0], &reason).await;
+                if let Some(delivery) = deliveries.pop() {
+                    delivery.dead_letter(&reason).await;
+                }
             }
             Err(err) => {
                 tracing::warn!(error = %err, events = rows.len(), "event batch refused, isolating the event at fault");
                 let half = rows.len() / 2;
-                let (right_rows, right_messages) = (rows.split_off(half), messages.split_off(half));
-                pending.push((right_rows, right_messages));
-                pending.push((rows, messages));
+                let right = (rows.split_off(half), deliveries.split_off(half));
+                pending.push(right);
+                pending.push((rows, deliveries));
             }
         }
-    }
-}
-
-async fn dead_letter(
-    js: &jetstream::Context,
-    subjects: &Subjects,
-    message: &jetstream::Message,
-    reason: &str,
-) {
-    tracing::warn!(subject = %message.subject, reason, "dead-lettering event");
-    if let Err(err) =
-        corral_common::nats::dead_letter(js, subjects, "events", message, reason).await
-    {
-        tracing::error!(error = %err, "dead-letter publish failed; the event will be redelivered");
     }
 }

@@ -9,15 +9,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer};
+use async_nats::jetstream::{self, consumer};
 use corral_proto::Subjects;
 use corral_proto::v1::{RunCommand, claim_reply::Outcome};
 use futures::StreamExt;
-use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{Error, Spawner, session, supervisor};
+use crate::{Error, Spawner, command, session, supervisor};
 
 /// The shared consumer's configuration. No delivery limit: the spawner, not
 /// the server, decides when a command is given up (dead-lettered, never
@@ -88,7 +87,7 @@ pub(crate) async fn consume(
         let runs = spawner.runs.clone();
         runs.spawn(
             async move {
-                let work = dispatch(&spawner, &message).await;
+                let work = dispatch(&spawner, message).await;
                 let run_id = match &work {
                     Some(Work::Run(start)) => start.command.run_id.clone(),
                     Some(Work::Turn(turn)) => turn.run.run_id.clone(),
@@ -123,7 +122,7 @@ enum Work {
 }
 
 /// Decides one command by its subject.
-async fn dispatch(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Option<Work> {
+async fn dispatch(spawner: &Arc<Spawner>, message: jetstream::Message) -> Option<Work> {
     let subjects = spawner.subjects();
     let subject = message.subject.as_str();
     if subject == subjects.cmd_run() {
@@ -139,54 +138,51 @@ async fn dispatch(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Optio
         None
     } else {
         let reason = format!("{subject} is not a command subject this spawner knows");
-        dead_letter(spawner, message, &reason).await;
+        command::dead_letters(spawner).send(message, &reason).await;
         None
     }
 }
 
 /// Decides a run command; returns the run to supervise when this spawner
 /// claimed it.
-async fn handle(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Option<supervisor::Start> {
-    let command: RunCommand = accept(spawner, message, corral_proto::validate::run_command, |c| {
-        &c.run_id
-    })
-    .await?;
-    let provider = command
+async fn handle(spawner: &Arc<Spawner>, message: jetstream::Message) -> Option<supervisor::Start> {
+    let validate = corral_proto::validate::run_command;
+    let delivery = command::accept::<RunCommand>(spawner, message, validate, |c| &c.run_id).await?;
+    let provider = delivery
+        .value()
         .spec
         .as_ref()
         .map(|s| s.provider.as_str())
         .unwrap_or("");
     if !provider.is_empty() && provider != spawner.provider.name() {
         let reason = format!("spec.provider {provider:?} is not configured on this spawner");
-        dead_letter(spawner, message, &reason).await;
+        delivery.dead_letter(&reason).await;
         return None;
     }
-    if !spawner.activate(&command.run_id) {
+    let run_id = delivery.value().run_id.clone();
+    if !spawner.activate(&run_id) {
         // A redelivery while this spawner already runs it.
-        let _ = message.ack().await;
+        delivery.ack().await;
         return None;
     }
-    let forget = || spawner.deactivate(&command.run_id);
-    let deliveries = message.info().map(|i| i.delivered).unwrap_or(1);
-    match spawner.client.claim(&command, &spawner.id).await {
+    let forget = || spawner.deactivate(&run_id);
+    let deliveries = delivery.deliveries();
+    match spawner.client.claim(delivery.value(), &spawner.id).await {
         Ok((Outcome::Claimed, run)) => {
             // The claim is durable: from here the record carries the run.
-            if let Err(err) = message.double_ack().await {
-                tracing::warn!(error = %err, "command ack failed after claim");
-            }
+            let command = delivery.double_ack().await;
             Some(supervisor::Start { command, run })
         }
         Ok((outcome, run)) => {
             tracing::info!(outcome = ?outcome, state = run.state().name(), owner = %run.owner, "run not claimed");
             forget();
-            let _ = message.ack().await;
+            delivery.ack().await;
             None
         }
-        Err(err) if err.is_transient() && within_horizon(spawner, message) => {
-            let delay = backoff(deliveries);
-            tracing::warn!(error = %err, deliveries, ?delay, "claim failed, retrying");
+        Err(err) if err.is_transient() && command::within_horizon(spawner, &delivery) => {
             forget();
-            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            let delay = delivery.nak_with_backoff().await;
+            tracing::warn!(error = %err, deliveries, ?delay, "claim failed, retrying");
             None
         }
         Err(err) => {
@@ -199,83 +195,8 @@ async fn handle(spawner: &Arc<Spawner>, message: &jetstream::Message) -> Option<
             } else {
                 format!("claim refused: {err}")
             };
-            dead_letter(spawner, message, &reason).await;
+            delivery.dead_letter(&reason).await;
             None
         }
-    }
-}
-
-/// Decodes a command and checks it with `validate`; a command that fails
-/// either is dead-lettered with the reason, and `None` returned.
-pub(crate) async fn accept<T: Message + Default>(
-    spawner: &Spawner,
-    message: &jetstream::Message,
-    validate: impl Fn(&T) -> Result<(), String>,
-    run_id: impl Fn(&T) -> &str,
-) -> Option<T> {
-    let command = match T::decode(message.payload.clone()) {
-        Ok(command) => command,
-        Err(err) => {
-            let name = std::any::type_name::<T>()
-                .rsplit("::")
-                .next()
-                .unwrap_or("a command");
-            let reason = format!("payload did not decode as {name}: {err}");
-            dead_letter(spawner, message, &reason).await;
-            return None;
-        }
-    };
-    tracing::Span::current().record("run_id", run_id(&command));
-    if let Err(reason) = validate(&command) {
-        dead_letter(spawner, message, &reason).await;
-        return None;
-    }
-    Some(command)
-}
-
-/// Whether a command that failed for a transient reason may be tried again:
-/// it was first published less than `claim_horizon_ms` ago. A tracker
-/// restart, a database failover or a NATS blip is waited out, not turned
-/// into a dead letter.
-pub(crate) fn within_horizon(spawner: &Spawner, message: &jetstream::Message) -> bool {
-    let Ok(info) = message.info() else {
-        return true;
-    };
-    let age = time::OffsetDateTime::now_utc() - info.published;
-    age.whole_milliseconds() < i128::from(spawner.config.claim_horizon_ms)
-}
-
-/// Redelivery delay after `deliveries` failed attempts: 250 ms doubling, at most 30 s.
-pub(crate) fn backoff(deliveries: i64) -> Duration {
-    let exponent = deliveries.clamp(1, 8) as u32 - 1;
-    Duration::from_millis(250 * 2u64.pow(exponent)).min(Duration::from_secs(30))
-}
-
-pub(crate) async fn dead_letter(spawner: &Spawner, message: &jetstream::Message, reason: &str) {
-    tracing::warn!(reason, "dead-lettering command");
-    if let Err(err) = corral_common::nats::dead_letter(
-        spawner.client.jetstream(),
-        spawner.subjects(),
-        "cmd",
-        message,
-        reason,
-    )
-    .await
-    {
-        tracing::error!(error = %err, "dead-letter publish failed; the command will be redelivered");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::backoff;
-    use std::time::Duration;
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        assert_eq!(backoff(1), Duration::from_millis(250));
-        assert_eq!(backoff(2), Duration::from_millis(500));
-        assert_eq!(backoff(4), Duration::from_secs(2));
-        assert_eq!(backoff(100), Duration::from_secs(30));
     }
 }

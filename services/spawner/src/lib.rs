@@ -9,6 +9,7 @@
 //! so a stop published anywhere reaches it at once and nobody else. It
 //! heartbeats its liveness to the tracker.
 
+mod command;
 pub mod config;
 mod consumer;
 mod outcomes;

@@ -10,9 +10,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use backon::{ExponentialBuilder, Retryable};
 use corral_client::ClientError;
+use corral_common::delivery::Delivery;
 use corral_proto::v1::{
     ContinueCommand, Run, RunEvent, RunState, SessionCommand, TransitionRequest, session_command,
     tracker_error::{Code, Refusal},
@@ -20,7 +21,7 @@ use corral_proto::v1::{
 use corral_provider::ProviderError;
 
 use crate::Spawner;
-use crate::consumer::{accept, backoff, dead_letter, within_horizon};
+use crate::command::{accept, within_horizon};
 use crate::supervisor::Turn;
 
 /// How long a continue waits for this spawner's supervisor of the run's
@@ -38,71 +39,61 @@ fn retry_policy() -> ExponentialBuilder {
 /// spawner as owner. Returns the turn to supervise.
 pub(crate) async fn handle_continue(
     spawner: &Arc<Spawner>,
-    message: &jetstream::Message,
+    message: jetstream::Message,
 ) -> Option<Turn> {
     let validate = corral_proto::validate::continue_command;
-    let command: ContinueCommand = accept(spawner, message, validate, |c| &c.run_id).await?;
-    if !spawner
-        .activate_within(&command.run_id, TURN_WIND_DOWN)
-        .await
-    {
+    let delivery = accept::<ContinueCommand>(spawner, message, validate, |c| &c.run_id).await?;
+    let run_id = delivery.value().run_id.clone();
+    if !spawner.activate_within(&run_id, TURN_WIND_DOWN).await {
         // This spawner runs a turn of it right now: the run is not idle.
         let reason = format!(
-            "run {} is running a turn: continue applies to an idle or paused kept run",
-            command.run_id
+            "run {run_id} is running a turn: continue applies to an idle or paused kept run"
         );
-        dead_letter(spawner, message, &reason).await;
+        delivery.dead_letter(&reason).await;
         return None;
     }
-    let taken = take(spawner, &command.run_id, RunEvent::Continue, "").await;
+    let taken = take(spawner, &run_id, RunEvent::Continue, "").await;
     match taken {
         Ok((run, from)) => {
-            let _ = message.double_ack().await;
+            let command = delivery.double_ack().await;
             Some(Turn { command, run, from })
         }
         Err(err) => {
-            spawner.deactivate(&command.run_id);
-            refuse(spawner, message, &command.run_id, "continue", err).await;
+            spawner.deactivate(&run_id);
+            refuse(spawner, delivery, &run_id, "continue", err).await;
             None
         }
     }
 }
 
 /// Pause, resume or end a kept run between turns.
-pub(crate) async fn handle_session(spawner: &Arc<Spawner>, message: &jetstream::Message) {
+pub(crate) async fn handle_session(spawner: &Arc<Spawner>, message: jetstream::Message) {
     let validate = corral_proto::validate::session_command;
-    let Some(command) = accept::<SessionCommand>(spawner, message, validate, |c| &c.run_id).await
+    let Some(delivery) = accept::<SessionCommand>(spawner, message, validate, |c| &c.run_id).await
     else {
         return;
     };
-    let run_id = command.run_id.as_str();
-    let actor = actor_of(&command, &spawner.actor);
-    let outcome = match command.action() {
-        session_command::Action::Pause => pause(spawner, run_id, &actor).await,
-        session_command::Action::Resume => resume(spawner, run_id, &actor).await,
-        session_command::Action::End => end(spawner, run_id, &actor).await,
+    let command = delivery.value();
+    let run_id = command.run_id.clone();
+    let action = command.action();
+    let actor = actor_of(command, &spawner.actor);
+    let outcome = match action {
+        session_command::Action::Pause => pause(spawner, &run_id, &actor).await,
+        session_command::Action::Resume => resume(spawner, &run_id, &actor).await,
+        session_command::Action::End => end(spawner, &run_id, &actor).await,
         session_command::Action::Unspecified => Ok(()),
     };
     match outcome {
         Ok(()) => {
-            let _ = message.ack().await;
+            delivery.ack().await;
         }
         // A pause that lost to a continue, a resume of a run that is not
         // paused: nothing to do, and nothing wrong with the command.
         Err(err) if matches!(err.code(), Some(Code::IllegalTransition | Code::NotFound)) => {
-            tracing::info!(run_id, action = command.action().as_str_name(), error = %err, "session command not applied");
-            let _ = message.ack().await;
+            tracing::info!(run_id, action = action.as_str_name(), error = %err, "session command not applied");
+            delivery.ack().await;
         }
-        Err(err) => {
-            refuse(
-                spawner,
-                message,
-                run_id,
-                command.action().as_str_name(),
-                err,
-            )
-            .await
-        }
+        Err(err) => refuse(spawner, delivery, &run_id, action.as_str_name(), err).await,
     }
 }
 
@@ -243,28 +234,27 @@ async fn release(spawner: &Spawner, run_id: &str) {
 /// A refused session command: retried while the run is held by another
 /// instance or the tracker is down; otherwise dead-lettered with the
 /// tracker's reason (a continue of a running or ended run, an unknown run).
-async fn refuse(
+async fn refuse<T>(
     spawner: &Spawner,
-    message: &jetstream::Message,
+    delivery: Delivery<T>,
     run_id: &str,
     what: &str,
     err: ClientError,
 ) {
-    let deliveries = message.info().map(|i| i.delivered).unwrap_or(1);
     let busy = err.refusal() == Refusal::HeldByAnother;
-    if (busy || err.is_transient()) && within_horizon(spawner, message) {
+    if (busy || err.is_transient()) && within_horizon(spawner, &delivery) {
         let delay = if busy {
             Duration::from_millis(100)
         } else {
-            backoff(deliveries)
+            delivery.backoff()
         };
         tracing::info!(run_id, what, error = %err, ?delay, "retrying later");
-        let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+        delivery.nak_after(delay).await;
         return;
     }
     let mut reason = format!("{what} of run {run_id} refused: {err}");
     if err.code() == Some(Code::IllegalTransition) {
         reason.push_str(" (continue applies to an idle or paused kept run)");
     }
-    dead_letter(spawner, message, &reason).await;
+    delivery.dead_letter(&reason).await;
 }

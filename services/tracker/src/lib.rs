@@ -18,12 +18,12 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer};
+use async_nats::jetstream::{self, consumer};
+use corral_common::delivery::{DeadLetters, Delivery};
 use corral_common::nats::{self, NatsError};
 use corral_proto::Subjects;
 use corral_proto::v1::StopCommand;
 use futures::StreamExt;
-use prost::Message;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -177,8 +177,12 @@ async fn serve_requests(
     Ok(())
 }
 
+/// Longest wait before a stop the database did not take is tried again.
+const STOP_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Records stop commands that clients published on the command stream; the
-/// owner heard each at once through its own subscription.
+/// owner heard each at once through its own subscription. A stop that does
+/// not decode or names another run than its subject is dead-lettered.
 async fn consume_stops(
     js: &jetstream::Context,
     handlers: Arc<Handlers>,
@@ -210,6 +214,7 @@ async fn consume_stops(
         .messages()
         .await
         .map_err(|err| Error::Subscribe(err.to_string()))?;
+    let dead_letters = DeadLetters::new(js.clone(), &subjects, "cmd");
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -223,50 +228,34 @@ async fn consume_stops(
             },
         };
         let subject_run = message.subject.rsplit('.').next().unwrap_or("").to_owned();
-        let stop = match StopCommand::decode(message.payload.clone()) {
-            Ok(stop) if stop.run_id == subject_run => stop,
-            Ok(stop) => {
-                let reason = format!(
-                    "StopCommand.run_id {:?} does not match the subject's run id {:?}",
-                    stop.run_id, subject_run
-                );
-                dead_letter(js, &subjects, &message, &reason).await;
-                continue;
+        let matches_subject = |stop: &StopCommand| {
+            if stop.run_id == subject_run {
+                return Ok(());
             }
-            Err(err) => {
-                let reason = format!("payload did not decode as StopCommand: {err}");
-                dead_letter(js, &subjects, &message, &reason).await;
-                continue;
-            }
+            Err(format!(
+                "StopCommand.run_id {:?} does not match the subject's run id {:?}",
+                stop.run_id, subject_run
+            ))
         };
-        match handlers.record_stop(&stop, false).await {
+        let Some(delivery) = Delivery::decode(message, &dead_letters, matches_subject).await else {
+            continue;
+        };
+        let stop = delivery.value();
+        match handlers.record_stop(stop, false).await {
             Ok((outcome, _)) => {
                 tracing::info!(run_id = %stop.run_id, outcome = ?outcome, "stop command recorded");
-                let _ = message.ack().await;
+                delivery.ack().await;
             }
             Err(err) if err.is_transient() => {
-                let deliveries = message.info().map(|i| i.delivered).unwrap_or(1);
-                // 250 ms doubling, at most 5 s, for as long as it takes.
-                let delay = Duration::from_millis(250 << deliveries.clamp(1, 5) as u32 >> 1)
-                    .min(Duration::from_secs(5));
+                let deliveries = delivery.deliveries();
+                // The backoff, at most 5 s, for as long as it takes.
+                let delay = delivery.backoff().min(STOP_RETRY_MAX);
                 tracing::warn!(run_id = %stop.run_id, error = %err, deliveries, ?delay, "stop not recorded, will retry");
-                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                delivery.nak_after(delay).await;
             }
             Err(err) => {
-                dead_letter(js, &subjects, &message, &err.to_string()).await;
+                delivery.dead_letter(&err.to_string()).await;
             }
         }
-    }
-}
-
-async fn dead_letter(
-    js: &jetstream::Context,
-    subjects: &Subjects,
-    message: &jetstream::Message,
-    reason: &str,
-) {
-    tracing::warn!(subject = %message.subject, reason, "dead-lettering stop command");
-    if let Err(err) = nats::dead_letter(js, subjects, "cmd", message, reason).await {
-        tracing::error!(error = %err, "dead-letter publish failed; message will be redelivered");
     }
 }
