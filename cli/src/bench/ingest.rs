@@ -25,7 +25,7 @@ pub enum Via {
 #[derive(clap::Args)]
 #[command(
     after_help = "Needs NATS_URL and DATABASE_URL (a role that may create databases): it starts its \
-own tracker and event ingest on a scratch database and removes them after.\n\nExample:\n  corral bench ingest --events 100000 --runs 100 --via nats"
+own tracker and event ingest on a scratch database and removes them after.\n\nExamples:\n  corral bench ingest --events 100000 --runs 100 --via nats\n  corral bench ingest --events 200000 --rate 20000   # lag under a steady load"
 )]
 pub struct IngestArgs {
     /// Events to send.
@@ -40,13 +40,34 @@ pub struct IngestArgs {
     /// Events per HTTP request.
     #[arg(long, default_value_t = 100)]
     batch: usize,
+    /// Send at this steady rate (events per second) instead of as fast as
+    /// possible: the lag figures then describe a sustained load, not a burst
+    /// the ingest works off afterwards.
+    #[arg(long, value_name = "EVENTS_PER_SEC")]
+    rate: Option<u32>,
+}
+
+/// Paces sending at a steady rate: the n-th event is due n/rate seconds
+/// after the start.
+struct Pacer {
+    started: tokio::time::Instant,
+    rate: Option<u32>,
+}
+
+impl Pacer {
+    async fn until(&self, sent: usize) {
+        if let Some(rate) = self.rate {
+            let due = Duration::from_secs_f64(sent as f64 / f64::from(rate));
+            tokio::time::sleep_until(self.started + due).await;
+        }
+    }
 }
 
 const SECRET: &str = "bench-ingest-secret-0123456789abcdef";
 
 pub async fn run(global: &Global, args: IngestArgs) -> anyhow::Result<ExitCode> {
-    if args.events == 0 || args.runs == 0 || args.batch == 0 {
-        bail!("--events, --runs and --batch must be positive");
+    if args.events == 0 || args.runs == 0 || args.batch == 0 || args.rate == Some(0) {
+        bail!("--events, --runs, --batch and --rate must be positive");
     }
     let mut stack = Stack::new(&global.nats_url, "ingest").await?;
     let admin = stack.database_url.clone();
@@ -109,17 +130,28 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
     }
     let pool = sqlx::PgPool::connect(&stack.database_url).await?;
 
-    eprintln!(
-        "sending {} events over {} runs via {:?}",
-        args.events, args.runs, args.via
-    );
+    match args.rate {
+        Some(rate) => eprintln!(
+            "sending {} events over {} runs via {:?} at {rate} events/s",
+            args.events, args.runs, args.via
+        ),
+        None => eprintln!(
+            "sending {} events over {} runs via {:?}",
+            args.events, args.runs, args.via
+        ),
+    }
     let started = Instant::now();
+    let pacer = Pacer {
+        started: tokio::time::Instant::now(),
+        rate: args.rate,
+    };
     match args.via {
         Via::Nats => {
             let js = stack.client.jetstream().clone();
             let subjects = stack.client.subjects().clone();
             let mut acks = std::collections::VecDeque::new();
             for i in 0..args.events {
+                pacer.until(i).await;
                 let event = event(i, args.runs);
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(corral_proto::headers::MSG_ID, event.event_id.as_str());
@@ -143,6 +175,7 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
             let mut posts = Vec::new();
             for start in (0..args.events).step_by(args.batch * args.runs) {
                 for run in 0..args.runs {
+                    pacer.until(start + run * args.batch).await;
                     let ids: Vec<usize> = (start
                         ..(start + args.batch * args.runs).min(args.events))
                         .filter(|i| i % args.runs == run)
@@ -237,6 +270,7 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
         "via": format!("{:?}", args.via).to_lowercase(),
         "events": args.events,
         "runs": args.runs,
+        "rate": args.rate,
         "send_s": round(sent.as_secs_f64()),
         "elapsed_s": round(elapsed.as_secs_f64()),
         "events_per_sec": round(events_per_sec),

@@ -27,6 +27,10 @@ use crate::{Error, wire};
 
 pub const CONSUMER: &str = "event-ingest";
 
+/// Batches being stored at once: one commit's round trip to PostgreSQL
+/// overlaps the next batch's insert.
+const STORE_IN_FLIGHT: usize = 4;
+
 /// How long a batch the database could not take waits before it is tried again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
@@ -51,14 +55,14 @@ pub async fn run(
                 filter_subject: subjects.events_all(),
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(30),
-                max_ack_pending: (batch_max * 4) as i64,
+                max_ack_pending: (batch_max * (STORE_IN_FLIGHT + 2)) as i64,
                 ..Default::default()
             },
         )
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
     let dead_letters = DeadLetters::new(js.clone(), &subjects, "events");
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(1));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(STORE_IN_FLIGHT));
     loop {
         if shutdown.is_cancelled() {
             // Let the batches in hand finish (their acks follow their commits).
@@ -124,8 +128,10 @@ pub async fn run(
             });
             good.push(delivery);
         }
-        // Store while the next batch is fetched, one batch at a time so that
-        // commits follow the stream order (pages by cursor never skip).
+        // Store while the next batches are fetched. Commits may land out of
+        // stream order; pages still never skip, as they read only up to the
+        // consumer's ack floor (`http.rs::watermark`), and acks follow
+        // commits.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return Ok(());
         };
