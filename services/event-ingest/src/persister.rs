@@ -2,8 +2,8 @@
 //! `event-ingest` on the events stream, stores each batch in one bulk insert
 //! (`ON CONFLICT (run_id, event_id) DO NOTHING`), and acks only after the
 //! commit, so redelivery, duplicate posts and restarts never create a second
-//! row and nothing acknowledged is lost. Progress events are reported as
-//! activity.
+//! row and nothing acknowledged is lost. Progress events other than output
+//! lines (which their spawner reports) are reported as activity.
 //!
 //! Nothing stalls it: NUL characters are replaced before storing; an event
 //! that does not decode, lacks its ids, has a time out of range or names
@@ -113,7 +113,10 @@ pub async fn run(
             if replaced > 0 {
                 metrics::counter!("corral_event_nul_replaced_total").increment(replaced as u64);
             }
-            if corral_proto::kinds::is_progress(&event.kind) {
+            // Output lines are the spawner's own: it reports them as
+            // activity when it prints them; reporting them again here would
+            // double the tracker's activity writes for nothing.
+            if event.kind != "agent.output" && corral_proto::kinds::is_progress(&event.kind) {
                 activity.note(&event.run_id);
             }
             rows.push(Row {
