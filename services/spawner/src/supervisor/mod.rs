@@ -10,8 +10,9 @@
 //! finalize starts only after the tracker's `running -> finalizing` fence
 //! succeeded.
 //!
-//! The turn flow lives here; the sandbox at the provider in [`sandbox`],
-//! watching an execution in [`watch`], its output in [`output`].
+//! The turn flow lives here; what follows an execution is decided in
+//! [`outcome`], the sandbox at the provider in [`sandbox`], watching an
+//! execution in [`watch`], its output in [`output`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,8 +27,10 @@ use prost::Message;
 use tracing::Instrument;
 
 use crate::{Spawner, outcomes};
+use outcome::{End, Next};
 use sandbox::NotReady;
 
+mod outcome;
 mod output;
 mod sandbox;
 mod watch;
@@ -39,6 +42,7 @@ pub(crate) struct Start {
 }
 
 /// Why an execution ended.
+#[derive(Debug)]
 enum Ending {
     Exited(ExitStatus),
     Stopped(StopCommand),
@@ -233,38 +237,12 @@ impl Supervisor {
                 return;
             }
         };
-        let killed = matches!(ending, Ending::Exited(ExitStatus::Signal(s)) if s == libc::SIGKILL);
-        // A kept run's turn killed with the run going on (a resource limit)
-        // fails the turn, not the session.
-        let session_goes_on = kept && killed && self.goes_on().await;
-        match ending {
-            // Killed by someone else (the reaper, an operator): let the
-            // record say why, if it knows.
-            Ending::Exited(_) if killed && !session_goes_on => {
-                let err = ClientError::Invalid("the agent was killed with SIGKILL".into());
-                self.refused(err).await;
-            }
-            Ending::Exited(status) if kept => {
-                let reason = if status.success() {
-                    String::new()
-                } else {
-                    format!("turn failed: {}", describe(status))
-                };
-                self.turn_end(&reason, Some(status.code())).await;
-            }
-            // A spawner going away (a deploy) interrupts the turn, not the
-            // session: the sandbox stays for the next continue.
-            Ending::Shutdown if kept => {
-                self.turn_end("turn interrupted: spawner shut down", None)
-                    .await;
-            }
-            Ending::Exited(status) if status.success() && !self.spec.finalize.is_empty() => {
-                self.finalize(&sandbox_id, env, stops).await;
-            }
-            Ending::Exited(status) if status.success() => {
-                self.end(RunEvent::Complete, "", Some(0)).await;
-            }
-            ending => self.end_as(ending).await,
+        let run_goes_on = outcome::asks_record(&ending, kept) && self.goes_on().await;
+        let has_finalize = !self.spec.finalize.is_empty();
+        match outcome::outcome(&ending, kept, has_finalize, run_goes_on) {
+            Next::TurnEnd { reason, exit_code } => self.turn_end(&reason, exit_code).await,
+            Next::Finalize => self.finalize(&sandbox_id, env, stops).await,
+            Next::End(end) => self.end_with(end).await,
         }
     }
 
@@ -340,36 +318,31 @@ impl Supervisor {
                 return;
             }
         };
-        match ending {
-            Ending::Exited(status) if status.success() => {
-                self.end(RunEvent::Complete, "finalized", Some(0)).await;
-            }
-            Ending::Exited(status) => {
-                let reason = format!("finalize failed: {}", describe(status));
-                self.end(RunEvent::Fail, &reason, Some(status.code())).await;
-            }
-            ending => self.end_as(ending).await,
-        }
+        self.end_with(outcome::finalize_outcome(&ending)).await;
     }
 
-    async fn end_as(&mut self, ending: Ending) {
-        match ending {
-            Ending::Exited(status) => {
-                let reason = describe(status);
-                self.end(RunEvent::Fail, &reason, Some(status.code())).await;
-            }
-            Ending::Stopped(stop) => {
+    /// Carries out how [`outcome`] says the run ends.
+    async fn end_with(&mut self, end: End) {
+        match end {
+            End::AsRecorded { why } => self.refused(ClientError::Invalid(why)).await,
+            End::Stopped {
+                reason,
+                requested_at_ms,
+            } => {
                 self.kill_sandbox().await;
                 // From the stop's request (its publisher's clock) to the
                 // sandbox gone.
-                if stop.requested_at_ms > 0 {
-                    let waited = (corral_common::now_ms() - stop.requested_at_ms).max(0);
+                if requested_at_ms > 0 {
+                    let waited = (corral_common::now_ms() - requested_at_ms).max(0);
                     metrics::histogram!("corral_stop_seconds").record(waited as f64 / 1000.0);
                 }
-                self.end(RunEvent::Stop, &stop_reason(&stop), None).await
+                self.end(RunEvent::Stop, &reason, None).await
             }
-            Ending::TimedOut(kind) => self.end(RunEvent::TimeOut, kind, None).await,
-            Ending::Shutdown => self.end(RunEvent::Fail, "spawner_shutdown", None).await,
+            End::Transition {
+                event,
+                reason,
+                exit_code,
+            } => self.end(event, &reason, exit_code).await,
         }
     }
 
