@@ -29,6 +29,7 @@ use tracing::Instrument;
 use crate::{Spawner, outcomes};
 use outcome::{End, Next};
 use sandbox::NotReady;
+use watch::Timeout;
 
 mod outcome;
 mod output;
@@ -46,7 +47,7 @@ pub(crate) struct Start {
 enum Ending {
     Exited(ExitStatus),
     Stopped(StopCommand),
-    TimedOut(&'static str),
+    TimedOut(Timeout),
     Shutdown,
 }
 

@@ -132,7 +132,7 @@ fn ended(ending: &Ending) -> End {
         },
         Ending::TimedOut(kind) => End::Transition {
             event: RunEvent::TimeOut,
-            reason: (*kind).to_owned(),
+            reason: kind.reason().to_owned(),
             exit_code: None,
         },
         Ending::Shutdown => End::Transition {
@@ -148,6 +148,7 @@ mod tests {
     use corral_proto::v1::StopCommand;
 
     use super::*;
+    use crate::supervisor::Timeout;
     use ExitStatus::{Code, Signal};
     use RunEvent as E;
 
@@ -277,7 +278,7 @@ mod tests {
                 ],
             },
             Row {
-                ending: Ending::TimedOut("deadline"),
+                ending: Ending::TimedOut(Timeout::Deadline),
                 once: [
                     end(E::TimeOut, "deadline", None),
                     end(E::TimeOut, "deadline", None),
@@ -288,7 +289,7 @@ mod tests {
                 ],
             },
             Row {
-                ending: Ending::TimedOut("inactivity"),
+                ending: Ending::TimedOut(Timeout::Inactivity),
                 once: [
                     end(E::TimeOut, "inactivity", None),
                     end(E::TimeOut, "inactivity", None),
