@@ -202,3 +202,74 @@ async fn refusals_say_why_as_a_code() {
     tracker.stop().await;
     env.cleanup().await;
 }
+
+/// An owner with no boot to wait for records its sandbox and starts the run
+/// in one request, through the same fence as a start of its own: both
+/// transitions are recorded and announced; a run whose stop was requested
+/// meanwhile is recorded but stays booting, with no error, and the owner's
+/// own start then learns why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_recorded_with_start_starts_the_run_unless_a_stop_came_first() {
+    let env = TestEnv::new().await;
+    let tracker = env.start_tracker().await;
+    let client = env.client().await;
+    let record = |run_id: &str| RecordSandboxRequest {
+        run_id: run_id.to_owned(),
+        owner: "spawner-a".into(),
+        sandbox_id: format!("sandbox-{run_id}"),
+        provider: "local".into(),
+        start: true,
+        ..Default::default()
+    };
+
+    let command = env.command(&["true"]);
+    client.submit(&command).await.expect("submit");
+    client.claim(&command, "spawner-a").await.expect("claim");
+    let run = client
+        .record_sandbox(&record(&command.run_id))
+        .await
+        .expect("record and start");
+    assert_eq!(run.state(), RunState::Running);
+    assert_eq!(run.sandbox_id, format!("sandbox-{}", command.run_id));
+    let announced: Vec<RunState> = env
+        .lifecycle(&command.run_id)
+        .await
+        .into_iter()
+        .map(|(_, event)| event.to())
+        .collect();
+    assert_eq!(
+        announced,
+        [RunState::Pending, RunState::Booting, RunState::Running],
+        "every transition announced, the start included"
+    );
+
+    let stopped = env.command(&["true"]);
+    client.submit(&stopped).await.expect("submit");
+    client.claim(&stopped, "spawner-a").await.expect("claim");
+    let stop = StopCommand {
+        run_id: stopped.run_id.clone(),
+        reason: "changed my mind".into(),
+        requested_by: "test".into(),
+        requested_at_ms: corral_common::now_ms(),
+    };
+    client.stop(&stop).await.expect("stop");
+    let run = client
+        .record_sandbox(&record(&stopped.run_id))
+        .await
+        .expect("the sandbox is recorded though the start is not applied");
+    assert_eq!(run.state(), RunState::Booting, "not started after a stop");
+    assert_eq!(run.sandbox_id, format!("sandbox-{}", stopped.run_id));
+    let refused = client
+        .transition(&request(
+            &stopped.run_id,
+            RunEvent::Start,
+            "spawner:spawner-a",
+            "spawner-a",
+        ))
+        .await
+        .expect_err("the owner's own start learns why");
+    assert_eq!(refused.refusal(), Refusal::StopRequested, "{refused}");
+
+    tracker.stop().await;
+    env.cleanup().await;
+}

@@ -11,9 +11,9 @@ use corral_common::nats::publish_durable;
 use corral_proto::v1::{
     ActivityReply, ActivityRequest, ClaimReply, ClaimRequest, CostReply, CostRequest,
     GetRunRequest, HeartbeatReply, HeartbeatRequest, ListRunsReply, ListRunsRequest,
-    RecordSandboxRequest, ReleaseRequest, RunReply, RunState, SessionCommand, SpawnersReply,
-    SpawnersRequest, StopCommand, StopReply, SubmitRequest, SweepReply, SweepRequest, TrackerError,
-    TransitionRequest, session_command, stop_reply,
+    RecordSandboxRequest, ReleaseRequest, RunEvent, RunReply, RunState, SessionCommand,
+    SpawnersReply, SpawnersRequest, StopCommand, StopReply, SubmitRequest, SweepReply,
+    SweepRequest, TrackerError, TransitionRequest, session_command, stop_reply,
     tracker_error::{Code, Refusal},
 };
 use corral_proto::{Subjects, validate};
@@ -152,15 +152,7 @@ impl Handlers {
             "submit" => answer(payload, async |r| self.handle_submit(r).await).await,
             "claim" => answer(payload, async |r| self.handle_claim(r).await).await,
             "record_sandbox" => {
-                answer(payload, async |r: RecordSandboxRequest| {
-                    let run = stored(self.store.record_sandbox(&r).await)?;
-                    if !r.replaced_because.is_empty() {
-                        // The replacement's row is in the outbox.
-                        self.relay.wake();
-                    }
-                    run_reply(run)
-                })
-                .await
+                answer(payload, async |r| self.handle_record_sandbox(r).await).await
             }
             "transition" => answer(payload, async |r| self.handle_transition(r).await).await,
             "get" => {
@@ -245,6 +237,43 @@ impl Handlers {
             run: Some(run),
             error: None,
         })
+    }
+
+    /// Records a run's sandbox and, when asked, starts the run: one round
+    /// trip where a boot has nothing to wait for. A start not applied
+    /// leaves the run booting and is not an error: the owner asks again
+    /// with `transition` and gets the refusal's reason there.
+    async fn handle_record_sandbox(&self, request: RecordSandboxRequest) -> Answer<RunReply> {
+        let run = stored(self.store.record_sandbox(&request).await)?;
+        if !request.replaced_because.is_empty() {
+            // The replacement's row is in the outbox.
+            self.relay.wake();
+        }
+        if !request.start {
+            return run_reply(run);
+        }
+        let start = TransitionRequest {
+            run_id: request.run_id.clone(),
+            event: RunEvent::Start as i32,
+            actor: format!("spawner:{}", request.owner),
+            owner: request.owner.clone(),
+            expected_version: run.version,
+            ..Default::default()
+        };
+        match self.store.transition(&start).await {
+            Ok(applied) => {
+                self.applied(&applied).await;
+                Ok(RunReply {
+                    from: applied.from as i32,
+                    run: Some(applied.run),
+                    error: None,
+                })
+            }
+            Err(err) => {
+                tracing::debug!(run_id = %request.run_id, error = %err, "start with the sandbox not applied");
+                run_reply(run)
+            }
+        }
     }
 
     async fn handle_transition(&self, request: TransitionRequest) -> Answer<RunReply> {

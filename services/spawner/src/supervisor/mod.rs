@@ -132,12 +132,23 @@ impl Supervisor {
         let Some(mut stops) = self.subscribe_stops().await else {
             return;
         };
-        // Booting: create the sandbox and record its id durably.
-        if let Err(reason) = self.create_sandbox("").await {
+        // Booting: create the sandbox and record its id durably; with no
+        // boot to wait for, the same request starts the run.
+        let boot_delay = Duration::from_millis(self.spawner.config.boot_delay_ms);
+        if let Err(reason) = self.create_sandbox("", boot_delay.is_zero()).await {
             self.end(RunEvent::Fail, &reason, None).await;
             return;
         }
-        let boot_delay = Duration::from_millis(self.spawner.config.boot_delay_ms);
+        if self.run.state() == RunState::Running {
+            // Started with the record. A stop heard while the sandbox was
+            // made still wins before the agent runs.
+            if let Some(stop) = pending_stop(&mut stops) {
+                self.end(RunEvent::Stop, &stop_reason(&stop), None).await;
+                return;
+            }
+            self.turn(argv, &mut stops).await;
+            return;
+        }
         if !boot_delay.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(boot_delay) => {}

@@ -27,9 +27,14 @@ pub(super) enum NotReady {
 
 impl Supervisor {
     /// Creates a sandbox and records its id (`replaced_because` says why
-    /// when it replaces a gone one). On failure, returns the run's reason;
+    /// when it replaces a gone one); with `start`, the same request starts
+    /// the run (`self.run` says whether it did). On failure, returns the run's reason;
     /// a sandbox that exists is in `self.sandbox_id`, for `end` to kill.
-    pub(super) async fn create_sandbox(&mut self, replaced_because: &str) -> Result<(), String> {
+    pub(super) async fn create_sandbox(
+        &mut self,
+        replaced_because: &str,
+        start: bool,
+    ) -> Result<(), String> {
         let create = CreateSpec {
             run_id: self.run_id.clone(),
             labels: self.labels(),
@@ -73,6 +78,7 @@ impl Supervisor {
             provider: self.spawner.provider.name().to_owned(),
             replaced_because: replaced_because.to_owned(),
             isolation,
+            start,
         };
         let client = &self.spawner.client;
         let run = outcomes::until_answered(&self.spawner, "record sandbox", || {
@@ -135,7 +141,7 @@ impl Supervisor {
             *session = None;
         }
         let because = format!("sandbox replaced: {why}");
-        self.create_sandbox(&because).await.map_err(|err| {
+        self.create_sandbox(&because, false).await.map_err(|err| {
             NotReady::Lost(format!(
                 "sandbox gone ({why}) and its replacement failed: {err}"
             ))
