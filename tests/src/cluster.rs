@@ -24,8 +24,27 @@ impl PrivateCluster {
     /// Starts three nodes (`n0`, `n1`, `n2`) and waits until JetStream
     /// answers on every one (the cluster has a meta leader).
     pub async fn start() -> PrivateCluster {
+        // Ports picked free may be taken by a test beside this one before a
+        // node binds them: the node exits, and the cluster is started again
+        // on other ports.
+        let mut tries = Vec::new();
+        let nodes = loop {
+            match PrivateCluster::try_nodes() {
+                Ok(nodes) => break nodes,
+                Err(why) if tries.len() < 4 => tries.push(why),
+                Err(why) => panic!("the cluster did not start: {}; {why}", tries.join("; ")),
+            }
+        };
+        let cluster = PrivateCluster { nodes };
+        for i in 0..3 {
+            cluster.wait_jetstream(i).await;
+        }
+        cluster
+    }
+
+    fn try_nodes() -> Result<Vec<PrivateNats>, String> {
         let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let nodes = (0..3)
+        (0..3)
             .map(|i| {
                 let routes: Vec<String> = route_ports
                     .iter()
@@ -33,7 +52,7 @@ impl PrivateCluster {
                     .filter(|(j, _)| *j != i)
                     .map(|(_, port)| format!("\"nats-route://127.0.0.1:{port}\""))
                     .collect();
-                PrivateNats::start_with_config(&format!(
+                PrivateNats::try_start_with_config(&format!(
                     "server_name: \"n{i}\"\n\
                      cluster {{\n  name: \"corral-test\"\n  listen: \"127.0.0.1:{}\"\n  \
                      no_advertise: true\n  routes: [{}]\n}}\n",
@@ -41,12 +60,7 @@ impl PrivateCluster {
                     routes.join(", ")
                 ))
             })
-            .collect();
-        let cluster = PrivateCluster { nodes };
-        for i in 0..3 {
-            cluster.wait_jetstream(i).await;
-        }
-        cluster
+            .collect()
     }
 
     /// The seed list: every node, comma-separated.

@@ -157,7 +157,29 @@ impl PrivateNats {
         PrivateNats::start_with(Some(conf))
     }
 
+    /// Starts with `conf` as [`PrivateNats::start_with_config`] does, or
+    /// says why it could not: the server exited before it listened (a port
+    /// of `conf` taken meanwhile by another test). The caller picks new
+    /// ports and tries again.
+    pub fn try_start_with_config(conf: &str) -> Result<PrivateNats, String> {
+        PrivateNats::try_start_with(Some(conf))
+    }
+
     fn start_with(conf: Option<&str>) -> PrivateNats {
+        // A free port is free when picked, not necessarily when the server
+        // binds it: tests running beside this one pick ports too. A server
+        // that exits before it listens is started again on another port.
+        let mut tries = Vec::new();
+        for _ in 0..5 {
+            match PrivateNats::try_start_with(conf) {
+                Ok(server) => return server,
+                Err(why) => tries.push(why),
+            }
+        }
+        panic!("nats-server did not start: {}", tries.join("; "))
+    }
+
+    fn try_start_with(conf: Option<&str>) -> Result<PrivateNats, String> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -180,8 +202,7 @@ impl PrivateNats {
             child: None,
             config,
         };
-        server.start_again();
-        server
+        server.try_start_again().map(|()| server)
     }
 
     /// Its directory: configuration, store, log.
@@ -201,6 +222,12 @@ impl PrivateNats {
     /// Starts (again) on the same port and store, and waits until it
     /// accepts connections.
     pub fn start_again(&mut self) {
+        if let Err(why) = self.try_start_again() {
+            panic!("{why}");
+        }
+    }
+
+    fn try_start_again(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "the NATS server is already running");
         let mut command = std::process::Command::new("nats-server");
         match &self.config {
@@ -228,13 +255,25 @@ impl PrivateNats {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not listen on {} within 20 s",
-                self.port
-            );
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(format!(
+                    "nats-server exited ({status}) before it listened on {}: {}",
+                    self.port,
+                    self.log().lines().last().unwrap_or("(no log)")
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "nats-server did not listen on {} within 20 s",
+                    self.port
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// Stops it now (SIGKILL: clients see the connection drop).
