@@ -547,6 +547,54 @@ async fn a_sweep_returns_every_live_run_past_the_size_of_one_reply() {
     env.cleanup().await;
 }
 
+/// A `sleep` running under an owner (a spawner process) that is then
+/// frozen (SIGSTOP), beside a reaper with `config`. A reaper judges no
+/// sandbox lost before it has watched owners for an owner timeout and a
+/// sweep (its evidence rule): a time rule, waited out as such before the
+/// owner freezes.
+struct FrozenOwner {
+    tracker: corral_tests::InProcess,
+    spawner: corral_tests::ServiceProcess,
+    reaper: corral_tests::InProcess,
+    client: corral_client::Client,
+    command: RunCommand,
+    running: corral_proto::v1::Run,
+}
+
+impl FrozenOwner {
+    async fn start(env: &TestEnv, config: corral_reaper::Config) -> FrozenOwner {
+        let tracker = env.start_tracker().await;
+        let spawner = env.spawn_spawner_process(&[]).await;
+        let evidence = Duration::from_millis(u64::from(config.owner_timeout_ms) + 200 + 300);
+        let reaper_started = tokio::time::Instant::now();
+        let reaper = env.start_reaper_with(config).await;
+        let client = env.client().await;
+        let command = env.command(&["sleep", "300"]);
+        client.start_run(&command).await.expect("submit");
+        let running = env
+            .wait_state(&client, &command.run_id, RunState::Running)
+            .await;
+        tokio::time::sleep_until(reaper_started + evidence).await;
+        signal(spawner.pid(), libc::SIGSTOP);
+        FrozenOwner {
+            tracker,
+            spawner,
+            reaper,
+            client,
+            command,
+            running,
+        }
+    }
+
+    async fn stop(self, env: TestEnv) {
+        signal(self.spawner.pid(), libc::SIGCONT);
+        self.spawner.stop().await;
+        self.reaper.stop().await;
+        self.tracker.stop().await;
+        env.cleanup().await;
+    }
+}
+
 /// A running run's sandbox gone behind the back of an owner that cannot
 /// tell (frozen): the reaper fails it `sandbox_lost`, once. When the owner
 /// wakes and reports its agent's death, the run's end stands: the reaper
@@ -554,32 +602,23 @@ async fn a_sweep_returns_every_live_run_past_the_size_of_one_reply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_gone_behind_a_frozen_owner_is_judged_lost_once() {
     let env = TestEnv::new().await;
-    let tracker = env.start_tracker().await;
-    let spawner = env.spawn_spawner_process(&[]).await;
     let mut config = env.reaper_config();
     // The frozen owner is judged lost 4 s after its last heartbeat; its
     // sandbox, a second after it is found gone.
     config.owner_timeout_ms = 4000;
-    let reaper_started = tokio::time::Instant::now();
-    let reaper = env.start_reaper_with(config).await;
-    let client = env.client().await;
-
-    let command = env.command(&["sleep", "300"]);
-    client.start_run(&command).await.expect("submit");
-    let running = env
-        .wait_state(&client, &command.run_id, RunState::Running)
-        .await;
-    // A reaper judges no sandbox lost before it has watched owners for an
-    // owner timeout and a sweep (its evidence rule): a time rule, waited
-    // out as such.
-    tokio::time::sleep_until(reaper_started + Duration::from_millis(4000 + 200 + 300)).await;
-    signal(spawner.pid(), libc::SIGSTOP);
+    let frozen = FrozenOwner::start(&env, config).await;
+    let (client, command, running, spawner) = (
+        &frozen.client,
+        &frozen.command,
+        &frozen.running,
+        &frozen.spawner,
+    );
     env.local_provider()
         .kill(&running.sandbox_id)
         .await
         .expect("the sandbox killed behind corral's back");
 
-    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    let run = env.wait_terminal(client, &command.run_id, LIMIT).await;
     assert_eq!(
         (run.state(), run.reason.as_str()),
         (RunState::Failed, "sandbox_lost")
@@ -616,10 +655,7 @@ async fn a_sandbox_gone_behind_a_frozen_owner_is_judged_lost_once() {
         .collect();
     assert_eq!(terminal.len(), 1, "one end announced: {terminal:?}");
 
-    spawner.stop().await;
-    reaper.stop().await;
-    tracker.stop().await;
-    env.cleanup().await;
+    frozen.stop(env).await;
 }
 
 /// A run asked to stop whose sandbox is gone while its owner cannot record
@@ -630,27 +666,13 @@ async fn a_sandbox_gone_behind_a_frozen_owner_is_judged_lost_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_run_whose_sandbox_is_gone_ends_stopped_not_lost() {
     let env = TestEnv::new().await;
-    let tracker = env.start_tracker().await;
-    let spawner = env.spawn_spawner_process(&[]).await;
     let mut config = env.reaper_config();
     // The frozen owner would be judged lost 6 s after its last heartbeat;
     // the sandbox is judged after a grace of a second.
     config.owner_timeout_ms = 6000;
     config.stop_grace_ms = 60_000;
-    let reaper_started = tokio::time::Instant::now();
-    let reaper = env.start_reaper_with(config).await;
-    let client = env.client().await;
-
-    let command = env.command(&["sleep", "300"]);
-    client.start_run(&command).await.expect("submit");
-    let running = env
-        .wait_state(&client, &command.run_id, RunState::Running)
-        .await;
-    // A reaper judges no sandbox lost before it has watched owners for an
-    // owner timeout and a sweep (its evidence rule): a time rule, waited
-    // out as such.
-    tokio::time::sleep_until(reaper_started + Duration::from_millis(6000 + 200 + 300)).await;
-    signal(spawner.pid(), libc::SIGSTOP);
+    let frozen = FrozenOwner::start(&env, config).await;
+    let (client, command, running) = (&frozen.client, &frozen.command, &frozen.running);
     let stop = StopCommand {
         run_id: command.run_id.clone(),
         reason: "user pressed stop".into(),
@@ -664,7 +686,7 @@ async fn a_stopped_run_whose_sandbox_is_gone_ends_stopped_not_lost() {
         .await
         .expect("the sandbox killed, as its owner would on the stop");
 
-    let run = env.wait_terminal(&client, &command.run_id, LIMIT).await;
+    let run = env.wait_terminal(client, &command.run_id, LIMIT).await;
     assert_eq!(
         (run.state(), run.reason.as_str()),
         (RunState::Stopped, "user pressed stop"),
@@ -677,11 +699,7 @@ async fn a_stopped_run_whose_sandbox_is_gone_ends_stopped_not_lost() {
         "the reaper, not the frozen owner"
     );
 
-    signal(spawner.pid(), libc::SIGCONT);
-    spawner.stop().await;
-    reaper.stop().await;
-    tracker.stop().await;
-    env.cleanup().await;
+    frozen.stop(env).await;
 }
 
 /// A boot that never finishes: past `boot_limit_ms` the reaper fails the
