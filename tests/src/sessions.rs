@@ -130,12 +130,13 @@ pub async fn assert_provider_and_records_agree(
             .count()
     );
     for run_id in survivors {
-        assert!(
-            sandboxes
-                .iter()
-                .any(|s| s.labels.get(corral_provider::LABEL_RUN_ID) == Some(run_id)),
-            "survivor {run_id} holds its sandbox"
-        );
+        if !sandboxes
+            .iter()
+            .any(|s| s.labels.get(corral_provider::LABEL_RUN_ID) == Some(run_id))
+        {
+            let run = client.get(run_id).await;
+            panic!("survivor {run_id} holds no sandbox; its record: {run:?}");
+        }
     }
     sandboxes
 }

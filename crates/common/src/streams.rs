@@ -185,6 +185,30 @@ pub fn configs(subjects: &Subjects, streams: &Streams) -> Result<Vec<stream::Con
 
 /// Whether a failed stream creation may succeed later: no answer in time,
 /// JetStream not (yet) there, or a cluster without a leader for a moment.
+/// Gets the stream `config` names, creating it if missing. A cluster
+/// electing leaders, or loaded, answers late or "temporarily unavailable"
+/// for a while: that is waited out (about half a minute) rather than
+/// returned, so a service starting during it does not exit.
+pub async fn get_or_create_patiently(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<jetstream::stream::Stream, CreateStreamError> {
+    let name = config.name.clone();
+    (|| js.get_or_create_stream(config.clone()))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(3))
+                .with_max_times(12)
+                .with_jitter(),
+        )
+        .when(transient)
+        .notify(|err, after| {
+            tracing::warn!(stream = %name, error = %err, retry_in = ?after, "stream not provisioned yet; trying again");
+        })
+        .await
+}
+
 fn transient(err: &CreateStreamError) -> bool {
     match err.kind() {
         CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
@@ -290,20 +314,7 @@ pub async fn ensure(
             stream: name.clone(),
             message: err,
         };
-        // A cluster electing leaders, or loaded, answers late or "temporarily
-        // unavailable" for a while: wait that out rather than exit.
-        let mut stream = (|| js.get_or_create_stream(wanted.clone()))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(3))
-                    .with_max_times(12)
-                    .with_jitter(),
-            )
-            .when(transient)
-            .notify(|err, after| {
-                tracing::warn!(stream = %name, error = %err, retry_in = ?after, "stream not provisioned yet; trying again");
-            })
+        let mut stream = get_or_create_patiently(js, wanted.clone())
             .await
             .map_err(|err| fail(err.to_string()))?;
         if existing == Existing::Keep {

@@ -66,7 +66,7 @@ pub async fn run(
     loop {
         if shutdown.is_cancelled() {
             // Let the batches in hand finish (their acks follow their commits).
-            let _ = in_flight.acquire().await;
+            let _ = in_flight.acquire_many(STORE_IN_FLIGHT as u32).await;
             return Ok(());
         }
         let fetched = consumer

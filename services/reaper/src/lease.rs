@@ -46,7 +46,9 @@ impl Lease {
             num_replicas: replicas.max(1),
             ..Default::default()
         };
-        js.get_or_create_stream(stream)
+        // A cluster electing leaders answers late for a while: waited out,
+        // as for every stream (a reaper that gave up here would not run).
+        corral_common::streams::get_or_create_patiently(js, stream)
             .await
             .map_err(|e| format!("cannot create lease bucket {bucket}: {e}"))?;
         let store = js
