@@ -228,11 +228,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         draining.clone(),
         stopped.clone(),
     ));
-    // Its first heartbeat is recorded before it takes a command: the reaper
-    // judges a run whose owner has no recent heartbeat owner-lost, and a
-    // spawner that claimed before its first beat landed (a tracker slow
-    // after a restart) lost its first runs so.
-    first_beat(&spawner, &shutdown).await;
     let consumed = consumer::consume(spawner.clone(), shutdown.clone()).await;
 
     spawner.runs.close();
@@ -269,28 +264,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let _ = spawner.client.nats().flush().await;
     tracing::info!(spawner_id = %spawner.id, "spawner stopped");
     consumed
-}
-
-/// Heartbeats until the tracker has recorded one (or shutdown).
-async fn first_beat(spawner: &Spawner, shutdown: &CancellationToken) {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match spawner
-            .client
-            .heartbeat(&spawner.id, spawner.owned() as u32, None)
-            .await
-        {
-            Ok(_) => return,
-            Err(err) => {
-                tracing::warn!(error = %err, retry_in = ?delay, "first heartbeat not recorded; no command is taken until it is");
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(2));
-    }
 }
 
 /// Heartbeats until `stopped`; from when `draining` is set (the drain
