@@ -120,6 +120,7 @@ impl Store {
                     WHEN state IN ('booting', 'running', 'finalizing') AND owner IS NOT NULL
                          AND NOT EXISTS (SELECT 1 FROM spawners s WHERE s.spawner_id = runs.owner
                                          AND s.heartbeat_at > now() - make_interval(secs => $2 / 1000.0))
+                         AND updated_at < now() - make_interval(secs => $2 / 1000.0)
                          THEN 'owner_lost'
                     WHEN state = 'booting' AND booting_at < now() - make_interval(secs => $3 / 1000.0)
                          THEN 'stuck_boot'
