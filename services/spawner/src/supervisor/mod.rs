@@ -139,16 +139,7 @@ impl Supervisor {
             self.end(RunEvent::Fail, &reason, None).await;
             return;
         }
-        if self.run.state() == RunState::Running {
-            // Started with the record. A stop heard while the sandbox was
-            // made still wins before the agent runs.
-            if let Some(stop) = pending_stop(&mut stops) {
-                self.end(RunEvent::Stop, &stop_reason(&stop), None).await;
-                return;
-            }
-            self.turn(argv, &mut stops).await;
-            return;
-        }
+        let started = self.run.state() == RunState::Running;
         if !boot_delay.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(boot_delay) => {}
@@ -163,16 +154,19 @@ impl Supervisor {
                 }
             }
         }
-        // A stop heard while booting: the sandbox dies as soon as it exists.
+        // A stop heard while booting: the sandbox dies as soon as it exists,
+        // before the agent runs (also when the record started the run).
         if let Some(stop) = pending_stop(&mut stops) {
             self.end(RunEvent::Stop, &stop_reason(&stop), None).await;
             return;
         }
-        match self.transition(RunEvent::Start, "", None).await {
-            Ok(run) => self.run = run,
-            Err(err) => {
-                self.refused(err).await;
-                return;
+        if !started {
+            match self.transition(RunEvent::Start, "", None).await {
+                Ok(run) => self.run = run,
+                Err(err) => {
+                    self.refused(err).await;
+                    return;
+                }
             }
         }
         self.turn(argv, &mut stops).await;
