@@ -14,5 +14,6 @@ if [ "$(id -u)" -ne 0 ] && [ -z "${CORRAL_LOCAL__ISOLATION:-}" ]; then
        "the agents can see this machine. Run as root for isolated sandboxes." >&2
   export CORRAL_LOCAL__ISOLATION=none
 fi
-cargo build --release -p corral-cli
+# corral-enter: the helper local sandbox commands start through.
+cargo build --release --bin corral --bin corral-enter
 exec ./target/release/corral up --demo "$@"

@@ -70,12 +70,11 @@ ensure_postgres() {
 }
 
 ensure_sandbox_tools() {
-  # bwrap makes a local sandbox's namespaces; nsenter, setpriv, setsid and
-  # prlimit (util-linux) run commands in it.
+  # bwrap makes a local sandbox's namespaces; commands enter them through
+  # corral-enter, which the build makes.
   command -v bwrap >/dev/null || apt_install bubblewrap
-  for tool in nsenter setpriv setsid prlimit; do
-    command -v "$tool" >/dev/null || { apt_install util-linux; break; }
-  done
+  # setpriv (util-linux) starts the spawner unprivileged in a test.
+  command -v setpriv >/dev/null || apt_install util-linux
   # openssl makes the certificates of the mutual-TLS test.
   command -v openssl >/dev/null || apt_install openssl
 }

@@ -169,6 +169,11 @@ async fn an_agent_sees_only_its_own_sandbox() {
     let before_host = host_secs - 1;
     let script = format!(
         "echo uid $(id -u); echo host $(hostname); \
+         echo caps $(grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' /proc/self/status | cut -f2 | sort -u); \
+         echo nnp $(grep '^NoNewPrivs:' /proc/self/status | cut -f2); \
+         echo groups $(id -G); echo gid $(id -g); \
+         echo session-leader $(( $(cut -d' ' -f6 /proc/$$/stat) == $$ )); \
+         echo core $(ulimit -c); \
          host=\"sleep $(({before_host} + 1))\"; \
          for p in /proc/[0-9]*; do \
            c=$(tr '\\0' ' ' < $p/cmdline 2>/dev/null); \
@@ -196,6 +201,23 @@ async fn an_agent_sees_only_its_own_sandbox() {
             .clone()
     };
     assert_ne!(line("uid "), "uid 0", "the agent is not root");
+    assert_eq!(
+        line("caps "),
+        "caps 0000000000000000",
+        "no capability in any set (inheritable, permitted, effective, bounding, ambient)"
+    );
+    assert_eq!(line("nnp "), "nnp 1", "no way to gain privileges");
+    assert_eq!(
+        line("groups ")["groups ".len()..],
+        line("gid ")["gid ".len()..],
+        "no supplementary groups"
+    );
+    assert_eq!(
+        line("session-leader "),
+        "session-leader 1",
+        "a session of its own"
+    );
+    assert_eq!(line("core "), "core 0", "no core files");
     assert_eq!(
         line("host "),
         format!("host {}", run.sandbox_id),

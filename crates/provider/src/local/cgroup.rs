@@ -252,7 +252,7 @@ impl SandboxGroups {
 
     /// Every live process in the sandbox's groups (zombies aside: a dead
     /// process whose parent has not reaped it, e.g. a frozen spawner's
-    /// `nsenter`, runs nothing and cannot be killed again).
+    /// `corral-enter`, runs nothing and cannot be killed again).
     pub fn members(&self) -> Vec<i32> {
         let mut pids: Vec<i32> = self
             .dirs

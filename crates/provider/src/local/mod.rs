@@ -117,6 +117,9 @@ struct Inner {
     as_root: bool,
     /// `PATH` of unisolated agents (this process's).
     host_path: String,
+    /// The `corral-enter` helper every command of an isolated sandbox
+    /// starts through (found at start: beside this program, else on `PATH`).
+    enter: Option<PathBuf>,
     /// Serializes this process's read-modify-write of state files.
     state_lock: Mutex<()>,
     /// Bounds the blocking work in flight: a burst of kills must not become
@@ -184,6 +187,8 @@ impl LocalProvider {
         // SAFETY: geteuid has no preconditions.
         let as_root = unsafe { libc::geteuid() } == 0;
         let tag = tag_of(&root);
+        let host_path =
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned());
         let inner = Inner {
             root,
             node: config.node_id(),
@@ -194,8 +199,8 @@ impl LocalProvider {
             },
             config: config.clone(),
             as_root,
-            host_path: std::env::var("PATH")
-                .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned()),
+            host_path: host_path.clone(),
+            enter: find_enter(&host_path),
             state_lock: Mutex::new(()),
             blocking_slots: tokio::sync::Semaphore::new(4),
         };
@@ -244,7 +249,7 @@ impl LocalProvider {
 
     /// Process ids (on this machine) of every live process of the sandbox:
     /// the members of its PID namespace when isolated (its init included,
-    /// not the `nsenter` waiting outside for a command), its marked
+    /// not the `corral-enter` waiting outside for a command), its marked
     /// processes otherwise. For tests and diagnostics.
     pub fn processes(&self, sandbox_id: &str) -> Vec<i32> {
         let Ok(state) = self.inner.read_state(sandbox_id) else {
@@ -313,9 +318,10 @@ impl LocalProvider {
             tmp_size_mib: inner.config.tmp_size_mib,
             as_root: inner.as_root,
         });
-        let mut command = tokio::process::Command::new("/bin/sh");
+        let mut command = tokio::process::Command::new(inner.enter()?);
         command
             .args(namespaces::join(&state.cgroups.procs_files()))
+            .arg("--")
             .args(namespaces::INIT_ARGV)
             .env_clear()
             .env("PATH", SANDBOX_PATH)
@@ -416,7 +422,7 @@ impl LocalProvider {
         let user = inner
             .as_root
             .then_some((inner.config.agent_uid, inner.config.agent_gid));
-        let mut command = tokio::process::Command::new("/bin/sh");
+        let mut command = tokio::process::Command::new(inner.enter()?);
         command
             .args(namespaces::join(&state.cgroups.procs_files()))
             .args(namespaces::enter(&namespaces::EnterSpec {
@@ -528,6 +534,12 @@ async fn read_info(stdout: &mut tokio::process::ChildStdout) -> Option<i32> {
 }
 
 impl Inner {
+    fn enter(&self) -> Result<&Path, ProviderError> {
+        self.enter.as_deref().ok_or_else(|| {
+            ProviderError::Failed(format!("{} was not found at start", namespaces::ENTER))
+        })
+    }
+
     fn work_dir(&self, sandbox_id: &str) -> PathBuf {
         self.root.join(sandbox_id).join(WORK_DIR)
     }
@@ -591,6 +603,13 @@ impl Inner {
             if !namespaces::on_path(tool, SANDBOX_PATH) {
                 return Err(refuse(format!("{tool} is not installed")));
             }
+        }
+        if self.enter.is_none() {
+            return Err(refuse(format!(
+                "{} (built with the spawner: cargo build --bins) is neither beside this program \
+                 nor on PATH",
+                namespaces::ENTER
+            )));
         }
         let output = std::process::Command::new("bwrap")
             .args([
@@ -881,6 +900,22 @@ fn wait_group_gone(pgid: i32, limit: Duration) {
     });
 }
 
+/// The `corral-enter` helper: beside this program (or, for a test binary
+/// under `deps/`, one directory up), else on `path`.
+fn find_enter(path: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let beside = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(namespaces::ENTER))
+        .find(|candidate| namespaces::executable(candidate));
+    beside.or_else(|| {
+        let found = resolve(namespaces::ENTER, path);
+        namespaces::executable(&found).then_some(found)
+    })
+}
+
 /// `program` as an absolute path, searched in `path` when it is a bare name.
 fn resolve(program: &str, path: &str) -> PathBuf {
     if program.contains('/') {
@@ -935,10 +970,10 @@ impl ExecControl for GroupControl {
     }
 }
 
-/// Signals an isolated command. The wrapper (`sh`, then `nsenter`) stays
-/// outside the sandbox waiting for the command, whose `setsid` made it a
-/// session and process group of its own: SIGTERM goes to that group only
-/// (a dying `nsenter` would report the command ended while it still
+/// Signals an isolated command. The wrapper (`corral-enter`) stays
+/// outside the sandbox's PID namespace waiting for the command, which it
+/// made a session and process group of its own: SIGTERM goes to that group
+/// only (a dying wrapper would report the command ended while it still
 /// handles the signal); SIGKILL to both.
 struct SessionControl {
     wrapper: i32,

@@ -8,11 +8,13 @@
 //! lives until the sandbox is killed; killing that PID 1 makes the kernel
 //! kill every process of the namespace, however it detached.
 //!
-//! Each command then enters those namespaces (`nsenter`), starts a session
-//! of its own (`setsid`) and drops to the agent user without capabilities
-//! and without a way to gain privileges (`setpriv`). A small `sh` in front
-//! joins the sandbox's control groups and sets the rlimits before anything
-//! of the agent runs, so nothing it forks escapes either.
+//! Each command then starts through `corral-enter` (this crate's helper
+//! binary), which joins the sandbox's control groups, enters those
+//! namespaces, starts a session of its own, sets the rlimits and drops to
+//! the agent user without capabilities and without a way to gain
+//! privileges, all before anything of the agent runs, so nothing it forks
+//! escapes. The init is started by the same helper (joining the groups
+//! only), so it too is inside them from its first instruction.
 //!
 //! Why bubblewrap: it is the isolation layer of Flatpak and of several agent
 //! CLIs' sandboxes, a small audited C program packaged everywhere; it sets
@@ -29,16 +31,13 @@ use super::config::{Bind, Network};
 /// Where the work directory appears inside a sandbox (its `HOME` and cwd).
 pub const SANDBOX_WORK: &str = "/work";
 
-/// The programs isolation needs, looked up in `PATH` at start.
-pub(crate) const TOOLS: [&str; 5] = ["bwrap", "nsenter", "setpriv", "setsid", "prlimit"];
+/// The programs isolation needs, looked up in `PATH` at start (the
+/// helper, `corral-enter`, is looked up beside this program first).
+pub(crate) const TOOLS: [&str; 1] = ["bwrap"];
 
-/// Joins the control groups (`$1` is how many `cgroup.procs` files follow),
-/// then execs the rest: what the sandbox's processes fork is accounted from
-/// their first instruction on.
-const JOIN: &str = r#"n=$1; shift
-while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done
-unset PWD
-exec "$@""#;
+/// The helper's name: a binary of this crate, installed beside the
+/// spawner's.
+pub(crate) const ENTER: &str = "corral-enter";
 
 /// What the init of a sandbox is made with.
 pub(crate) struct InitSpec<'a> {
@@ -50,15 +49,13 @@ pub(crate) struct InitSpec<'a> {
     pub as_root: bool,
 }
 
-/// The `sh` wrapper's argv up to the command it execs.
+/// The helper's arguments that join the control groups (`procs`: their
+/// `cgroup.procs` files) before it execs what follows.
 pub(crate) fn join(procs: &[std::path::PathBuf]) -> Vec<OsString> {
-    let mut argv: Vec<OsString> = vec![
-        "-c".into(),
-        JOIN.into(),
-        "corral-join".into(),
-        procs.len().to_string().into(),
-    ];
-    argv.extend(procs.iter().map(|p| p.as_os_str().to_owned()));
+    let mut argv: Vec<OsString> = Vec::new();
+    for file in procs {
+        argv.extend(["--join".into(), file.as_os_str().to_owned()]);
+    }
     argv
 }
 
@@ -81,7 +78,7 @@ pub(crate) fn system() -> Vec<OsString> {
     args
 }
 
-/// The init's command line: bubblewrap's options come on its stdin
+/// The init's command line (after [`join`]): bubblewrap's options come on its stdin
 /// ([`init_args`]), so the host paths never show in the command line an
 /// agent can read as `/proc/1/cmdline`; PID 2 sleeps until the sandbox is
 /// killed.
@@ -181,62 +178,47 @@ pub(crate) fn init_args(spec: &InitSpec) -> Vec<u8> {
     bytes
 }
 
-/// What a command is started with inside a sandbox, after the `sh` wrapper.
+/// What a command is started with inside a sandbox, after [`join`].
 pub(crate) struct EnterSpec<'a> {
     pub init_pid: i32,
     pub network: Network,
     /// `Some((uid, gid))`: switch to that user (the spawner runs as root).
     pub user: Option<(u32, u32)>,
-    /// `prlimit` arguments ([`rlimits`]).
+    /// `--rlimit` values ([`rlimits`]).
     pub rlimits: &'a [String],
     pub argv: &'a [String],
 }
 
+/// The helper's arguments that enter the sandbox of `spec.init_pid` and
+/// exec `spec.argv` there as the agent user.
 pub(crate) fn enter(spec: &EnterSpec) -> Vec<OsString> {
-    let mut argv: Vec<OsString> = vec![
-        "nsenter".into(),
-        "-t".into(),
-        spec.init_pid.to_string().into(),
-        "-p".into(),
-        "-m".into(),
-        "-i".into(),
-        "-u".into(),
-    ];
+    let mut argv: Vec<OsString> = vec!["--target".into(), spec.init_pid.to_string().into()];
     if spec.network == Network::None {
-        argv.push("-n".into());
+        argv.push("--net".into());
     }
-    argv.extend(["-r".into(), "-w".into(), "--".into(), "setsid".into()]);
-    argv.push("prlimit".into());
-    argv.extend(spec.rlimits.iter().map(OsString::from));
-    argv.push("--".into());
-    argv.push("setpriv".into());
     if let Some((uid, gid)) = spec.user {
-        argv.push(format!("--reuid={uid}").into());
-        argv.push(format!("--regid={gid}").into());
-        argv.push("--clear-groups".into());
+        argv.extend(["--user".into(), format!("{uid}:{gid}").into()]);
     }
-    argv.extend([
-        "--inh-caps=-all".into(),
-        "--bounding-set=-all".into(),
-        "--no-new-privs".into(),
-        "--".into(),
-    ]);
+    for limit in spec.rlimits {
+        argv.extend(["--rlimit".into(), limit.into()]);
+    }
+    argv.push("--".into());
     argv.extend(spec.argv.iter().map(OsString::from));
     argv
 }
 
-/// `prlimit` arguments: address space per process, CPU seconds (SIGXCPU
-/// at the soft limit, SIGKILL 5 s later), largest file, no core files.
+/// `--rlimit` values: address space per process, CPU seconds (SIGXCPU at
+/// the soft limit, SIGKILL 5 s later), largest file, no core files.
 pub(crate) fn rlimits(memory_mib: u64, cpu_secs: u64, file_size_mib: u64) -> Vec<String> {
-    let mut limits = vec!["--core=0".to_owned()];
+    let mut limits = vec!["core=0".to_owned()];
     if memory_mib > 0 {
-        limits.push(format!("--as={}", memory_mib.saturating_mul(1 << 20)));
+        limits.push(format!("as={}", memory_mib.saturating_mul(1 << 20)));
     }
     if cpu_secs > 0 {
-        limits.push(format!("--cpu={cpu_secs}:{}", cpu_secs + 5));
+        limits.push(format!("cpu={cpu_secs}:{}", cpu_secs + 5));
     }
     if file_size_mib > 0 {
-        limits.push(format!("--fsize={}", file_size_mib.saturating_mul(1 << 20)));
+        limits.push(format!("fsize={}", file_size_mib.saturating_mul(1 << 20)));
     }
     limits
 }
