@@ -330,3 +330,58 @@ fn exec(argv: &[CString]) -> ! {
         126
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<Args, String> {
+        parse(list.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn the_arguments_the_provider_gives_are_understood() {
+        let parsed = args(&[
+            "--join",
+            "/sys/fs/cgroup/pids/x/cgroup.procs",
+            "--target",
+            "42",
+            "--net",
+            "--user",
+            "65534:65534",
+            "--rlimit",
+            "core=0",
+            "--rlimit",
+            "cpu=60:65",
+            "--",
+            "sh",
+            "-c",
+            "echo --target",
+        ])
+        .expect("parsed");
+        assert_eq!(parsed.join.len(), 1);
+        assert_eq!(parsed.target, Some(42));
+        assert!(parsed.net);
+        assert_eq!(parsed.user, Some((65534, 65534)));
+        assert_eq!(
+            parsed.rlimits,
+            [(libc::RLIMIT_CORE, 0, 0), (libc::RLIMIT_CPU, 60, 65)]
+        );
+        let argv: Vec<_> = parsed
+            .argv
+            .iter()
+            .map(|a| a.to_str().expect("utf-8"))
+            .collect();
+        assert_eq!(argv, ["sh", "-c", "echo --target"]);
+    }
+
+    #[test]
+    fn a_bad_argument_is_named() {
+        let err = |list: &[&str]| args(list).err().expect("refused");
+        assert!(err(&["--target", "x", "--", "true"]).contains("--target \"x\""));
+        assert!(err(&["--user", "1", "--", "true"]).contains("UID:GID"));
+        assert!(err(&["--rlimit", "nofile=1", "--", "true"]).contains("nofile"));
+        assert!(err(&["--frobnicate"]).contains("unknown argument"));
+        assert!(err(&["--join", "/x"]).contains("no command"));
+    }
+}

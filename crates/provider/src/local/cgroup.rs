@@ -242,6 +242,15 @@ impl SandboxGroups {
         }
     }
 
+    /// Moves `pid` into every group of the sandbox.
+    pub fn admit(&self, pid: i32) -> io::Result<()> {
+        for file in self.procs_files() {
+            std::fs::write(&file, pid.to_string())
+                .map_err(|err| io::Error::new(err.kind(), format!("{}: {err}", file.display())))?;
+        }
+        Ok(())
+    }
+
     /// The `cgroup.procs` files a process writes itself into to join.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs

@@ -120,6 +120,8 @@ struct Inner {
     /// The `corral-enter` helper every command of an isolated sandbox
     /// starts through (found at start: beside this program, else on `PATH`).
     enter: Option<PathBuf>,
+    /// bubblewrap, by its full path (so it is started without a fork).
+    bwrap: PathBuf,
     /// Serializes this process's read-modify-write of state files.
     state_lock: Mutex<()>,
     /// Bounds the blocking work in flight: a burst of kills must not become
@@ -201,6 +203,7 @@ impl LocalProvider {
             as_root,
             host_path: host_path.clone(),
             enter: find_enter(&host_path),
+            bwrap: resolve("bwrap", SANDBOX_PATH),
             state_lock: Mutex::new(()),
             blocking_slots: tokio::sync::Semaphore::new(4),
         };
@@ -318,11 +321,12 @@ impl LocalProvider {
             tmp_size_mib: inner.config.tmp_size_mib,
             as_root: inner.as_root,
         });
-        let mut command = tokio::process::Command::new(inner.enter()?);
+        // bubblewrap reads its options from stdin before it makes anything:
+        // moved into the sandbox's groups before they are written, all it
+        // forks is inside them (and no helper exec is spent on joining).
+        let mut command = tokio::process::Command::new(&inner.bwrap);
         command
-            .args(namespaces::join(&state.cgroups.procs_files()))
-            .arg("--")
-            .args(namespaces::INIT_ARGV)
+            .args(&namespaces::INIT_ARGV[1..])
             .env_clear()
             .env("PATH", SANDBOX_PATH)
             .current_dir("/")
@@ -334,8 +338,13 @@ impl LocalProvider {
             .spawn()
             .map_err(|err| ProviderError::Failed(format!("cannot start bwrap: {err}")))?;
         let failed = |why: String| ProviderError::Failed(format!("sandbox namespace: {why}"));
-        // A failed write means bwrap (or the wrapper) already exited: what
-        // it printed says why, below.
+        let outer = pid_of(&child)?;
+        if let Err(err) = state.cgroups.admit(outer) {
+            let _ = child.start_kill();
+            return Err(failed(format!("cannot join its control groups: {err}")));
+        }
+        // A failed write means bwrap already exited: what it printed says
+        // why, below.
         if let Some(mut stdin) = child.stdin.take() {
             let _ = stdin.write_all(&args).await;
         }
@@ -363,9 +372,7 @@ impl LocalProvider {
         // ends (the handle is dropped, not the process). It is not part of
         // the sandbox: out of its groups, so that, left unreaped after a
         // crash of this process, it never keeps them from being removed.
-        if let Some(outer) = child.id() {
-            state.cgroups.release(outer as i32);
-        }
+        state.cgroups.release(outer);
         drop(child);
         // bwrap reports the pid before the namespace's mounts are done; the
         // sandbox is ready once PID 2 runs `sleep` (a command entered
@@ -1375,6 +1382,35 @@ mod tests {
         for sandbox in results.into_iter().flatten() {
             provider.kill(&sandbox.id).await.expect("kill");
         }
+        provider.release_control_groups();
+        std::fs::remove_dir_all(home).ok();
+    }
+
+    #[tokio::test]
+    async fn the_init_and_what_it_forks_are_in_the_sandbox_groups_and_the_outer_bwrap_is_not() {
+        let (provider, home) = provider();
+        let sandbox = provider.create(&spec("g1")).await.expect("create");
+        let state = provider.inner.read_state(&sandbox.id).expect("state");
+        if state.cgroups.procs_files().is_empty() {
+            eprintln!("no control groups on this machine: nothing to check");
+        } else {
+            let init = state.init.expect("an init").pid;
+            let members = state.cgroups.members();
+            assert!(members.contains(&init), "init {init} in {members:?}");
+            let sleep = procfs::children(init)
+                .into_iter()
+                .find(|pid| procfs::is_init_sleep(*pid))
+                .expect("the init's sleep");
+            assert!(members.contains(&sleep), "sleep {sleep} in {members:?}");
+            let status = std::fs::read_to_string(format!("/proc/{init}/status")).expect("status");
+            let outer: i32 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .and_then(|p| p.trim().parse().ok())
+                .expect("init's parent");
+            assert!(!members.contains(&outer), "outer bwrap {outer} left them");
+        }
+        provider.kill(&sandbox.id).await.expect("kill");
         provider.release_control_groups();
         std::fs::remove_dir_all(home).ok();
     }

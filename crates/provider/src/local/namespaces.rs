@@ -13,8 +13,8 @@
 //! namespaces, starts a session of its own, sets the rlimits and drops to
 //! the agent user without capabilities and without a way to gain
 //! privileges, all before anything of the agent runs, so nothing it forks
-//! escapes. The init is started by the same helper (joining the groups
-//! only), so it too is inside them from its first instruction.
+//! escapes. The init (bubblewrap) is moved into the groups before it is
+//! given its options on stdin, so it too forks nothing outside them.
 //!
 //! Why bubblewrap: it is the isolation layer of Flatpak and of several agent
 //! CLIs' sandboxes, a small audited C program packaged everywhere; it sets
@@ -78,7 +78,7 @@ pub(crate) fn system() -> Vec<OsString> {
     args
 }
 
-/// The init's command line (after [`join`]): bubblewrap's options come on its stdin
+/// The init's command line: bubblewrap's options come on its stdin
 /// ([`init_args`]), so the host paths never show in the command line an
 /// agent can read as `/proc/1/cmdline`; PID 2 sleeps until the sandbox is
 /// killed.
