@@ -326,7 +326,7 @@ impl LocalProvider {
         // forks is inside them (and no helper exec is spent on joining).
         let mut command = tokio::process::Command::new(&inner.bwrap);
         command
-            .args(&namespaces::INIT_ARGV[1..])
+            .args(namespaces::INIT_ARGS)
             .env_clear()
             .env("PATH", SANDBOX_PATH)
             .current_dir("/")

@@ -78,11 +78,11 @@ pub(crate) fn system() -> Vec<OsString> {
     args
 }
 
-/// The init's command line: bubblewrap's options come on its stdin
+/// bubblewrap's arguments for the init: its options come on its stdin
 /// ([`init_args`]), so the host paths never show in the command line an
 /// agent can read as `/proc/1/cmdline`; PID 2 sleeps until the sandbox is
 /// killed.
-pub(crate) const INIT_ARGV: [&str; 6] = ["bwrap", "--args", "0", "--", "sleep", "infinity"];
+pub(crate) const INIT_ARGS: [&str; 5] = ["--args", "0", "--", "sleep", "infinity"];
 
 /// The ancestors of a bind's sandbox path that bubblewrap would create
 /// (not `/`, nor under the system, work, `/tmp`, `/proc` or `/dev` mounts),
