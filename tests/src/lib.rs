@@ -29,7 +29,7 @@ pub use env::{SHARED_IN_SANDBOX, TestEnv, admin_database_url, nats_url};
 pub use private::{PrivateNats, PrivatePostgres};
 pub use services::{InProcess, ServiceProcess, corral_bin};
 pub use streams::subject_matches;
-pub use waits::eventually;
+pub use waits::{eventually, tracker_answers};
 
 fn random_suffix() -> String {
     let id = uuid::Uuid::now_v7().simple().to_string();

@@ -189,17 +189,15 @@ impl TestEnv {
         });
         let service = InProcess { token, join };
         let client = self.client().await;
-        eventually("the tracker answers", Duration::from_secs(30), || async {
-            assert!(
-                !service.join.is_finished(),
-                "the tracker exited during start-up"
-            );
-            match client.get("probe").await {
-                Err(err) if err.code().is_some() => Some(()),
-                _ => None,
+        let exited = async {
+            while !service.join.is_finished() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-        })
-        .await;
+        };
+        tokio::select! {
+            _ = crate::tracker_answers(&client, "the tracker answers") => {}
+            _ = exited => panic!("the tracker exited during start-up"),
+        }
         service
     }
 

@@ -29,6 +29,15 @@ where
     }
 }
 
+/// Waits until a tracker answers on `client`'s prefix (a refusal of an
+/// unknown run is an answer); `what` says which, should it never.
+pub async fn tracker_answers(client: &Client, what: &str) {
+    eventually(what, Duration::from_secs(30), || async {
+        client.get("probe").await.err()?.code().map(|_| ())
+    })
+    .await;
+}
+
 impl TestEnv {
     /// How many runs ended up in each state, with the reason when there is
     /// one (`failed (owner_lost)`), for a test's summary line.

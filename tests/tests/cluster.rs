@@ -11,7 +11,7 @@ use corral_proto::v1::{AgentEvent, RunState, StopCommand};
 use corral_provider::{Labels, LocalProvider, Provider};
 use corral_tests::cluster::PrivateCluster;
 use corral_tests::sessions::assert_provider_and_records_agree;
-use corral_tests::{TestEnv, eventually};
+use corral_tests::{TestEnv, eventually, tracker_answers};
 use prost::Message;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -227,10 +227,7 @@ async fn several_of_every_service_on_the_cluster_survive_the_orphan_chaos() {
         env.spawn_service_process("tracker", &[]),
         env.spawn_service_process("tracker", &[]),
     ];
-    eventually("a tracker answers", LIMIT, || async {
-        client.get("probe").await.err()?.code().map(|_| ())
-    })
-    .await;
+    tracker_answers(&client, "a tracker answers").await;
     let reapers = [
         env.start_reaper_with(env.reaper_config()).await,
         env.start_reaper_with(env.reaper_config()).await,
@@ -270,10 +267,7 @@ async fn several_of_every_service_on_the_cluster_survive_the_orphan_chaos() {
         spawners[victim] = env.spawn_service_process("spawner", &spawner_env);
     }
 
-    eventually("a tracker answers after the chaos", LIMIT, || async {
-        client.get("probe").await.err()?.code().map(|_| ())
-    })
-    .await;
+    tracker_answers(&client, "a tracker answers after the chaos").await;
     let mut survivors = Vec::new();
     for _ in 0..4 {
         let command = env.command(&argv);

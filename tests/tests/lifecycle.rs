@@ -6,7 +6,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use corral_proto::v1::RunState;
-use corral_tests::{PrivateNats, TestEnv, eventually};
+use corral_tests::{PrivateNats, TestEnv, eventually, tracker_answers};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -31,13 +31,7 @@ async fn a_tracker_killed_between_commit_and_announcement_loses_no_lifecycle_eve
         &[("CORRAL_FAULT_POINT", "tracker.after_commit:2")],
     );
     let client = env.client().await;
-    eventually("the doomed tracker answers", LIMIT, || async {
-        match client.get("probe").await {
-            Err(err) if err.code().is_some() => Some(()),
-            _ => None,
-        }
-    })
-    .await;
+    tracker_answers(&client, "the doomed tracker answers").await;
 
     let first = env.command(&["true"]);
     client.submit(&first).await.expect("first submit");

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use corral_proto::v1::{RunState, StopCommand};
-use corral_tests::{TestEnv, eventually};
+use corral_tests::{TestEnv, eventually, tracker_answers};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -42,10 +42,7 @@ async fn request_latency_stop_latency_and_the_reaper_leader_are_exported() {
     let mut tracker =
         env.spawn_service_process("tracker", &[("CORRAL_METRICS_ADDR", &tracker_addr)]);
     let client = env.client().await;
-    eventually("the tracker answers", LIMIT, || async {
-        client.get("probe").await.err()?.code().map(|_| ())
-    })
-    .await;
+    tracker_answers(&client, "the tracker answers").await;
     let mut spawner =
         env.spawn_service_process("spawner", &[("CORRAL_METRICS_ADDR", &spawner_addr)]);
     let mut reaper = env.spawn_service_process("reaper", &[("CORRAL_METRICS_ADDR", &reaper_addr)]);

@@ -9,7 +9,7 @@ use corral_provider::{
     CreateSpec, LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, Provider,
 };
 use corral_tests::sessions::assert_provider_and_records_agree;
-use corral_tests::{TestEnv, eventually};
+use corral_tests::{TestEnv, eventually, tracker_answers};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -311,10 +311,7 @@ async fn orphan_chaos_leaves_the_provider_and_the_records_in_exact_agreement() {
     let env = TestEnv::new().await;
     let mut tracker = env.spawn_service_process("tracker", &[]);
     let client = env.client().await;
-    eventually("the tracker answers", LIMIT, || async {
-        client.get("probe").await.err()?.code().map(|_| ())
-    })
-    .await;
+    tracker_answers(&client, "the tracker answers").await;
     let reaper = env.start_reaper_with(env.reaper_config()).await;
     let spawner_env = [
         ("CORRAL_HEARTBEAT_MS", "300"),
@@ -349,10 +346,7 @@ async fn orphan_chaos_leaves_the_provider_and_the_records_in_exact_agreement() {
 
     // Survivors: runs the last spawner takes run, each in its sandbox
     // (once the tracker, perhaps just restarted, answers).
-    eventually("the tracker answers after the chaos", LIMIT, || async {
-        client.get("probe").await.err()?.code().map(|_| ())
-    })
-    .await;
+    tracker_answers(&client, "the tracker answers after the chaos").await;
     let mut survivors = Vec::new();
     for _ in 0..4 {
         let command = env.command(&["sleep", "300"]);

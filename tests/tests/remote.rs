@@ -11,7 +11,7 @@ use corral_provider::{DaytonaConfig, E2bConfig, E2bProvider, LABEL_RUN_ID, Label
 use corral_tests::sessions::{
     continue_run, idle_after, provider_and_records_agree, released, session, stop_run,
 };
-use corral_tests::{TestEnv, eventually};
+use corral_tests::{TestEnv, eventually, tracker_answers};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -186,10 +186,7 @@ async fn orphan_chaos_against_e2b_ends_in_exact_agreement() {
         .expect("emulator");
     let mut tracker = env.spawn_service_process("tracker", &[]);
     let client = env.client().await;
-    eventually("the tracker answers", LIMIT, || async {
-        client.get("probe").await.err()?.code().map(|_| ())
-    })
-    .await;
+    tracker_answers(&client, "the tracker answers").await;
     let mut reaper_config = env.reaper_config();
     reaper_config.provider = "e2b".into();
     reaper_config.e2b = e2b_config(&emulator);
@@ -228,7 +225,9 @@ async fn orphan_chaos_against_e2b_ends_in_exact_agreement() {
     }
 
     // The survivors: runs the last spawner takes, still losing a create
-    // answer, must end up running in exactly one sandbox each.
+    // answer, must end up running in exactly one sandbox each (once the
+    // tracker, perhaps just restarted, answers).
+    tracker_answers(&client, "the tracker answers after the chaos").await;
     emulator.faults().lose_next_creates(1);
     let mut survivors = Vec::new();
     for _ in 0..4 {

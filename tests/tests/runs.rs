@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use corral_proto::v1::{AgentEvent, ListRunsRequest, RunCommand, RunState, agent_event};
 use corral_provider::{LABEL_DEPLOYMENT, LABEL_RUN_ID, Labels, LocalProvider, Provider};
-use corral_tests::{SHARED_IN_SANDBOX, TestEnv, eventually};
+use corral_tests::{SHARED_IN_SANDBOX, TestEnv, eventually, tracker_answers};
 use prost::Message;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -390,23 +390,12 @@ async fn the_tracker_answers_a_malformed_request_or_an_unknown_op_with_an_error_
     env.cleanup().await;
 }
 
-/// Waits until a tracker answers on this test's prefix.
-async fn tracker_answers(client: &corral_client::Client) {
-    eventually("the tracker answers", Duration::from_secs(30), || async {
-        match client.get("probe").await {
-            Err(err) if err.code().is_some() => Some(()),
-            _ => None,
-        }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_published_while_the_tracker_is_down_all_run_once_it_is_back() {
     let env = TestEnv::new().await;
     let mut tracker = env.spawn_service_process("tracker", &[]);
     let client = env.client().await;
-    tracker_answers(&client).await;
+    tracker_answers(&client, "the tracker answers").await;
     let spawner = env.start_spawner().await;
 
     // The tracker dies (SIGKILL) and stays away longer than the spawner's
@@ -423,7 +412,7 @@ async fn commands_published_while_the_tracker_is_down_all_run_once_it_is_back() 
     // Down for 8 s, measured from the last publish.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let tracker = env.spawn_service_process("tracker", &[]);
-    tracker_answers(&client).await;
+    tracker_answers(&client, "the tracker answers").await;
 
     for id in &ids {
         // No record until a spawner claims it (the tracker was away when
