@@ -63,6 +63,9 @@ impl Pacer {
     }
 }
 
+/// COPYs of the same rows, of which the fastest is the reference.
+const COPY_ATTEMPTS: usize = 3;
+
 const SECRET: &str = "bench-ingest-secret-0123456789abcdef";
 
 pub async fn run(global: &Global, args: IngestArgs) -> anyhow::Result<ExitCode> {
@@ -102,10 +105,30 @@ fn event(i: usize, runs: usize) -> AgentEvent {
     }
 }
 
+/// Events event ingest has stored, from its `corral_events_ingested_total`.
+async fn ingested(http: &reqwest::Client, metrics_url: &str) -> anyhow::Result<u64> {
+    let text = http
+        .get(metrics_url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .with_context(|| format!("cannot read event ingest's metrics at {metrics_url}"))?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|line| line.strip_prefix("corral_events_ingested_total "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64)
+}
+
 async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCode> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let free_port = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (port, metrics_port) = (free_port()?, free_port()?);
     stack.spawn("tracker", &[])?;
     stack.wait_for_tracker().await?;
     stack.spawn(
@@ -113,9 +136,11 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
         &[
             ("CORRAL_LISTEN", format!("127.0.0.1:{port}")),
             ("CORRAL_TOKEN_SECRET", SECRET.to_owned()),
+            ("CORRAL_METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
         ],
     )?;
     let url = format!("http://127.0.0.1:{port}");
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let http = reqwest::Client::new();
     for _ in 0..300 {
         if http
@@ -216,11 +241,14 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
         }
     }
     let sent = started.elapsed();
+    // Done when event ingest has committed every event: its counter of
+    // events stored moves after each commit. Reading it costs the database
+    // nothing; counting the table every few milliseconds would scan it over
+    // and over while it is being filled, and asking NATS for the consumer's
+    // ack floor recounts its pending messages on each call (nats-server 2.9).
     loop {
-        let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM sandbox_events")
-            .fetch_one(&pool)
-            .await?;
-        if stored as usize >= args.events {
+        let stored = ingested(&http, &metrics_url).await?;
+        if stored >= args.events as u64 {
             break;
         }
         if started.elapsed() > Duration::from_secs(600) {
@@ -229,9 +257,18 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
                 args.events
             );
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let elapsed = started.elapsed();
+    let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM sandbox_events")
+        .fetch_one(&pool)
+        .await?;
+    if stored as usize != args.events {
+        bail!(
+            "{stored} rows in the table once event ingest counted {} events stored",
+            args.events
+        );
+    }
     let events_per_sec = args.events as f64 / elapsed.as_secs_f64();
     let (lag_p50, lag_p99): (f64, f64) = sqlx::query_as(
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY lag), percentile_cont(0.99) WITHIN GROUP (ORDER BY lag)
@@ -240,10 +277,10 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
     .fetch_one(&pool)
     .await?;
 
-    // The same rows, COPYed into a scratch table of the same shape.
-    sqlx::query("CREATE TABLE copy_bench (LIKE sandbox_events INCLUDING ALL)")
-        .execute(&pool)
-        .await?;
+    // The same rows, COPYed into a fresh table of the same shape, best of
+    // three: right after the ingest the database may still be writing it
+    // out (checkpoint, autovacuum), and the best COPY makes the ratio the
+    // harder one to meet, never the easier.
     let mut text = String::with_capacity(args.events * 160);
     let at = chrono::Utc::now().to_rfc3339();
     for i in 0..args.events {
@@ -254,15 +291,28 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
             i / args.runs + 1
         ));
     }
-    let copy_started = Instant::now();
-    let mut conn = pool.acquire().await?;
-    let mut copy = conn
-        .copy_in_raw("COPY copy_bench (event_id, run_id, stream_seq, seq, kind, at, payload, truncated, ingested_at) FROM STDIN")
+    let mut copy_rows_per_sec: f64 = 0.0;
+    for attempt in 0..COPY_ATTEMPTS {
+        let table = format!("copy_bench_{attempt}");
+        sqlx::query(&format!(
+            "CREATE TABLE {table} (LIKE sandbox_events INCLUDING ALL)"
+        ))
+        .execute(&pool)
         .await?;
-    copy.send(text.as_bytes()).await?;
-    copy.finish().await?;
-    let copy_rows_per_sec = args.events as f64 / copy_started.elapsed().as_secs_f64();
-    drop(conn);
+        let mut conn = pool.acquire().await?;
+        let copy_started = Instant::now();
+        let mut copy = conn
+            .copy_in_raw(&format!("COPY {table} (event_id, run_id, stream_seq, seq, kind, at, payload, truncated, ingested_at) FROM STDIN"))
+            .await?;
+        copy.send(text.as_bytes()).await?;
+        copy.finish().await?;
+        let rate = args.events as f64 / copy_started.elapsed().as_secs_f64();
+        copy_rows_per_sec = copy_rows_per_sec.max(rate);
+        drop(conn);
+        sqlx::query(&format!("DROP TABLE {table}"))
+            .execute(&pool)
+            .await?;
+    }
     pool.close().await;
 
     let figures = serde_json::json!({
@@ -287,7 +337,7 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
     );
     println!("ingest lag (accepted -> committed): p50 {lag_p50:.1} ms, p99 {lag_p99:.1} ms");
     println!(
-        "plain COPY of the same rows: {copy_rows_per_sec:.0} rows/s; ratio {:.2}",
+        "plain COPY of the same rows (best of {COPY_ATTEMPTS}): {copy_rows_per_sec:.0} rows/s; ratio {:.2}",
         events_per_sec / copy_rows_per_sec
     );
     println!("{figures}");
