@@ -25,7 +25,7 @@ pub enum Via {
 #[derive(clap::Args)]
 #[command(
     after_help = "Needs NATS_URL and DATABASE_URL (a role that may create databases): it starts its \
-own tracker and event ingest on a scratch database and removes them after.\n\nExamples:\n  corral bench ingest --events 100000 --runs 100 --via nats\n  corral bench ingest --events 200000 --rate 20000   # lag under a steady load"
+own tracker and event ingest on a scratch database and removes them after.\n\nExamples:\n  corral bench ingest --events 100000 --runs 100 --via nats\n  corral bench ingest --events 200000 --rate 20000   # lag under a steady load\n  corral bench ingest --events 200000 --readers 4    # while four consoles read pages"
 )]
 pub struct IngestArgs {
     /// Events to send.
@@ -45,6 +45,15 @@ pub struct IngestArgs {
     /// the ingest works off afterwards.
     #[arg(long, value_name = "EVENTS_PER_SEC")]
     rate: Option<u32>,
+    /// Readers paging through runs' events over the HTTP API while the
+    /// events arrive, as consoles and analytics would: their page
+    /// latency is reported, and what reading costs ingest shows in its rate.
+    #[arg(long, default_value_t = 0)]
+    readers: usize,
+    /// Pages each reader reads per second (20 is what one API key may by
+    /// default).
+    #[arg(long, default_value_t = 20, value_name = "PAGES_PER_SEC")]
+    read_rate: u32,
 }
 
 /// Paces sending at a steady rate: the n-th event is due n/rate seconds
@@ -69,8 +78,13 @@ const COPY_ATTEMPTS: usize = 3;
 const SECRET: &str = "bench-ingest-secret-0123456789abcdef";
 
 pub async fn run(global: &Global, args: IngestArgs) -> anyhow::Result<ExitCode> {
-    if args.events == 0 || args.runs == 0 || args.batch == 0 || args.rate == Some(0) {
-        bail!("--events, --runs, --batch and --rate must be positive");
+    if args.events == 0
+        || args.runs == 0
+        || args.batch == 0
+        || args.rate == Some(0)
+        || args.read_rate == 0
+    {
+        bail!("--events, --runs, --batch, --rate and --read-rate must be positive");
     }
     let mut stack = Stack::new(&global.nats_url, "ingest").await?;
     let admin = stack.database_url.clone();
@@ -107,6 +121,11 @@ fn event(i: usize, runs: usize) -> AgentEvent {
 
 /// Events event ingest has stored, from its `corral_events_ingested_total`.
 async fn ingested(http: &reqwest::Client, metrics_url: &str) -> anyhow::Result<u64> {
+    counter(http, metrics_url, "corral_events_ingested_total").await
+}
+
+/// The value of one of event ingest's counters (0 before its first count).
+async fn counter(http: &reqwest::Client, metrics_url: &str, name: &str) -> anyhow::Result<u64> {
     let text = http
         .get(metrics_url)
         .send()
@@ -117,9 +136,55 @@ async fn ingested(http: &reqwest::Client, metrics_url: &str) -> anyhow::Result<u
         .await?;
     Ok(text
         .lines()
-        .find_map(|line| line.strip_prefix("corral_events_ingested_total "))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse::<f64>().ok())
         .unwrap_or(0.0) as u64)
+}
+
+/// One reader: pages through run after run (100 events a page, from the
+/// start), a page `every` so long, until `done`; returns each page's
+/// latency in milliseconds.
+async fn read_pages(
+    http: reqwest::Client,
+    url: String,
+    reader: usize,
+    runs: usize,
+    every: Duration,
+    done: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Vec<f64>> {
+    let mut latencies = Vec::new();
+    let mut run = reader % runs;
+    let mut after = 0;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !done.is_cancelled() {
+        tick.tick().await;
+        let asked = Instant::now();
+        let answer = http
+            .get(format!(
+                "{url}/v1/runs/run-{run}/events?after={after}&limit=100"
+            ))
+            .send()
+            .await?;
+        let status = answer.status();
+        if !status.is_success() {
+            bail!(
+                "a page read answered {status}: {}",
+                answer.text().await.unwrap_or_default()
+            );
+        }
+        let page: serde_json::Value = answer.json().await?;
+        latencies.push(ms(asked.elapsed()));
+        let next = page["next_after"].as_i64().unwrap_or(after);
+        if next == after {
+            // The run is read up to the watermark: on to another.
+            run = (run + 1) % runs;
+            after = 0;
+        } else {
+            after = next;
+        }
+    }
+    Ok(latencies)
 }
 
 async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCode> {
@@ -137,6 +202,11 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
             ("CORRAL_LISTEN", format!("127.0.0.1:{port}")),
             ("CORRAL_TOKEN_SECRET", SECRET.to_owned()),
             ("CORRAL_METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
+            ("CORRAL_ANONYMOUS_READS", "true".to_owned()),
+            // Readers pace themselves (--read-rate); all share one
+            // (anonymous) key, which must not ration them.
+            ("CORRAL_READ_RATE_PER_SEC", "1000000".to_owned()),
+            ("CORRAL_READ_BURST", "1000000".to_owned()),
         ],
     )?;
     let url = format!("http://127.0.0.1:{port}");
@@ -165,6 +235,14 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
             args.events, args.runs, args.via
         ),
     }
+    let reading = tokio_util::sync::CancellationToken::new();
+    let readers: Vec<_> = (0..args.readers)
+        .map(|reader| {
+            let (http, url, runs, done) = (http.clone(), url.clone(), args.runs, reading.clone());
+            let every = Duration::from_secs_f64(1.0 / f64::from(args.read_rate));
+            tokio::spawn(async move { read_pages(http, url, reader, runs, every, done).await })
+        })
+        .collect();
     let started = Instant::now();
     let pacer = Pacer {
         started: tokio::time::Instant::now(),
@@ -260,6 +338,16 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let elapsed = started.elapsed();
+    let unanswered = counter(&http, &metrics_url, "corral_event_fetch_unanswered_total").await?;
+    reading.cancel();
+    let mut page_ms = Vec::new();
+    for reader in readers {
+        page_ms.extend(reader.await??);
+    }
+    let (page_p50, page_p99) = (
+        super::percentile(&mut page_ms, 0.50),
+        super::percentile(&mut page_ms, 0.99),
+    );
     let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM sandbox_events")
         .fetch_one(&pool)
         .await?;
@@ -328,6 +416,11 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
         "lag_p99_ms": round(lag_p99),
         "copy_rows_per_sec": round(copy_rows_per_sec),
         "ratio_to_copy": round(events_per_sec / copy_rows_per_sec),
+        "fetches_unanswered": unanswered,
+        "readers": args.readers,
+        "pages_read": page_ms.len(),
+        "page_p50_ms": round(page_p50),
+        "page_p99_ms": round(page_p99),
     });
     println!(
         "{} events via {:?}: {events_per_sec:.0} events/s first publish -> last commit ({} ms)",
@@ -340,6 +433,13 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
         "plain COPY of the same rows (best of {COPY_ATTEMPTS}): {copy_rows_per_sec:.0} rows/s; ratio {:.2}",
         events_per_sec / copy_rows_per_sec
     );
+    if args.readers > 0 {
+        println!(
+            "{} readers read {} pages meanwhile: p50 {page_p50:.1} ms, p99 {page_p99:.1} ms",
+            args.readers,
+            page_ms.len(),
+        );
+    }
     println!("{figures}");
     Ok(ExitCode::SUCCESS)
 }

@@ -21,6 +21,7 @@
 //! agent posts after its run ended is not in the trace.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
@@ -45,6 +46,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
+use crate::persister::Watermark;
 use crate::store::{self, StoredEvent, Transition};
 
 /// The durable consumer on the lifecycle stream.
@@ -81,6 +83,8 @@ struct Exporter {
     subjects: Subjects,
     pool: PgPool,
     client: Client,
+    /// Up to where events are stored (shared with page reads).
+    watermark: Arc<Watermark>,
     http: reqwest::Client,
     url: reqwest::Url,
     /// Cuts a wait for settling short (the persister stops too).
@@ -125,6 +129,7 @@ impl GenaiTraces {
         subjects: Subjects,
         pool: PgPool,
         client: Client,
+        watermark: Arc<Watermark>,
         url: &str,
     ) -> Result<GenaiTraces, Error> {
         let url = parse_url(url).map_err(Error::GenaiTraces)?;
@@ -161,6 +166,7 @@ impl GenaiTraces {
                 subjects,
                 pool,
                 client,
+                watermark,
                 http,
                 url,
                 shutdown: CancellationToken::new(),
@@ -324,18 +330,8 @@ impl Exporter {
             .last_sequence;
         let deadline = tokio::time::Instant::now() + SETTLE_LIMIT;
         loop {
-            let floor = self
-                .js
-                .get_consumer_from_stream::<consumer::pull::Config, _, _>(
-                    crate::persister::CONSUMER,
-                    self.subjects.events_stream(),
-                )
-                .await
-                .map_err(|err| format!("event persister: {err}"))?
-                .cached_info()
-                .ack_floor
-                .stream_sequence;
-            if floor >= target {
+            let floor = self.watermark.get().await?;
+            if floor >= target as i64 {
                 return Ok(());
             }
             if self.shutdown.is_cancelled() {

@@ -43,6 +43,8 @@ pub struct AppState {
     pub client: corral_client::Client,
     /// Recent answers: run id -> (live, when asked).
     pub liveness: std::sync::Mutex<std::collections::HashMap<String, (bool, std::time::Instant)>>,
+    /// The settled watermark, shared with GenAI traces.
+    pub watermark: Arc<crate::persister::Watermark>,
 }
 
 impl AppState {
@@ -264,13 +266,7 @@ async fn list_events(
 /// flight after a higher one is stored; a page never goes past the floor,
 /// so a reader that continues from a page's last cursor skips nothing.
 async fn watermark(state: &AppState) -> Result<i64, String> {
-    let mut consumer: consumer::PullConsumer = state
-        .js
-        .get_consumer_from_stream(crate::persister::CONSUMER, state.subjects.events_stream())
-        .await
-        .map_err(|err| err.to_string())?;
-    let info = consumer.info().await.map_err(|err| err.to_string())?;
-    Ok(info.ack_floor.stream_sequence as i64)
+    state.watermark.get().await
 }
 
 #[derive(Deserialize)]

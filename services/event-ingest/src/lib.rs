@@ -162,6 +162,7 @@ impl Bound {
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
         let activity = ActivityReporter::start(client.clone(), shutdown.clone());
+        let watermark = Arc::new(persister::Watermark::new(js.clone(), subjects.clone()));
         let state = Arc::new(http::AppState {
             js: js.clone(),
             nats: nats.clone(),
@@ -173,6 +174,7 @@ impl Bound {
             shutdown: shutdown.clone(),
             client: client.clone(),
             liveness: Default::default(),
+            watermark: watermark.clone(),
         });
         // Before ready: each endpoint's consumer exists, so what is
         // published from now on reaches it.
@@ -191,6 +193,7 @@ impl Bound {
                     subjects.clone(),
                     pool.clone(),
                     client.clone(),
+                    watermark.clone(),
                     url,
                 )
                 .await?,

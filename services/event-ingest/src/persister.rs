@@ -34,6 +34,65 @@ const STORE_IN_FLIGHT: usize = 4;
 /// How long a batch the database could not take waits before it is tried again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
+/// How long the server holds one fetch (its pull request) open.
+const FETCH_EXPIRES: Duration = Duration::from_millis(500);
+
+/// How long past [`FETCH_EXPIRES`] a fetch is waited for before it counts
+/// as over. nats-server 2.9 sometimes forgets a pull request without
+/// answering it (a consumer info at the wrong moment is enough); the
+/// client library would wait five more seconds, storing nothing meanwhile.
+const FETCH_GRACE: Duration = Duration::from_millis(250);
+
+/// How old a watermark readers may be given: pages and traces see events
+/// at most this much later than they were stored, and NATS is asked at
+/// most this often.
+const WATERMARK_FRESH: Duration = Duration::from_millis(1000);
+
+/// The settled watermark: the persisting consumer's ack floor, a stream
+/// sequence up to which every event is stored or dead-lettered (acks follow
+/// commits). Read from NATS at most once per [`WATERMARK_FRESH`] however
+/// many pages and traces ask: each read is a consumer info, which on
+/// nats-server 2.9 recounts the consumer's pending messages under its lock
+/// and can lose its waiting pull request; four readers asking for every page
+/// stalled storage for minutes (`corral bench ingest --readers 4`). An older
+/// floor is still a floor: pages stay gap-free.
+pub struct Watermark {
+    js: jetstream::Context,
+    subjects: Subjects,
+    /// The floor and when NATS said it; the lock makes one reader ask
+    /// while the others wait for its answer.
+    last: tokio::sync::Mutex<Option<(i64, std::time::Instant)>>,
+}
+
+impl Watermark {
+    pub fn new(js: jetstream::Context, subjects: Subjects) -> Watermark {
+        Watermark {
+            js,
+            subjects,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The floor, as NATS said it within [`WATERMARK_FRESH`].
+    pub async fn get(&self) -> Result<i64, String> {
+        let mut last = self.last.lock().await;
+        if let Some((floor, asked)) = *last
+            && asked.elapsed() < WATERMARK_FRESH
+        {
+            return Ok(floor);
+        }
+        // Getting the consumer is one consumer info; its answer has the floor.
+        let consumer: consumer::PullConsumer = self
+            .js
+            .get_consumer_from_stream(CONSUMER, self.subjects.events_stream())
+            .await
+            .map_err(|err| format!("event persister: {err}"))?;
+        let floor = consumer.cached_info().ack_floor.stream_sequence as i64;
+        *last = Some((floor, std::time::Instant::now()));
+        Ok(floor)
+    }
+}
+
 pub async fn run(
     js: jetstream::Context,
     subjects: Subjects,
@@ -61,18 +120,30 @@ pub async fn run(
         )
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
-    let dead_letters = DeadLetters::new(js.clone(), &subjects, "events");
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(STORE_IN_FLIGHT));
+    let persister = Arc::new(Persister {
+        dead_letters: DeadLetters::new(js.clone(), &subjects, "events"),
+        subjects,
+        pool,
+        activity,
+        max_diff,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(STORE_IN_FLIGHT)),
+    });
+    // Fetches cut short, still draining.
+    let mut draining = tokio::task::JoinSet::new();
     loop {
         if shutdown.is_cancelled() {
             // Let the batches in hand finish (their acks follow their commits).
-            let _ = in_flight.acquire_many(STORE_IN_FLIGHT as u32).await;
+            while draining.join_next().await.is_some() {}
+            let _ = persister
+                .in_flight
+                .acquire_many(STORE_IN_FLIGHT as u32)
+                .await;
             return Ok(());
         }
         let fetched = consumer
             .fetch()
             .max_messages(batch_max.max(1))
-            .expires(Duration::from_millis(500))
+            .expires(FETCH_EXPIRES)
             .messages()
             .await;
         let mut messages = match fetched {
@@ -84,21 +155,66 @@ pub async fn run(
             }
         };
         let mut batch = Vec::new();
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(message) => batch.push(message),
-                Err(err) => tracing::warn!(error = %err, "event delivery error"),
+        let over = tokio::time::Instant::now() + FETCH_EXPIRES + FETCH_GRACE;
+        loop {
+            match tokio::time::timeout_at(over, messages.next()).await {
+                Ok(Some(Ok(message))) => batch.push(message),
+                Ok(Some(Err(err))) => tracing::warn!(error = %err, "event delivery error"),
+                Ok(None) => break,
+                Err(_) => {
+                    // Not answered in time: the next fetch starts now, and
+                    // this one keeps its inbox until the client gives up on
+                    // it, so what it still brings is stored, not left to
+                    // wait out ack_wait.
+                    metrics::counter!("corral_event_fetch_unanswered_total").increment(1);
+                    tracing::debug!(
+                        events = batch.len(),
+                        "fetch not answered in time, fetching again"
+                    );
+                    let persister = persister.clone();
+                    draining.spawn(async move {
+                        let late: Vec<_> =
+                            messages.filter_map(|m| async { m.ok() }).collect().await;
+                        persister.store(late).await;
+                    });
+                    break;
+                }
             }
         }
-        if batch.is_empty() {
-            continue;
+        while draining.try_join_next().is_some() {}
+        if !persister.store(batch).await {
+            return Ok(());
         }
+    }
+}
+
+/// What storing a batch needs.
+struct Persister {
+    subjects: Subjects,
+    pool: PgPool,
+    activity: Arc<ActivityReporter>,
+    dead_letters: DeadLetters,
+    max_diff: usize,
+    /// Batches being stored at once ([`STORE_IN_FLIGHT`]).
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl Persister {
+    /// Decodes `batch` (dead-lettering what is not an event) and starts
+    /// storing it once fewer than [`STORE_IN_FLIGHT`] batches are; false
+    /// when storing has been closed.
+    async fn store(&self, batch: Vec<jetstream::Message>) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let subjects = &self.subjects;
         let mut rows = Vec::with_capacity(batch.len());
         let mut good = Vec::with_capacity(batch.len());
         for message in batch {
             let subject = message.subject.clone();
-            let valid = |event: &AgentEvent| check(&subjects, &subject, event);
-            let Some(mut delivery) = Delivery::decode(message, &dead_letters, valid).await else {
+            let valid = |event: &AgentEvent| check(subjects, &subject, event);
+            let Some(mut delivery) = Delivery::decode(message, &self.dead_letters, valid).await
+            else {
                 continue;
             };
             let stream_seq = delivery.stream_sequence() as i64;
@@ -106,7 +222,7 @@ pub async fn run(
             let mut event = std::mem::take(delivery.value_mut());
             // PostgreSQL text cannot hold NUL (what `cat` of a binary file
             // prints): replaced, counted, never a batch that cannot be stored.
-            let (mut data, truncated) = wire::data_json(&event, max_diff);
+            let (mut data, truncated) = wire::data_json(&event, self.max_diff);
             let replaced = wire::scrub_json(&mut data)
                 + wire::scrub(&mut event.event_id)
                 + wire::scrub(&mut event.kind);
@@ -117,7 +233,7 @@ pub async fn run(
             // activity when it prints them; reporting them again here would
             // double the tracker's activity writes for nothing.
             if event.kind != "agent.output" && corral_proto::kinds::is_progress(&event.kind) {
-                activity.note(&event.run_id);
+                self.activity.note(&event.run_id);
             }
             rows.push(Row {
                 event_id: event.event_id,
@@ -133,16 +249,16 @@ pub async fn run(
         }
         // Store while the next batches are fetched. Commits may land out of
         // stream order; pages still never skip, as they read only up to the
-        // consumer's ack floor (`http.rs::watermark`), and acks follow
-        // commits.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return Ok(());
+        // consumer's ack floor ([`Watermark`]), and acks follow commits.
+        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            return false;
         };
-        let pool = pool.clone();
+        let pool = self.pool.clone();
         tokio::spawn(async move {
             store_batch(&pool, rows, good).await;
             drop(permit);
         });
+        true
     }
 }
 
