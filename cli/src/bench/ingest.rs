@@ -119,11 +119,6 @@ fn event(i: usize, runs: usize) -> AgentEvent {
     }
 }
 
-/// Events event ingest has stored, from its `corral_events_ingested_total`.
-async fn ingested(http: &reqwest::Client, metrics_url: &str) -> anyhow::Result<u64> {
-    counter(http, metrics_url, "corral_events_ingested_total").await
-}
-
 /// The value of one of event ingest's counters (0 before its first count).
 async fn counter(http: &reqwest::Client, metrics_url: &str, name: &str) -> anyhow::Result<u64> {
     let text = http
@@ -323,9 +318,10 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
     // events stored moves after each commit. Reading it costs the database
     // nothing; counting the table every few milliseconds would scan it over
     // and over while it is being filled, and asking NATS for the consumer's
-    // ack floor recounts its pending messages on each call (nats-server 2.9).
+    // ack floor this often made nats-server 2.9 forget ingest's pull
+    // requests (see `persister::Watermark`).
     loop {
-        let stored = ingested(&http, &metrics_url).await?;
+        let stored = counter(&http, &metrics_url, "corral_events_ingested_total").await?;
         if stored >= args.events as u64 {
             break;
         }
