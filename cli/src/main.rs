@@ -120,10 +120,25 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", report(&err));
             ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes on one line, each said once: most of corral's
+/// errors already print their cause in their own message (`provider: {0}`),
+/// and anyhow's `{:#}` would then print it a second time.
+pub(crate) fn report(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -154,5 +169,33 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::up(&global, args).await,
         Command::Serve { service } => up::serve(&global, service).await,
         Command::Bench { bench } => bench::bench(&global, bench).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("invalid request: bwrap is not installed")]
+    struct Inner;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("provider: {0}")]
+    struct Outer(#[from] Inner);
+
+    #[test]
+    fn a_cause_the_message_already_says_is_not_repeated() {
+        let err = anyhow::Error::from(Outer(Inner));
+        assert_eq!(
+            report(&err),
+            "provider: invalid request: bwrap is not installed"
+        );
+        // A cause the message leaves out is still said.
+        let err = anyhow::Error::from(Inner).context("cannot start the spawner");
+        assert_eq!(
+            report(&err),
+            "cannot start the spawner: invalid request: bwrap is not installed"
+        );
     }
 }

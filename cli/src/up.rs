@@ -237,7 +237,7 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         };
         tokio::spawn(async move {
             if let Err(err) = demo(&global, demo_shutdown).await {
-                eprintln!("demo run failed: {err:#}");
+                eprintln!("demo run failed: {}", crate::report(&err));
             }
         });
     }

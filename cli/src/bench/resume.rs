@@ -238,7 +238,7 @@ pub async fn run(global: &Global, args: ResumeArgs) -> anyhow::Result<ExitCode> 
             }
             Err(err) => {
                 failures += 1;
-                eprintln!("session failed: {err:#}");
+                eprintln!("session failed: {}", crate::report(&err));
             }
         }
     }
