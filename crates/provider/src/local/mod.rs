@@ -644,63 +644,25 @@ impl Inner {
         Ok(())
     }
 
-    /// The sandbox's state as last written.
     fn read_state(&self, sandbox_id: &str) -> Result<SandboxState, ProviderError> {
-        let _guard = self.lock_state();
-        self.read_state_locked(sandbox_id)
-    }
-
-    fn lock_state(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.state_lock.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn read_state_locked(&self, sandbox_id: &str) -> Result<SandboxState, ProviderError> {
         let path = self.dir(sandbox_id)?.join(STATE_FILE);
-        let read = || match std::fs::read(&path) {
-            Ok(bytes) => Ok(serde_json::from_slice::<SandboxState>(&bytes)),
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                Err(ProviderError::NotFound(sandbox_id.to_owned()))
+                return Err(ProviderError::NotFound(sandbox_id.to_owned()));
             }
-            Err(err) => Err(io_failed(&path, err)),
+            Err(err) => return Err(io_failed(&path, err)),
         };
-        // Another process on this node (a reaper) that opened the state
-        // just before two quick rewrites reads the scratch file being
-        // written: read the current name once more before calling it
-        // corrupt.
-        match read()? {
-            Ok(state) => Ok(state),
-            Err(_) => read()?.map_err(|err| {
-                ProviderError::Failed(format!("{} is corrupt: {err}", path.display()))
-            }),
-        }
+        serde_json::from_slice(&bytes)
+            .map_err(|err| ProviderError::Failed(format!("{} is corrupt: {err}", path.display())))
     }
 
-    /// Writes a sandbox's state, new (`fresh`) or replacing the last one,
-    /// under the state lock; any process reading it sees one whole state.
-    /// The state is written to a second file beside it, which then trades
-    /// names with the current one (`renameat2` with `RENAME_EXCHANGE`), so
-    /// the old state becomes the next write's scratch file. No inode is
-    /// freed, as a new file renamed over the old one freed one per write:
-    /// on ext4 without a journal every inode allocation skips, one by one,
-    /// the inodes freed in the last minutes, which under `bench runs` cost
-    /// 9% of the machine's CPU (3% with the exchange). A sandbox killed meanwhile has no current
-    /// state to trade with: the update fails as not found.
-    fn write_state_locked(&self, state: &SandboxState, fresh: bool) -> Result<(), ProviderError> {
+    fn write_state(&self, state: &SandboxState) -> Result<(), ProviderError> {
         let dir = self.dir(&state.id)?;
-        let current = dir.join(STATE_FILE);
-        let next = dir.join(format!("{STATE_FILE}.next"));
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         let bytes = serde_json::to_vec(state).expect("sandbox state should serialize");
-        std::fs::write(&next, bytes).map_err(|err| io_failed(&next, err))?;
-        if fresh {
-            return std::fs::rename(&next, &current).map_err(|err| io_failed(&next, err));
-        }
-        match exchange(&next, &current) {
-            Ok(()) => Ok(()),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                Err(ProviderError::NotFound(state.id.clone()))
-            }
-            Err(err) => Err(io_failed(&current, err)),
-        }
+        std::fs::write(&tmp, bytes).map_err(|err| io_failed(&tmp, err))?;
+        std::fs::rename(&tmp, dir.join(STATE_FILE)).map_err(|err| io_failed(&tmp, err))
     }
 
     fn update_state(
@@ -708,10 +670,10 @@ impl Inner {
         sandbox_id: &str,
         change: impl FnOnce(&mut SandboxState),
     ) -> Result<SandboxState, ProviderError> {
-        let _guard = self.lock_state();
-        let mut state = self.read_state_locked(sandbox_id)?;
+        let _guard = self.state_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.read_state(sandbox_id)?;
         change(&mut state);
-        self.write_state_locked(&state, false)?;
+        self.write_state(&state)?;
         Ok(state)
     }
 
@@ -736,10 +698,7 @@ impl Inner {
             Err(err) => return Err(err),
         };
         // Remove the state first so a concurrent exec notices and gives up.
-        {
-            let _guard = self.lock_state();
-            let _ = std::fs::remove_file(dir.join(STATE_FILE));
-        }
+        let _ = std::fs::remove_file(dir.join(STATE_FILE));
         if state.isolated {
             // The namespace's PID 1 takes every process of the namespace
             // with it; the control groups catch what was entered but not
@@ -826,11 +785,7 @@ impl Inner {
             isolated,
             network: spec.network.unwrap_or(self.config.network),
         };
-        let written = {
-            let _guard = self.lock_state();
-            self.write_state_locked(&state, true)
-        };
-        if let Err(err) = written {
+        if let Err(err) = self.write_state(&state) {
             state.cgroups.remove(Duration::ZERO);
             let _ = std::fs::remove_dir_all(&dir);
             return Err(err);
@@ -894,31 +849,6 @@ fn tag_of(root: &Path) -> String {
 
 fn io_failed(path: &Path, err: io::Error) -> ProviderError {
     ProviderError::Failed(format!("{}: {err}", path.display()))
-}
-
-/// Atomically swaps the names of two existing files.
-fn exchange(a: &Path, b: &Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |path: &Path| {
-        std::ffi::CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))
-    };
-    let (a, b) = (c(a)?, c(b)?);
-    // SAFETY: both paths are NUL-terminated and outlive the call.
-    let done = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if done == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 fn has_marker(pid: i32, sandbox_id: &str) -> bool {
@@ -1301,55 +1231,6 @@ mod tests {
             argv: args.iter().map(|s| s.to_string()).collect(),
             env: BTreeMap::new(),
         }
-    }
-
-    #[tokio::test]
-    async fn rewriting_a_state_frees_no_inode_and_reads_back_whole() {
-        use std::os::unix::fs::MetadataExt;
-        let (provider, home) = provider();
-        let sandbox = provider.create(&spec("r0")).await.expect("create");
-        let path = provider
-            .inner
-            .dir(&sandbox.id)
-            .expect("dir")
-            .join(STATE_FILE);
-        let next = path.with_extension("json.next");
-        let inodes = || {
-            let mut both = [&path, &next].map(|p| std::fs::metadata(p).map(|m| m.ino()).ok());
-            both.sort();
-            both
-        };
-        let long_label = "x".repeat(500);
-        let grown = provider
-            .inner
-            .update_state(&sandbox.id, |s| {
-                s.labels.insert("long".into(), long_label.clone());
-            })
-            .expect("grow");
-        assert_eq!(grown.labels.get("long"), Some(&long_label));
-        // From here on the two files only trade names.
-        let files = inodes();
-        assert!(files.iter().all(Option::is_some), "{files:?}");
-        let shrunk = provider
-            .inner
-            .update_state(&sandbox.id, |s| {
-                s.labels.remove("long");
-            })
-            .expect("shrink");
-        let read = provider.inner.read_state(&sandbox.id).expect("read");
-        assert_eq!(read.labels, shrunk.labels);
-        assert!(!read.labels.contains_key("long"));
-        assert_eq!(inodes(), files);
-
-        provider.kill(&sandbox.id).await.expect("kill");
-        // A rewrite after the kill finds no state and makes none.
-        let late = provider
-            .inner
-            .update_state(&sandbox.id, |s| s.paused = true);
-        assert!(matches!(late, Err(ProviderError::NotFound(_))), "{late:?}");
-        assert!(!path.exists());
-        provider.release_control_groups();
-        std::fs::remove_dir_all(home).ok();
     }
 
     #[tokio::test]
