@@ -126,9 +126,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// An error and its causes on one line, each said once: most of corral's
-/// errors already print their cause in their own message (`provider: {0}`),
-/// and anyhow's `{:#}` would then print it a second time.
+/// An error and its causes on one line, each said once. corral's own errors
+/// say their cause in their message and expose no source
+/// (`corral_common::from_cause!`), but some others do both (a client
+/// library's error, an error a context wraps), and anyhow's `{:#}` would
+/// then print the cause a second time.
 pub(crate) fn report(err: &anyhow::Error) -> String {
     let mut text = err.to_string();
     for cause in err.chain().skip(1) {

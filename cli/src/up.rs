@@ -195,8 +195,8 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     let ingest = corral_event_ingest::Bound::bind(ingest)
         .await
         .map_err(|err| match err {
-            corral_event_ingest::Error::Listen { addr, source } => anyhow::anyhow!(
-                "event ingest cannot listen on {addr}: {source}; give it another address with \
+            corral_event_ingest::Error::Listen { addr, error } => anyhow::anyhow!(
+                "event ingest cannot listen on {addr}: {error}; give it another address with \
                  CORRAL_LISTEN=127.0.0.1:<port> (or `listen:` in --ingest-config)"
             ),
             other => other.into(),

@@ -14,6 +14,24 @@ pub mod streams;
 pub mod telemetry;
 pub mod token;
 
+/// `impl From<Cause> for Error`, through a variant whose message already
+/// says the cause (`#[error("database: {0}")] Db(sqlx::Error)`).
+///
+/// corral's errors say their cause in their own message, because logs print
+/// them with `%err`; so they do not also expose it as `source()`, which
+/// would make anyhow's `{:#}` and a `main`'s "Caused by" list say it a
+/// second time. thiserror's `#[from]` always exposes it; this does not.
+#[macro_export]
+macro_rules! from_cause {
+    ($($cause:ty => $error:ident :: $variant:ident),+ $(,)?) => {$(
+        impl From<$cause> for $error {
+            fn from(cause: $cause) -> Self {
+                $error::$variant(cause)
+            }
+        }
+    )+};
+}
+
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -14,10 +14,10 @@ use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
-    #[error("cannot connect to NATS at {url}: {source} (is nats-server running with -js?)")]
+    #[error("cannot connect to NATS at {url}: {error} (is nats-server running with -js?)")]
     Connect {
         url: String,
-        source: async_nats::ConnectError,
+        error: async_nats::ConnectError,
     },
     #[error("cannot connect to NATS at {url}: {message}")]
     Auth { url: String, message: String },
@@ -27,10 +27,10 @@ pub enum NatsError {
     Publish { subject: String, message: String },
     #[error("request to {subject} failed: {message}")]
     Request { subject: String, message: String },
-    #[error("reply from {subject} did not decode: {source}")]
+    #[error("reply from {subject} did not decode: {error}")]
     Decode {
         subject: String,
-        source: prost::DecodeError,
+        error: prost::DecodeError,
     },
 }
 
@@ -264,9 +264,9 @@ pub async fn connect_with(
             message,
         })?)
         .await
-        .map_err(|source| NatsError::Connect {
+        .map_err(|error| NatsError::Connect {
             url: redacted,
-            source,
+            error,
         })
 }
 
@@ -338,7 +338,7 @@ where
             subject: subject.clone(),
             message: err.to_string(),
         })?;
-    Rp::decode(reply.payload).map_err(|source| NatsError::Decode { subject, source })
+    Rp::decode(reply.payload).map_err(|error| NatsError::Decode { subject, error })
 }
 
 /// Copies a message that cannot be processed to `<prefix>.dlq.<what>` with

@@ -54,14 +54,11 @@ pub enum Error {
     #[error("nats: {0}")]
     Nats(String),
     #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
     #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("cannot listen on {addr}: {source} (set `listen`, CORRAL_LISTEN, to a free host:port)")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
+    Migrate(sqlx::migrate::MigrateError),
+    #[error("cannot listen on {addr}: {error} (set `listen`, CORRAL_LISTEN, to a free host:port)")]
+    Listen { addr: String, error: std::io::Error },
     /// Keys are missing, weak or malformed; the message names the setting.
     #[error("keys: {0}")]
     Keys(String),
@@ -73,6 +70,11 @@ pub enum Error {
     Webhooks(String),
 }
 
+corral_common::from_cause!(
+    sqlx::Error => Error::Db,
+    sqlx::migrate::MigrateError => Error::Migrate,
+);
+
 /// A bound HTTP listener; `port()` tells where tests must connect.
 pub struct Bound {
     listener: tokio::net::TcpListener,
@@ -83,9 +85,9 @@ impl Bound {
     pub async fn bind(config: Config) -> Result<Bound, Error> {
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
-            .map_err(|source| Error::Listen {
+            .map_err(|error| Error::Listen {
                 addr: config.listen.clone(),
-                source,
+                error,
             })?;
         Ok(Bound { listener, config })
     }
@@ -227,9 +229,9 @@ impl Bound {
                 tokio::time::sleep(Duration::from_secs(5)).await;
             };
             tokio::select! {
-                served = server => served.map_err(|source| Error::Listen {
+                served = server => served.map_err(|error| Error::Listen {
                     addr: config.listen.clone(),
-                    source,
+                    error,
                 }),
                 _ = grace => {
                     tracing::warn!("connections still open 5 s after shutdown; leaving them");
@@ -248,4 +250,20 @@ impl Bound {
 /// Binds and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     Bound::bind(config).await?.run(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_port_in_use_is_said_once() {
+        // What `corral-event-ingest`'s main prints: anyhow's Debug, the
+        // message and its "Caused by" list.
+        let err = super::Error::Listen {
+            addr: "127.0.0.1:7070".into(),
+            error: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        let report = format!("{:?}", anyhow::Error::from(err));
+        assert_eq!(report.matches("address in use").count(), 1, "{report}");
+        assert!(!report.contains("Caused by"), "{report}");
+    }
 }

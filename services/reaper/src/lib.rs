@@ -54,10 +54,12 @@ pub enum Error {
     #[error(transparent)]
     Nats(#[from] corral_common::nats::NatsError),
     #[error("provider: {0}")]
-    Provider(#[from] corral_provider::ProviderError),
+    Provider(corral_provider::ProviderError),
     #[error("{0}")]
     Lease(String),
 }
+
+corral_common::from_cause!(corral_provider::ProviderError => Error::Provider);
 
 /// Runs the reaper until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {

@@ -21,10 +21,15 @@ use crate::Config;
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
     #[error("tracker: {0}")]
-    Tracker(#[from] ClientError),
+    Tracker(ClientError),
     #[error("provider: {0}")]
-    Provider(#[from] ProviderError),
+    Provider(ProviderError),
 }
+
+corral_common::from_cause!(
+    ClientError => SweepError::Tracker,
+    ProviderError => SweepError::Provider,
+);
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone)]

@@ -53,13 +53,15 @@ pub enum Error {
     #[error(transparent)]
     Nats(#[from] NatsError),
     #[error("provider: {0}")]
-    Provider(#[from] corral_provider::ProviderError),
+    Provider(corral_provider::ProviderError),
     #[error("nats: {0}")]
     Consumer(String),
     /// The run-token keys are weak or inconsistent; the message names the setting.
     #[error("run-token keys: {0}")]
     Keys(String),
 }
+
+corral_common::from_cause!(corral_provider::ProviderError => Error::Provider);
 
 /// What every task of one spawner shares.
 pub(crate) struct Spawner {

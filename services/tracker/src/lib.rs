@@ -52,12 +52,14 @@ pub enum Error {
     #[error(transparent)]
     Prefix(#[from] corral_proto::PrefixError),
     #[error("cannot open the database: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error(transparent)]
     Nats(#[from] NatsError),
     #[error("nats: {0}")]
     Subscribe(String),
 }
+
+corral_common::from_cause!(StoreError => Error::Store);
 
 /// Runs the tracker until `shutdown` is cancelled; finishes requests in hand.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {

@@ -41,10 +41,12 @@ const RELAY_LOCK: i64 = 0x636f_7272_616c_0001;
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
     #[error("publish of {msg_id} failed: {message}")]
     Publish { msg_id: String, message: String },
 }
+
+corral_common::from_cause!(sqlx::Error => RelayError::Db);
 
 #[derive(FromRow)]
 struct OutboxRow {

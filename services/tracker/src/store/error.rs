@@ -22,25 +22,28 @@ pub enum StoreError {
     /// What should be new exists already (a unique violation, or a database
     /// that CREATE DATABASE found): another writer got there first.
     #[error("already exists: {0}")]
-    Conflict(#[source] sqlx::Error),
+    Conflict(sqlx::Error),
     /// The transaction lost to a concurrent one and was rolled back
     /// (serialization failure, deadlock): the same request again may succeed.
     #[error("lost to a concurrent transaction: {0}")]
-    Retryable(#[source] sqlx::Error),
+    Retryable(sqlx::Error),
     /// The database is out of reach: the connection failed or was lost, the
     /// pool timed out or is closed, or the server is shutting down or
     /// starting.
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(sqlx::Error),
     /// The database the URL names does not exist (a fresh server).
     #[error("database does not exist: {0}")]
-    NoDatabase(#[source] sqlx::Error),
+    NoDatabase(sqlx::Error),
     /// Any other database error.
     #[error("database error: {0}")]
-    Db(#[source] sqlx::Error),
+    Db(sqlx::Error),
     #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
 }
+
+// Each variant says its cause in its message, so none exposes it as a source.
+corral_common::from_cause!(sqlx::migrate::MigrateError => StoreError::Migrate);
 
 impl StoreError {
     /// Whether the same request may succeed later, so the caller should
@@ -177,6 +180,19 @@ mod tests {
         }
         assert_eq!(mapped(Kind::Database, None), "db");
         assert_eq!(mapped(Kind::Other, Some("23505")), "db");
+    }
+
+    #[test]
+    fn the_tracker_says_a_database_cause_once() {
+        // What `corral-tracker`'s main prints when PostgreSQL is out of
+        // reach: anyhow's Debug, the message and its "Caused by" list.
+        let err = crate::Error::from(StoreError::from(sqlx::Error::PoolTimedOut));
+        let report = format!("{:?}", anyhow::Error::from(err));
+        assert_eq!(report.matches("pool timed out").count(), 1, "{report}");
+        assert!(
+            report.starts_with("cannot open the database: database unavailable: pool timed out"),
+            "{report}"
+        );
     }
 
     #[test]
