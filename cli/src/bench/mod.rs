@@ -45,8 +45,10 @@ pub enum Bench {
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Prints submit->running and submit->done percentiles and runs/s; the last line \
-is JSON with runs_per_sec, submit_to_running_p50_ms, submit_to_running_p99_ms, submit_to_done_p99_ms.\n\n\
+    after_help = "Prints submit->accepted, submit->running and submit->done percentiles and \
+runs/s; the last line is JSON with runs_per_sec, submit_to_accepted_p50_ms, \
+submit_to_accepted_p99_ms, submit_to_running_p50_ms, submit_to_running_p99_ms, \
+submit_to_done_p99_ms.\n\n\
 Example:\n  corral up &\n  corral bench runs --count 2000 --concurrency 64"
 )]
 pub struct RunsArgs {
@@ -80,6 +82,9 @@ pub async fn bench(global: &Global, bench: Bench) -> anyhow::Result<ExitCode> {
 #[derive(Default)]
 struct Timing {
     submitted: Option<Instant>,
+    /// When `start_run` returned: the record exists and the command is on
+    /// the work queue.
+    accepted: Option<Instant>,
     running: Option<Instant>,
     done: Option<(Instant, RunState)>,
     notify: Option<oneshot::Sender<()>>,
@@ -98,6 +103,10 @@ async fn runs(global: &Global, args: RunsArgs) -> anyhow::Result<ExitCode> {
     println!(
         "throughput            {:.1} runs/s",
         figures["runs_per_sec"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "submit -> accepted    p50 {} ms, p99 {} ms",
+        figures["submit_to_accepted_p50_ms"], figures["submit_to_accepted_p99_ms"]
     );
     println!(
         "submit -> running     p50 {} ms, p99 {} ms",
@@ -200,9 +209,20 @@ async fn measure_runs(
             );
         let client = client.clone();
         let limit = Duration::from_secs(args.run_timeout);
+        let timings = timings.clone();
         tasks.push(tokio::spawn(async move {
             let result = match client.start_run(&command).await {
-                Ok(_) => tokio::time::timeout(limit, rx).await.is_ok(),
+                Ok(_) => {
+                    if let Some(timing) = timings
+                        .lock()
+                        .ok()
+                        .as_mut()
+                        .and_then(|t| t.get_mut(&run_id))
+                    {
+                        timing.accepted = Some(Instant::now());
+                    }
+                    tokio::time::timeout(limit, rx).await.is_ok()
+                }
                 Err(err) => {
                     eprintln!("submit of {run_id} failed: {err}");
                     false
@@ -222,6 +242,7 @@ async fn measure_runs(
     listener.abort();
 
     let timings = timings.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut to_accepted = Vec::new();
     let mut to_running = Vec::new();
     let mut to_done = Vec::new();
     let mut completed = 0;
@@ -229,6 +250,9 @@ async fn measure_runs(
         let Some(submitted) = timing.submitted else {
             continue;
         };
+        if let Some(accepted) = timing.accepted {
+            to_accepted.push(ms(accepted - submitted));
+        }
         if let Some(running) = timing.running {
             to_running.push(ms(running - submitted));
         }
@@ -248,6 +272,8 @@ async fn measure_runs(
         "ended": ended,
         "elapsed_s": round(elapsed.as_secs_f64()),
         "runs_per_sec": round(runs_per_sec),
+        "submit_to_accepted_p50_ms": round(percentile(&mut to_accepted, 0.50)),
+        "submit_to_accepted_p99_ms": round(percentile(&mut to_accepted, 0.99)),
         "submit_to_running_p50_ms": round(percentile(&mut to_running, 0.50)),
         "submit_to_running_p99_ms": round(percentile(&mut to_running, 0.99)),
         "submit_to_done_p50_ms": round(percentile(&mut to_done, 0.50)),
