@@ -213,11 +213,8 @@ async fn measure_runs(
         tasks.push(tokio::spawn(async move {
             let result = match client.start_run(&command).await {
                 Ok(_) => {
-                    if let Some(timing) = timings
-                        .lock()
-                        .ok()
-                        .as_mut()
-                        .and_then(|t| t.get_mut(&run_id))
+                    if let Ok(mut timings) = timings.lock()
+                        && let Some(timing) = timings.get_mut(&run_id)
                     {
                         timing.accepted = Some(Instant::now());
                     }
