@@ -7,7 +7,6 @@ Prints tasks/s and submit->started percentiles; the last line is JSON.
 
 import argparse
 import json
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 

@@ -22,4 +22,8 @@ celery -A tasks worker --pool=prefork --concurrency="$concurrency" --loglevel=wa
 worker=$!
 trap 'kill -TERM $worker 2>/dev/null; wait $worker 2>/dev/null; rm -f "$log"' EXIT
 celery -A tasks purge -f >/dev/null
-python3 bench.py "${args[@]}"
+python3 bench.py "${args[@]}" || {
+  echo "celery-bench: the bench failed; the worker's log:" >&2
+  cat "$log" >&2
+  exit 1
+}
