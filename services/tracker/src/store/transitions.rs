@@ -40,6 +40,15 @@ impl Store {
     /// Inserts the run as pending unless it exists. Returns the run and the
     /// creation, if this call created it.
     pub async fn submit(&self, command: &RunCommand) -> Result<(Run, Option<Applied>), StoreError> {
+        match self.create(command).await? {
+            Some(created) => Ok((created.run.clone(), Some(created))),
+            None => Ok((self.get(&command.run_id).await?, None)),
+        }
+    }
+
+    /// Inserts the run as pending unless it exists: the creation, if this
+    /// call made it (nothing is read back when it already existed).
+    async fn create(&self, command: &RunCommand) -> Result<Option<Applied>, StoreError> {
         let spec = command.spec.clone().unwrap_or_default();
         // A kept run's deadline is its session's lifetime.
         let timeout = if spec.keep_alive {
@@ -89,19 +98,12 @@ impl Store {
         .bind(resource_class)
         .fetch_optional(&self.pool)
         .await?;
-        match inserted {
-            Some(row) => {
-                let run = row.to_proto();
-                let applied = Applied {
-                    from: RunState::Unspecified,
-                    event: RunEvent::Unspecified,
-                    actor: command.requested_by.clone(),
-                    run: run.clone(),
-                };
-                Ok((run, Some(applied)))
-            }
-            None => Ok((self.get(&command.run_id).await?, None)),
-        }
+        Ok(inserted.map(|row| Applied {
+            from: RunState::Unspecified,
+            event: RunEvent::Unspecified,
+            actor: command.requested_by.clone(),
+            run: row.to_proto(),
+        }))
     }
 
     /// A spawner takes the run: pending -> booting with it as owner.
@@ -128,8 +130,20 @@ impl Store {
             let run = done.run.clone();
             return Ok((Outcome::Claimed, run, vec![done]));
         }
-        let (_, created) = self.submit(command).await?;
-        let mut applied: Vec<Applied> = created.into_iter().collect();
+        // Most often the run is not there yet: the command outran its
+        // submit (`start_run` sends both at once), or the submit was lost.
+        // Create it and try the same statement again; only when that fails
+        // too (claimed already, a stop asked, ended) is the row read to say
+        // why.
+        let mut applied: Vec<Applied> = self.create(command).await?.into_iter().collect();
+        if let Some(done) = self
+            .cas(&command.run_id, None, RunEvent::Claim, claim())
+            .await?
+        {
+            let run = done.run.clone();
+            applied.push(done);
+            return Ok((Outcome::Claimed, run, applied));
+        }
         for _ in 0..CAS_ATTEMPTS {
             let row = self.load(&command.run_id).await?;
             match row.state() {
