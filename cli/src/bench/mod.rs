@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::commands::Global;
 
+mod cpu;
 mod ingest;
 mod isolation;
 mod outage;
@@ -48,7 +49,11 @@ pub enum Bench {
     after_help = "Prints submit->accepted, submit->running and submit->done percentiles and \
 runs/s; the last line is JSON with runs_per_sec, submit_to_accepted_p50_ms, \
 submit_to_accepted_p99_ms, submit_to_running_p50_ms, submit_to_running_p99_ms, \
-submit_to_done_p99_ms.\n\n\
+submit_to_done_p99_ms, and (on Linux) machine_cpu_ms_per_run and machine_busy_pct: the CPU \
+time every process on the machine spent while the runs ran (/proc/stat), per completed run, \
+and how busy the cores were. It counts everything, the bench itself included, so read it \
+on a machine doing nothing else. Near 100% busy, runs/s is the cores' time divided by the \
+CPU per run: only a cheaper run raises it, not a shorter wait.\n\n\
 Example:\n  corral up &\n  corral bench runs --count 2000 --concurrency 64"
 )]
 pub struct RunsArgs {
@@ -116,6 +121,12 @@ async fn runs(global: &Global, args: RunsArgs) -> anyhow::Result<ExitCode> {
         "submit -> done        p50 {} ms, p99 {} ms",
         figures["submit_to_done_p50_ms"], figures["submit_to_done_p99_ms"]
     );
+    if let Some(per_run) = figures.get("machine_cpu_ms_per_run") {
+        println!(
+            "machine CPU           {per_run} ms per completed run ({}% of all cores busy)",
+            figures["machine_busy_pct"]
+        );
+    }
     println!("{figures}");
     Ok(
         if figures["completed"].as_u64() == Some(args.count as u64) {
@@ -181,6 +192,7 @@ async fn measure_runs(
     let permits = Arc::new(Semaphore::new(args.concurrency));
     let batch = corral_client::new_run_id();
     let started = Instant::now();
+    let cpu_before = cpu::CpuTimes::now();
     let mut tasks = Vec::with_capacity(args.count);
     for i in 0..args.count {
         let permit = permits.clone().acquire_owned().await?;
@@ -236,6 +248,9 @@ async fn measure_runs(
         }
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_before
+        .zip(cpu::CpuTimes::now())
+        .map(|(before, after)| after.busy_since(&before));
     listener.abort();
 
     let timings = timings.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
@@ -261,7 +276,7 @@ async fn measure_runs(
         }
     }
     let runs_per_sec = completed as f64 / elapsed.as_secs_f64();
-    let figures = serde_json::json!({
+    let mut figures = serde_json::json!({
         "bench": "runs",
         "runs": args.count,
         "concurrency": args.concurrency,
@@ -276,6 +291,12 @@ async fn measure_runs(
         "submit_to_done_p50_ms": round(percentile(&mut to_done, 0.50)),
         "submit_to_done_p99_ms": round(percentile(&mut to_done, 0.99)),
     });
+    if let Some((busy_ms, busy_pct)) = cpu
+        && completed > 0
+    {
+        figures["machine_cpu_ms_per_run"] = round(busy_ms / completed as f64).into();
+        figures["machine_busy_pct"] = round(busy_pct).into();
+    }
     Ok(figures)
 }
 
