@@ -231,11 +231,12 @@ async fn a_sandbox_recorded_with_start_starts_the_run_unless_a_stop_came_first()
         .expect("record and start");
     assert_eq!(run.state(), RunState::Running);
     assert_eq!(run.sandbox_id, format!("sandbox-{}", command.run_id));
+    // The relay announces after the commit: wait for the three rows.
     let announced: Vec<RunState> = env
-        .lifecycle(&command.run_id)
+        .wait_lifecycle(&command.run_id, 3)
         .await
         .into_iter()
-        .map(|(_, event)| event.to())
+        .map(|event| event.to())
         .collect();
     assert_eq!(
         announced,

@@ -641,12 +641,17 @@ async fn a_sandbox_gone_behind_a_frozen_owner_is_judged_lost_once() {
         (RunState::Failed, "sandbox_lost", run.version),
         "the run's end stands"
     );
-    let terminal: Vec<_> = env
-        .lifecycle(&command.run_id)
-        .await
-        .into_iter()
-        .filter(|(_, e)| RunState::try_from(e.to).is_ok_and(|s| s.is_terminal()))
-        .collect();
+    // The relay announces after the commit: wait for the end to appear.
+    let terminal: Vec<_> = eventually("the run's end is announced", LIMIT, || async {
+        let terminal: Vec<_> = env
+            .lifecycle(&command.run_id)
+            .await
+            .into_iter()
+            .filter(|(_, e)| RunState::try_from(e.to).is_ok_and(|s| s.is_terminal()))
+            .collect();
+        (!terminal.is_empty()).then_some(terminal)
+    })
+    .await;
     assert_eq!(terminal.len(), 1, "one end announced: {terminal:?}");
 
     frozen.stop(env).await;
