@@ -368,12 +368,17 @@ impl LocalProvider {
                 return Err(failed(why));
             }
         };
-        // The outer bwrap waits for the namespace; tokio reaps it when it
-        // ends (the handle is dropped, not the process). It is not part of
-        // the sandbox: out of its groups, so that, left unreaped after a
-        // crash of this process, it never keeps them from being removed.
+        // The outer bwrap waits for the namespace; a task of its own reaps
+        // it when it ends (through its pidfd: a dropped handle would join
+        // tokio's orphan queue, which every SIGCHLD walks with one waitpid
+        // per live sandbox, and a burst of stops then costs the square of
+        // the sandboxes). It is not part of the sandbox: out of its groups,
+        // so that, left unreaped after a crash of this process, it never
+        // keeps them from being removed.
         state.cgroups.release(outer);
-        drop(child);
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
         // bwrap reports the pid before the namespace's mounts are done; the
         // sandbox is ready once PID 2 runs `sleep` (a command entered
         // earlier could find an unfinished root).
