@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod delivery;
 pub mod fault;
+pub mod limits;
 pub mod nats;
 pub mod nats_roles;
 pub mod shutdown;

@@ -26,7 +26,8 @@ pub struct Config {
     pub home: PathBuf,
     /// This instance's id ("" = generated from host, pid and a random part).
     pub spawner_id: String,
-    /// Runs owned at once; further commands wait in the queue.
+    /// Runs owned at once; further commands wait in the queue. Fewer when
+    /// the open-file limit leaves room for fewer (six descriptors a run).
     pub max_runs: usize,
     /// Between SIGTERM and SIGKILL when a run is stopped or timed out, ms.
     pub kill_grace_ms: u64,
@@ -142,7 +143,8 @@ pub struct Flags {
     #[arg(long, value_name = "ID")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spawner_id: Option<String>,
-    /// Runs owned at once [env: CORRAL_MAX_RUNS; default 1024].
+    /// Runs owned at once, fewer if the open-file limit (raised to the hard
+    /// limit at start) has no room for them: 6 a run [env: CORRAL_MAX_RUNS; default 1024].
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_runs: Option<usize>,

@@ -149,6 +149,43 @@ impl Spawner {
 /// outcomes before those not recorded are kept on disk.
 const OUTCOME_GRACE: Duration = Duration::from_secs(5);
 
+/// Descriptors an owned run holds at most: the agent's output pipes, the
+/// pidfds of the processes waited for, and bubblewrap's pipes while the
+/// sandbox is created.
+const OPEN_FILES_PER_RUN: u64 = 6;
+
+/// Descriptors kept for everything else: connections to NATS and the
+/// admin port, files read and written, the runtime's own.
+const OPEN_FILES_SPARE: u64 = 64;
+
+/// Raises the open-file limit as far as allowed and returns how many runs
+/// it leaves room for, `max_runs` at most: a run past it would fail, and so
+/// would the kill of its sandbox, with "Too many open files".
+fn runs_the_open_file_limit_allows(max_runs: usize) -> usize {
+    let wanted = max_runs.max(1);
+    let Some(open_files) = corral_common::limits::raise_open_files() else {
+        return wanted;
+    };
+    let allowed = corral_common::limits::runs_within(
+        open_files,
+        OPEN_FILES_PER_RUN,
+        OPEN_FILES_SPARE,
+        wanted,
+    );
+    if allowed < wanted {
+        tracing::warn!(
+            open_files,
+            max_runs = wanted,
+            allowed,
+            "the open-file limit leaves room for {allowed} runs, not max_runs = {wanted}: \
+             this spawner takes {allowed} at a time; raise the hard limit \
+             (ulimit -Hn, systemd LimitNOFILE) to about {} for all of them",
+            wanted as u64 * OPEN_FILES_PER_RUN + OPEN_FILES_SPARE
+        );
+    }
+    allowed
+}
+
 /// Runs the spawner until `shutdown` is cancelled (SIGTERM). Then it drains:
 /// it takes no new commands, keeps heartbeating (saying it drains, and
 /// until when) and reporting activity while its runs go on for up to
@@ -183,6 +220,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &config.e2b,
         &config.daytona,
     )?;
+    let max_runs = runs_the_open_file_limit_allows(config.max_runs);
     let id = config.spawner_id();
     let nats = corral_common::nats::connect_with(
         &config.nats_url,
@@ -204,7 +242,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         provider,
         deployment: config.deployment_label(),
         actor: format!("spawner:{id}"),
-        permits: Arc::new(Semaphore::new(config.max_runs.max(1))),
+        permits: Arc::new(Semaphore::new(max_runs)),
         active: Mutex::new(HashSet::new()),
         released: Notify::new(),
         runs: TaskTracker::new(),
