@@ -48,7 +48,6 @@ pub enum RelayError {
 
 corral_common::from_cause!(sqlx::Error => RelayError::Db);
 
-#[derive(FromRow)]
 struct OutboxRow {
     id: i64,
     run_id: String,
@@ -61,6 +60,42 @@ struct OutboxRow {
     version: Option<i64>,
     exit_code: Option<i32>,
     sandbox_id: Option<String>,
+}
+
+/// A row of a round's first statement: whether the relay lock was taken
+/// and, if it was, one row to relay (none when nothing is left).
+#[derive(FromRow)]
+struct Locked {
+    held: bool,
+    id: Option<i64>,
+    run_id: Option<String>,
+    from_state: Option<String>,
+    to_state: Option<String>,
+    event: Option<String>,
+    reason: Option<String>,
+    actor: Option<String>,
+    at: Option<DateTime<Utc>>,
+    version: Option<i64>,
+    exit_code: Option<i32>,
+    sandbox_id: Option<String>,
+}
+
+impl Locked {
+    fn row(self) -> Option<OutboxRow> {
+        Some(OutboxRow {
+            id: self.id?,
+            run_id: self.run_id?,
+            from_state: self.from_state,
+            to_state: self.to_state?,
+            event: self.event?,
+            reason: self.reason?,
+            actor: self.actor?,
+            at: self.at?,
+            version: self.version,
+            exit_code: self.exit_code,
+            sandbox_id: self.sandbox_id,
+        })
+    }
 }
 
 impl OutboxRow {
@@ -158,21 +193,28 @@ impl Relay {
 
     async fn round(&self) -> Result<Round, RelayError> {
         let mut tx = self.pool.begin().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(RELAY_LOCK)
-            .fetch_one(&mut *tx)
-            .await?;
-        if !locked {
-            return Ok(Round::Busy);
-        }
-        let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT id, run_id, from_state, to_state, event, reason, actor, at, version,
-                    exit_code, sandbox_id
-             FROM run_transitions WHERE NOT relayed ORDER BY id LIMIT $1",
+        // The lock and the rows in one statement: the lock is taken once
+        // (a CTE with a volatile call is evaluated once), and the rows are
+        // read only when it was. One row with no id: held, nothing to relay.
+        let found: Vec<Locked> = sqlx::query_as(
+            "WITH relay AS (SELECT pg_try_advisory_xact_lock($2) AS held)
+             SELECT relay.held, t.id, t.run_id, t.from_state, t.to_state, t.event, t.reason,
+                    t.actor, t.at, t.version, t.exit_code, t.sandbox_id
+             FROM relay LEFT JOIN LATERAL (
+                 SELECT id, run_id, from_state, to_state, event, reason, actor, at, version,
+                        exit_code, sandbox_id
+                 FROM run_transitions WHERE relay.held AND NOT relayed ORDER BY id LIMIT $1
+             ) t ON true
+             ORDER BY t.id",
         )
         .bind(BATCH)
+        .bind(RELAY_LOCK)
         .fetch_all(&mut *tx)
         .await?;
+        if !found.first().is_some_and(|row| row.held) {
+            return Ok(Round::Busy);
+        }
+        let rows: Vec<OutboxRow> = found.into_iter().filter_map(Locked::row).collect();
         if rows.is_empty() {
             return Ok(Round::Relayed(0));
         }
