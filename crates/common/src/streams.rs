@@ -10,8 +10,11 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::context::{CreateStreamError, CreateStreamErrorKind};
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::context::{
+    CreateStreamError, CreateStreamErrorKind, GetStreamErrorKind,
+};
+use async_nats::jetstream::stream::ConsumerErrorKind;
+use async_nats::jetstream::{self, consumer, stream};
 use backon::{ExponentialBuilder, Retryable};
 use corral_proto::Subjects;
 use serde::{Deserialize, Serialize};
@@ -209,12 +212,66 @@ pub async fn get_or_create_patiently(
         .await
 }
 
+/// Gets the durable pull consumer `config` names on `stream`, creating it
+/// if missing. Like [`get_or_create_patiently`], it waits out (about half
+/// a minute) a cluster electing leaders, where the consumer's info or
+/// creation times out or is "temporarily unavailable": a service that
+/// creates its consumer once it has started must not exit for that (a
+/// tracker, ingest or spawner started while a node of the cluster went
+/// down did, with "nats: timed out").
+pub async fn pull_consumer_patiently(
+    js: &jetstream::Context,
+    stream: &str,
+    config: consumer::pull::Config,
+) -> Result<consumer::PullConsumer, String> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    let attempt = || async {
+        let found = js.get_stream(stream).await.map_err(|err| {
+            let transient = match err.kind() {
+                GetStreamErrorKind::Request => true,
+                GetStreamErrorKind::JetStream(inner) => unavailable(&inner),
+                _ => false,
+            };
+            (transient, format!("stream {stream}: {err}"))
+        })?;
+        found
+            .get_or_create_consumer(&name, config.clone())
+            .await
+            .map_err(|err| {
+                let transient = match err.kind() {
+                    ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request => true,
+                    ConsumerErrorKind::JetStream(inner) => unavailable(&inner),
+                    _ => false,
+                };
+                (transient, format!("consumer {name} on {stream}: {err}"))
+            })
+    };
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(3))
+                .with_max_times(12)
+                .with_jitter(),
+        )
+        .when(|(transient, _)| *transient)
+        .notify(|(_, err), after| {
+            tracing::warn!(error = %err, retry_in = ?after, "consumer not ready yet; trying again");
+        })
+        .await
+        .map_err(|(_, err)| err)
+}
+
+/// A JetStream answer that says to try again: 503, or a cluster without a
+/// leader for a moment.
+fn unavailable(err: &async_nats::jetstream::Error) -> bool {
+    err.code() == 503 || err.to_string().contains("temporarily unavailable")
+}
+
 fn transient(err: &CreateStreamError) -> bool {
     match err.kind() {
         CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
-        CreateStreamErrorKind::JetStream(inner) => {
-            inner.code() == 503 || inner.to_string().contains("temporarily unavailable")
-        }
+        CreateStreamErrorKind::JetStream(inner) => unavailable(&inner),
         _ => false,
     }
 }

@@ -133,27 +133,23 @@ impl GenaiTraces {
         url: &str,
     ) -> Result<GenaiTraces, Error> {
         let url = parse_url(url).map_err(Error::GenaiTraces)?;
-        let stream = js
-            .get_stream(subjects.lifecycle_stream())
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
-        let consumer = stream
-            .get_or_create_consumer(
-                CONSUMER,
-                consumer::pull::Config {
-                    durable_name: Some(CONSUMER.into()),
-                    filter_subject: subjects.lifecycle_all(),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    // Runs that end from now on; the past is not replayed.
-                    deliver_policy: consumer::DeliverPolicy::New,
-                    // Settling, reading and posting take at most ~25 s.
-                    ack_wait: Duration::from_secs(60),
-                    max_ack_pending: 256,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
+        let consumer = corral_common::streams::pull_consumer_patiently(
+            &js,
+            &subjects.lifecycle_stream(),
+            consumer::pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                filter_subject: subjects.lifecycle_all(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                // Runs that end from now on; the past is not replayed.
+                deliver_policy: consumer::DeliverPolicy::New,
+                // Settling, reading and posting take at most ~25 s.
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending: 256,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(Error::Nats)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(10))

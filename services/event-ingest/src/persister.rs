@@ -102,24 +102,20 @@ pub async fn run(
     max_diff: usize,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let stream = js
-        .get_stream(subjects.events_stream())
-        .await
-        .map_err(|e| Error::Nats(e.to_string()))?;
-    let consumer = stream
-        .get_or_create_consumer(
-            CONSUMER,
-            consumer::pull::Config {
-                durable_name: Some(CONSUMER.into()),
-                filter_subject: subjects.events_all(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: (batch_max * (STORE_IN_FLIGHT + 2)) as i64,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| Error::Nats(e.to_string()))?;
+    let consumer = corral_common::streams::pull_consumer_patiently(
+        &js,
+        &subjects.events_stream(),
+        consumer::pull::Config {
+            durable_name: Some(CONSUMER.into()),
+            filter_subject: subjects.events_all(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: (batch_max * (STORE_IN_FLIGHT + 2)) as i64,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(Error::Nats)?;
     let persister = Arc::new(Persister {
         dead_letters: DeadLetters::new(js.clone(), &subjects, "events"),
         subjects,

@@ -39,20 +39,16 @@ pub(crate) async fn consume(
 ) -> Result<(), Error> {
     let subjects = spawner.subjects().clone();
     let js = spawner.client.jetstream().clone();
-    let stream = js
-        .get_stream(subjects.cmd_stream())
-        .await
-        .map_err(|e| Error::Consumer(e.to_string()))?;
-    let consumer = stream
-        .get_or_create_consumer(
-            Subjects::SPAWNER_CONSUMER,
-            consumer_config(
-                &subjects,
-                Duration::from_millis(spawner.config.command_ack_wait_ms.max(100)),
-            ),
-        )
-        .await
-        .map_err(|e| Error::Consumer(e.to_string()))?;
+    let consumer = corral_common::streams::pull_consumer_patiently(
+        &js,
+        &subjects.cmd_stream(),
+        consumer_config(
+            &subjects,
+            Duration::from_millis(spawner.config.command_ack_wait_ms.max(100)),
+        ),
+    )
+    .await
+    .map_err(Error::Consumer)?;
     let batch = spawner.config.max_runs.clamp(1, 64);
     let mut messages = consumer
         .stream()

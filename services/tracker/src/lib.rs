@@ -191,27 +191,23 @@ async fn consume_stops(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let subjects = handlers.subjects.clone();
-    let stream = js
-        .get_stream(subjects.cmd_stream())
-        .await
-        .map_err(|err| Error::Subscribe(err.to_string()))?;
-    let consumer = stream
-        .get_or_create_consumer(
-            Subjects::TRACKER_STOP_CONSUMER,
-            consumer::pull::Config {
-                durable_name: Some(Subjects::TRACKER_STOP_CONSUMER.into()),
-                filter_subject: subjects.cmd_stop_all(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                // No delivery limit: a stop is retried until it is recorded
-                // (its owner heard it at once anyway); only what retrying
-                // cannot fix is dead-lettered.
-                max_deliver: -1,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|err| Error::Subscribe(err.to_string()))?;
+    let consumer = corral_common::streams::pull_consumer_patiently(
+        js,
+        &subjects.cmd_stream(),
+        consumer::pull::Config {
+            durable_name: Some(Subjects::TRACKER_STOP_CONSUMER.into()),
+            filter_subject: subjects.cmd_stop_all(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            // No delivery limit: a stop is retried until it is recorded
+            // (its owner heard it at once anyway); only what retrying
+            // cannot fix is dead-lettered.
+            max_deliver: -1,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(Error::Subscribe)?;
     let mut messages = consumer
         .messages()
         .await
