@@ -198,13 +198,7 @@ pub async fn get_or_create_patiently(
 ) -> Result<jetstream::stream::Stream, CreateStreamError> {
     let name = config.name.clone();
     (|| js.get_or_create_stream(config.clone()))
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(3))
-                .with_max_times(12)
-                .with_jitter(),
-        )
+        .retry(patience())
         .when(transient)
         .notify(|err, after| {
             tracing::warn!(stream = %name, error = %err, retry_in = ?after, "stream not provisioned yet; trying again");
@@ -247,19 +241,23 @@ pub async fn pull_consumer_patiently(
             })
     };
     attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(3))
-                .with_max_times(12)
-                .with_jitter(),
-        )
+        .retry(patience())
         .when(|(transient, _)| *transient)
         .notify(|(_, err), after| {
             tracing::warn!(error = %err, retry_in = ?after, "consumer not ready yet; trying again");
         })
         .await
         .map_err(|(_, err)| err)
+}
+
+/// How long a service waits out a cluster electing leaders while it
+/// provisions its streams and consumers: about half a minute in all.
+fn patience() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(3))
+        .with_max_times(12)
+        .with_jitter()
 }
 
 /// A JetStream answer that says to try again: 503, or a cluster without a
