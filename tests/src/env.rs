@@ -241,12 +241,15 @@ impl TestEnv {
 }
 
 /// A failing test prints the logs of the processes it started (a passing
-/// one removed them with its home in [`TestEnv::cleanup`]).
+/// one removed them with its home in [`TestEnv::cleanup`]) and kills the
+/// sandboxes it left: a panic never reaches `cleanup`, and hundreds of
+/// sandboxes left running would slow every test and bench after it.
 impl Drop for TestEnv {
     fn drop(&mut self) {
         if !std::thread::panicking() {
             return;
         }
+        kill_sandboxes_left(&self.home);
         let Ok(entries) = std::fs::read_dir(self.home.join("logs")) else {
             return;
         };
@@ -265,4 +268,39 @@ impl Drop for TestEnv {
             );
         }
     }
+}
+
+/// Kills every sandbox under `home` (on a thread of its own: this runs in
+/// a drop, maybe inside the test's runtime). Never panics: it runs while a
+/// test is panicking.
+fn kill_sandboxes_left(home: &std::path::Path) {
+    let home = home.to_owned();
+    let killing = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            use corral_provider::Provider;
+            let Ok(provider) = corral_provider::LocalProvider::new(
+                &home,
+                &corral_provider::LocalConfig::default(),
+            ) else {
+                return;
+            };
+            let left = provider.list(&Default::default()).await.unwrap_or_default();
+            for sandbox in &left {
+                let _ = provider.kill(&sandbox.id).await;
+            }
+            if !left.is_empty() {
+                eprintln!(
+                    "---- killed {} sandboxes the failed test left ----",
+                    left.len()
+                );
+            }
+        });
+    });
+    let _ = killing.join();
 }
