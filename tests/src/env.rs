@@ -283,22 +283,16 @@ fn kill_sandboxes_left(home: &std::path::Path) {
             return;
         };
         runtime.block_on(async {
-            use corral_provider::Provider;
             let Ok(provider) = corral_provider::LocalProvider::new(
                 &home,
                 &corral_provider::LocalConfig::default(),
             ) else {
                 return;
             };
-            let left = provider.list(&Default::default()).await.unwrap_or_default();
-            for sandbox in &left {
-                let _ = provider.kill(&sandbox.id).await;
-            }
-            if !left.is_empty() {
-                eprintln!(
-                    "---- killed {} sandboxes the failed test left ----",
-                    left.len()
-                );
+            if let Ok((left, _)) = provider.kill_all().await
+                && left > 0
+            {
+                eprintln!("---- killed {left} sandboxes the failed test left ----");
             }
         });
     });

@@ -121,22 +121,19 @@ impl Stack {
 impl Stack {
     /// Kills every local sandbox under this stack's home.
     async fn kill_sandboxes(&self) {
-        use corral_provider::{Labels, LocalConfig, LocalProvider, Provider};
+        use corral_provider::{LocalConfig, LocalProvider};
         let Ok(provider) = LocalProvider::new(&self.home, &LocalConfig::default()) else {
             return;
         };
-        let Ok(left) = provider.list(&Labels::new()).await else {
+        let Ok((left, failed)) = provider.kill_all().await else {
             return;
         };
-        if !left.is_empty() {
-            eprintln!("removing {} sandboxes the services left", left.len());
+        if left > 0 {
+            eprintln!("removed {left} sandboxes the services left");
         }
-        for sandbox in left {
-            if let Err(err) = provider.kill(&sandbox.id).await {
-                eprintln!("warning: sandbox {} not removed: {err}", sandbox.id);
-            }
+        for (id, err) in failed {
+            eprintln!("warning: sandbox {id} not removed: {err}");
         }
-        provider.release_control_groups();
     }
 }
 

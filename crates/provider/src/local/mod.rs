@@ -234,6 +234,21 @@ impl LocalProvider {
         self.inner.work_dir(sandbox_id)
     }
 
+    /// Kills every sandbox under this directory and then releases its
+    /// control groups: for tests and benches that give the directory up.
+    /// Returns how many sandboxes there were and the kills that failed.
+    pub async fn kill_all(&self) -> Result<(usize, Vec<(String, ProviderError)>), ProviderError> {
+        let left = self.list(&Labels::new()).await?;
+        let mut failed = Vec::new();
+        for sandbox in &left {
+            if let Err(err) = self.kill(&sandbox.id).await {
+                failed.push((sandbox.id.clone(), err));
+            }
+        }
+        self.release_control_groups();
+        Ok((left.len(), failed))
+    }
+
     /// Removes what this sandbox directory left in the control-group
     /// hierarchy once it holds no sandbox (its empty parent groups): for
     /// tests and uninstalls that give the directory up.
