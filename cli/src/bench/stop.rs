@@ -1,7 +1,8 @@
 //! `corral bench stop`: N long-running sandboxes over S spawner processes,
 //! all stopped at once from this process; latency from each StopCommand's
-//! publish to its process group being gone, and to the `stopped` lifecycle
-//! event; spawner memory per owned sandbox.
+//! publish to a bare subscriber hearing it (NATS delivery alone), to its
+//! process group being gone, and to the `stopped` lifecycle event; spawner
+//! memory per owned sandbox.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -64,6 +65,10 @@ async fn measure(stack: &mut Stack, args: &StopArgs) -> anyhow::Result<ExitCode>
     println!(
         "sandboxes stopped        {}/{}",
         figures["gone"], args.sandboxes
+    );
+    println!(
+        "publish -> heard         p50 {} ms, p99 {} ms (a subscriber of its own)",
+        figures["heard_p50_ms"], figures["heard_p99_ms"]
     );
     println!(
         "publish -> process gone  p50 {} ms, p99 {} ms, max {} ms",
@@ -218,6 +223,7 @@ pub(super) async fn stop_burst(
             }));
         }
     }
+    let (heard, _listening) = listen_to_stops(stack).await?;
     // pidfds are open before the first stop goes out.
     tokio::task::yield_now().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -258,9 +264,14 @@ pub(super) async fn stop_burst(
 
     let gone = gone.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     let seen = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let heard = heard.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     let mut to_gone = Vec::new();
     let mut to_event = Vec::new();
+    let mut to_heard = Vec::new();
     for (run_id, at) in &published {
+        if let Some(done) = heard.get(run_id) {
+            to_heard.push(ms(done.saturating_duration_since(*at)));
+        }
         if let Some(done) = gone.get(run_id) {
             to_gone.push(ms(done.saturating_duration_since(*at)));
         }
@@ -278,12 +289,84 @@ pub(super) async fn stop_burst(
         "stop_p50_ms": round(percentile(&mut to_gone, 0.50)),
         "stop_p99_ms": round(percentile(&mut to_gone, 0.99)),
         "stop_max_ms": round(max),
+        "heard_p50_ms": round(percentile(&mut to_heard, 0.50)),
+        "heard_p99_ms": round(percentile(&mut to_heard, 0.99)),
         "stopped_event_p50_ms": round(percentile(&mut to_event, 0.50)),
         "stopped_event_p99_ms": round(percentile(&mut to_event, 0.99)),
         "spawner_rss_kib_per_sandbox": round(rss_per_sandbox),
     });
     Ok(figures)
 }
+
+/// When each stop reached a subscriber that does nothing else: its own
+/// connection, on a thread and runtime of its own, so its figure is NATS
+/// delivery alone and the gap to "process gone" is the owner's.
+/// The listener ends when the returned sender is dropped.
+async fn listen_to_stops(
+    stack: &Stack,
+) -> anyhow::Result<(Heard, tokio::sync::oneshot::Sender<()>)> {
+    let heard: Heard = Arc::default();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
+    let (url, prefix) = (stack.nats_url.clone(), stack.prefix.clone());
+    let record = heard.clone();
+    std::thread::Builder::new()
+        .name("stop-listener".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    let _ = ready_tx.send(Err(err.into()));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let subscribed = async {
+                    let client =
+                        corral_client::Client::connect(&url, &prefix, "corral-bench").await?;
+                    let stops = client
+                        .nats()
+                        .subscribe(client.subjects().cmd_stop_all())
+                        .await?;
+                    client.nats().flush().await?;
+                    anyhow::Ok((client, stops))
+                };
+                let (_client, mut stops) = match subscribed.await {
+                    Ok(subscribed) => subscribed,
+                    Err(err) => {
+                        let _ = ready_tx.send(Err(err));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                loop {
+                    let message = tokio::select! {
+                        _ = &mut done => return,
+                        message = stops.next() => match message {
+                            Some(message) => message,
+                            None => return,
+                        },
+                    };
+                    let at = Instant::now();
+                    let run_id = message.subject.rsplit('.').next().unwrap_or("").to_owned();
+                    if let Ok(mut heard) = record.lock() {
+                        heard.entry(run_id).or_insert(at);
+                    }
+                }
+            });
+        })?;
+    ready
+        .await
+        .context("the stop listener ended before it subscribed")?
+        .context("the stop listener could not subscribe")?;
+    Ok((heard, done_tx))
+}
+
+/// When each run's stop was heard, by run id.
+type Heard = Arc<Mutex<HashMap<String, Instant>>>;
 
 /// Process ids by the `CORRAL_SANDBOX_ID` in their environment, in one
 /// pass over /proc.
