@@ -181,7 +181,7 @@ async fn measure(
             },
         )
         .await?;
-        let stop = stop_burst(&stack, args.stops, &pids).await?;
+        let stop = stop_burst(&stack, args.stops, &pids, false).await?;
         Ok::<_, anyhow::Error>(serde_json::json!({"runs": runs, "stop": stop}))
     }
     .await;

@@ -2,7 +2,8 @@
 //! all stopped at once from this process; latency from each StopCommand's
 //! publish to a bare subscriber hearing it (NATS delivery alone), to its
 //! process group being gone, and to the `stopped` lifecycle event; spawner
-//! memory per owned sandbox.
+//! memory per owned sandbox. `--floor` times the same burst with no NATS
+//! and no owner: the machine's own cost of ending the agents.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -22,7 +23,12 @@ use crate::commands::Global;
 #[derive(clap::Args)]
 #[command(
     after_help = "Needs NATS_URL and DATABASE_URL; starts its own tracker and spawners under a \
-fresh subject prefix and removes them after.\n\nExample:\n  corral bench stop --sandboxes 1000 --spawners 2"
+fresh subject prefix and removes them after.\n\nWith --floor it prints what the machine alone \
+needs for the same burst: the spawners frozen, each agent's command signalled by the bench, timed \
+to its processes being gone (the command and its corral-enter wrapper). No NATS delivery, owner \
+work or records are in that figure; compare it with the burst's p99 from a run without \
+--floor.\n\nExamples:\n  corral bench stop --sandboxes 1000 --spawners 2\n  corral bench stop \
+--sandboxes 1000 --spawners 2 --floor"
 )]
 pub struct StopArgs {
     /// Sandboxes to start and stop.
@@ -31,6 +37,11 @@ pub struct StopArgs {
     /// Spawner processes to spread them over.
     #[arg(long, default_value_t = 2)]
     spawners: usize,
+    /// The machine's floor for this burst, not corral's figure: freeze the
+    /// spawners (SIGSTOP) and SIGTERM each agent straight from the bench,
+    /// with no NATS, no owner and no records in the window.
+    #[arg(long)]
+    floor: bool,
 }
 
 #[derive(Default)]
@@ -61,11 +72,23 @@ async fn measure(stack: &mut Stack, args: &StopArgs) -> anyhow::Result<ExitCode>
         ];
         spawners.push(stack.spawn("spawner", &env)?);
     }
-    let figures = stop_burst(stack, args.sandboxes, &spawners).await?;
+    let figures = stop_burst(stack, args.sandboxes, &spawners, args.floor).await?;
     println!(
         "sandboxes stopped        {}/{}",
         figures["gone"], args.sandboxes
     );
+    if args.floor {
+        println!(
+            "signal -> process gone   p50 {} ms, p99 {} ms, max {} ms (the floor: no NATS, no owner)",
+            figures["stop_p50_ms"], figures["stop_p99_ms"], figures["stop_max_ms"]
+        );
+        println!("{figures}");
+        return Ok(if figures["gone"].as_u64() == Some(args.sandboxes as u64) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
     println!(
         "publish -> heard         p50 {} ms, p99 {} ms (a subscriber of its own)",
         figures["heard_p50_ms"], figures["heard_p99_ms"]
@@ -98,10 +121,12 @@ pub(super) async fn stop_burst(
     stack: &Stack,
     sandboxes_wanted: usize,
     spawners: &[u32],
+    floor: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let args = StopArgs {
         sandboxes: sandboxes_wanted,
         spawners: spawners.len(),
+        floor,
     };
     let client = stack.client.clone();
     let seen: Arc<Mutex<Seen>> = Arc::default();
@@ -228,6 +253,11 @@ pub(super) async fn stop_burst(
     tokio::task::yield_now().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
+    if floor {
+        let figures = signal_directly(spawners, &sandboxes, &pids, waits, gone).await;
+        listener.abort();
+        return figures;
+    }
     eprintln!("stopping {} sandboxes", sandboxes.len());
     let js = client.jetstream();
     let mut published = HashMap::new();
@@ -296,6 +326,83 @@ pub(super) async fn stop_burst(
         "spawner_rss_kib_per_sandbox": round(rss_per_sandbox),
     });
     Ok(figures)
+}
+
+/// `--floor`: the spawners frozen, each agent's command gets SIGTERM from
+/// here; times from each signal to the run's processes being gone.
+async fn signal_directly(
+    spawners: &[u32],
+    sandboxes: &HashMap<String, String>,
+    pids: &HashMap<String, Vec<i32>>,
+    waits: Vec<tokio::task::JoinHandle<()>>,
+    gone: Arc<Mutex<HashMap<String, Instant>>>,
+) -> anyhow::Result<serde_json::Value> {
+    let signal = |pid: u32, signal: i32| {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as i32, signal) };
+    };
+    for pid in spawners {
+        signal(*pid, libc::SIGSTOP);
+    }
+    // Frozen before the first signal: a stopped process is in state T.
+    let frozen = Instant::now();
+    while !spawners.iter().all(|pid| stopped(*pid)) {
+        if frozen.elapsed() > Duration::from_secs(5) {
+            bail!("the spawners did not stop on SIGSTOP");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The agent's command: the process that is not the wrapper.
+    let commands: Vec<(String, i32)> = sandboxes
+        .iter()
+        .filter_map(|(run_id, sandbox_id)| {
+            let command = pids.get(sandbox_id)?.iter().copied().find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|comm| comm.trim() != "corral-enter")
+                    .unwrap_or(false)
+            })?;
+            Some((run_id.clone(), command))
+        })
+        .collect();
+    eprintln!(
+        "signalling {} agents directly, spawners frozen",
+        commands.len()
+    );
+    let mut signalled = HashMap::new();
+    for (run_id, pid) in &commands {
+        signalled.insert(run_id.clone(), Instant::now());
+        signal(*pid as u32, libc::SIGTERM);
+    }
+    for wait in waits {
+        let _ = tokio::time::timeout(Duration::from_secs(60), wait).await;
+    }
+    for pid in spawners {
+        signal(*pid, libc::SIGCONT);
+    }
+    let gone = gone.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut to_gone: Vec<f64> = signalled
+        .iter()
+        .filter_map(|(run_id, at)| Some(ms(gone.get(run_id)?.saturating_duration_since(*at))))
+        .collect();
+    let max = to_gone.iter().cloned().fold(0.0, f64::max);
+    Ok(serde_json::json!({
+        "bench": "stop-floor",
+        "sandboxes": sandboxes.len(),
+        "signalled": commands.len(),
+        "gone": to_gone.len(),
+        "stop_p50_ms": round(percentile(&mut to_gone, 0.50)),
+        "stop_p99_ms": round(percentile(&mut to_gone, 0.99)),
+        "stop_max_ms": round(max),
+    }))
+}
+
+/// Whether a process is stopped by a signal (state `T` in its stat).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command, which is in parentheses.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+    })
 }
 
 /// When each stop reached a subscriber that does nothing else: its own
