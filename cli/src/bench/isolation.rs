@@ -20,7 +20,9 @@ use super::{ms, percentile, round};
 up and ready), first command (start of `true` to its exit) and kill; then the isolation cost per \
 sandbox start (create + first command, namespaces minus none). The last line is JSON with \
 isolated_start_p50_ms, isolated_start_p99_ms, plain_start_p50_ms, plain_start_p99_ms, \
-cost_p50_ms, cost_p99_ms.\n\nExample:\n  corral bench isolation --count 200"
+cost_p50_ms, cost_p99_ms, and isolated_per_sec and plain_per_sec: sandboxes created, run and \
+killed per second at --concurrency.\n\nExamples:\n  corral bench isolation --count 200\n  \
+corral bench isolation --count 1000 --concurrency 8   # the ceiling of `bench runs` here"
 )]
 pub struct IsolationArgs {
     /// Sandboxes per mode.
@@ -30,6 +32,12 @@ pub struct IsolationArgs {
     /// at the end].
     #[arg(long, value_name = "DIR")]
     home: Option<std::path::PathBuf>,
+    /// Sandboxes in flight at once. Above 1 the phases overlap, and the
+    /// figure to read is sandboxes/s: the provider alone (no NATS, no
+    /// database, no spawner) running the `true` of `bench runs` in a sandbox
+    /// of its own. That is the ceiling of runs/s on this machine.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
 }
 
 #[derive(Default)]
@@ -40,7 +48,35 @@ struct Phases {
     start: Vec<f64>,
 }
 
-async fn measure(provider: &LocalProvider, count: usize) -> Result<Phases, ProviderError> {
+/// `count` sandboxes, `concurrency` at a time, each created, running `true`
+/// and killed; the phases of all, and their rate.
+async fn measure(
+    provider: &LocalProvider,
+    count: usize,
+    concurrency: usize,
+) -> Result<(Phases, f64), ProviderError> {
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..concurrency.min(count) {
+        let provider = provider.clone();
+        // Worker w takes sandboxes w, w + concurrency, ...
+        let share = (count - worker).div_ceil(concurrency);
+        workers.spawn(async move { cycle(&provider, share).await });
+    }
+    let mut phases = Phases::default();
+    while let Some(worker) = workers.join_next().await {
+        let done = worker.map_err(|err| ProviderError::Failed(err.to_string()))??;
+        phases.create.extend(done.create);
+        phases.first.extend(done.first);
+        phases.kill.extend(done.kill);
+        phases.start.extend(done.start);
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    Ok((phases, rate))
+}
+
+/// `count` sandboxes one after another.
+async fn cycle(provider: &LocalProvider, count: usize) -> Result<Phases, ProviderError> {
     let mut phases = Phases::default();
     let spec = CreateSpec {
         run_id: "bench".into(),
@@ -79,13 +115,14 @@ fn line(name: &str, samples: &mut [f64]) -> (f64, f64) {
 }
 
 pub async fn run(args: IsolationArgs) -> anyhow::Result<ExitCode> {
-    if args.count == 0 {
-        bail!("--count must be positive");
+    if args.count == 0 || args.concurrency == 0 {
+        bail!("--count and --concurrency must be positive");
     }
     let scratch =
         std::env::temp_dir().join(format!("corral-bench-isolation-{}", std::process::id()));
     let home = args.home.unwrap_or_else(|| scratch.clone());
     let mut results = Vec::new();
+    let mut rates = Vec::new();
     for isolation in [Isolation::Namespaces, Isolation::None] {
         let config = LocalConfig {
             isolation,
@@ -94,9 +131,13 @@ pub async fn run(args: IsolationArgs) -> anyhow::Result<ExitCode> {
         let provider = LocalProvider::new(&home.join(format!("{isolation:?}")), &config)
             .context("the local provider")?;
         // A few sandboxes first, so caches are warm for both modes alike.
-        measure(&provider, 5.min(args.count)).await?;
-        let mut phases = measure(&provider, args.count).await?;
-        println!("isolation {isolation:?}, {} sandboxes:", args.count);
+        measure(&provider, 5.min(args.count), 1).await?;
+        let (mut phases, rate) = measure(&provider, args.count, args.concurrency).await?;
+        println!(
+            "isolation {isolation:?}, {} sandboxes, {} at a time: {rate:.1} sandboxes/s",
+            args.count, args.concurrency
+        );
+        rates.push(rate);
         line("create", &mut phases.create);
         line("first command", &mut phases.first);
         line("kill", &mut phases.kill);
@@ -114,6 +155,9 @@ pub async fn run(args: IsolationArgs) -> anyhow::Result<ExitCode> {
             "plain_start_p99_ms": round(plain99),
             "cost_p50_ms": round(cost50),
             "cost_p99_ms": round(cost99),
+            "concurrency": args.concurrency,
+            "isolated_per_sec": round(rates[0]),
+            "plain_per_sec": round(rates[1]),
         })
     );
     let _ = std::fs::remove_dir_all(&scratch);
