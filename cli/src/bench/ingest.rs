@@ -1,6 +1,8 @@
 //! `corral bench ingest`: sustained events/s from first publish to last row
 //! committed, ingest lag (accepted -> committed), and, on the same machine in
-//! the same run, the rate of a plain COPY of the same rows.
+//! the same run, the rate of a plain COPY of the same rows. `--floor` puts a
+//! consumer that stores nothing in event ingest's place: what JetStream
+//! alone allows.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -25,7 +27,7 @@ pub enum Via {
 #[derive(clap::Args)]
 #[command(
     after_help = "Needs NATS_URL and DATABASE_URL (a role that may create databases): it starts its \
-own tracker and event ingest on a scratch database and removes them after.\n\nExamples:\n  corral bench ingest --events 100000 --runs 100 --via nats\n  corral bench ingest --events 200000 --rate 20000   # lag under a steady load\n  corral bench ingest --events 200000 --readers 4    # while four consoles read pages"
+own tracker and event ingest on a scratch database and removes them after.\n\nExamples:\n  corral bench ingest --events 100000 --runs 100 --via nats\n  corral bench ingest --events 200000 --rate 20000   # lag under a steady load\n  corral bench ingest --events 200000 --readers 4    # while four consoles read pages\n  corral bench ingest --events 200000 --floor        # JetStream alone, nothing stored"
 )]
 pub struct IngestArgs {
     /// Events to send.
@@ -54,6 +56,13 @@ pub struct IngestArgs {
     /// default).
     #[arg(long, default_value_t = 20, value_name = "PAGES_PER_SEC")]
     read_rate: u32,
+    /// The machine's floor for --via nats, not corral's figure: the same
+    /// events published the same way, taken by a consumer of the bench that
+    /// acks each one and stores nothing (event ingest is stopped once it
+    /// has made its table). Its rate is the most that one JetStream message
+    /// per event allows here, beside the same COPY.
+    #[arg(long, conflicts_with_all = ["readers", "rate"])]
+    floor: bool,
 }
 
 /// Paces sending at a steady rate: the n-th event is due n/rate seconds
@@ -85,6 +94,9 @@ pub async fn run(global: &Global, args: IngestArgs) -> anyhow::Result<ExitCode> 
         || args.read_rate == 0
     {
         bail!("--events, --runs, --batch, --rate and --read-rate must be positive");
+    }
+    if args.floor && args.via != Via::Nats {
+        bail!("--floor measures JetStream alone: use it with --via nats");
     }
     let mut stack = Stack::new(&global.nats_url, "ingest").await?;
     let admin = stack.database_url.clone();
@@ -191,7 +203,7 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
     let (port, metrics_port) = (free_port()?, free_port()?);
     stack.spawn("tracker", &[])?;
     stack.wait_for_tracker().await?;
-    stack.spawn(
+    let ingest = stack.spawn(
         "event-ingest",
         &[
             ("CORRAL_LISTEN", format!("127.0.0.1:{port}")),
@@ -219,6 +231,12 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let pool = sqlx::PgPool::connect(&stack.database_url).await?;
+    let floor = if args.floor {
+        stack.stop(ingest).await;
+        Some(consume_alone(stack, args.events).await?)
+    } else {
+        None
+    };
 
     match args.rate {
         Some(rate) => eprintln!(
@@ -314,6 +332,36 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
         }
     }
     let sent = started.elapsed();
+    if let Some(floor) = floor {
+        floor.await??;
+        let elapsed = started.elapsed();
+        let copy_rows_per_sec = copy_rate(&pool, args).await?;
+        pool.close().await;
+        let events_per_sec = args.events as f64 / elapsed.as_secs_f64();
+        println!(
+            "{} events through JetStream alone (published, delivered, acked; nothing stored): \
+{events_per_sec:.0} events/s first publish -> last ack",
+            args.events
+        );
+        println!(
+            "plain COPY of the same rows (best of {COPY_ATTEMPTS}): {copy_rows_per_sec:.0} rows/s; ratio {:.2}",
+            events_per_sec / copy_rows_per_sec
+        );
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "ingest-floor",
+                "events": args.events,
+                "runs": args.runs,
+                "send_s": round(sent.as_secs_f64()),
+                "elapsed_s": round(elapsed.as_secs_f64()),
+                "events_per_sec": round(events_per_sec),
+                "copy_rows_per_sec": round(copy_rows_per_sec),
+                "ratio_to_copy": round(events_per_sec / copy_rows_per_sec),
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     // Done when event ingest has committed every event: its counter of
     // events stored moves after each commit. Reading it costs the database
     // nothing; counting the table every few milliseconds would scan it over
@@ -361,42 +409,7 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
     .fetch_one(&pool)
     .await?;
 
-    // The same rows, COPYed into a fresh table of the same shape, best of
-    // three: right after the ingest the database may still be writing it
-    // out (checkpoint, autovacuum), and the best COPY makes the ratio the
-    // harder one to meet, never the easier.
-    let mut text = String::with_capacity(args.events * 160);
-    let at = chrono::Utc::now().to_rfc3339();
-    for i in 0..args.events {
-        text.push_str(&format!(
-            "bench-{i}\trun-{}\t{}\t{}\tagent.tool_use\t{at}\t{{\"tool\": \"Bash\", \"input\": {{\"command\": \"cargo test --workspace\"}}, \"tool_use_id\": \"t{i}\"}}\tf\t{at}\n",
-            i % args.runs,
-            i + 1,
-            i / args.runs + 1
-        ));
-    }
-    let mut copy_rows_per_sec: f64 = 0.0;
-    for attempt in 0..COPY_ATTEMPTS {
-        let table = format!("copy_bench_{attempt}");
-        sqlx::query(&format!(
-            "CREATE TABLE {table} (LIKE sandbox_events INCLUDING ALL)"
-        ))
-        .execute(&pool)
-        .await?;
-        let mut conn = pool.acquire().await?;
-        let copy_started = Instant::now();
-        let mut copy = conn
-            .copy_in_raw(&format!("COPY {table} (event_id, run_id, stream_seq, seq, kind, at, payload, truncated, ingested_at) FROM STDIN"))
-            .await?;
-        copy.send(text.as_bytes()).await?;
-        copy.finish().await?;
-        let rate = args.events as f64 / copy_started.elapsed().as_secs_f64();
-        copy_rows_per_sec = copy_rows_per_sec.max(rate);
-        drop(conn);
-        sqlx::query(&format!("DROP TABLE {table}"))
-            .execute(&pool)
-            .await?;
-    }
+    let copy_rows_per_sec = copy_rate(&pool, args).await?;
     pool.close().await;
 
     let figures = serde_json::json!({
@@ -438,4 +451,92 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
     }
     println!("{figures}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Rows per second of a plain COPY of the bench's events into a fresh table
+/// shaped like `sandbox_events`, best of [`COPY_ATTEMPTS`]: right after the
+/// ingest the database may still be writing it out (checkpoint, autovacuum),
+/// and the best COPY makes the ratio the harder one to meet, never the
+/// easier.
+async fn copy_rate(pool: &sqlx::PgPool, args: &IngestArgs) -> anyhow::Result<f64> {
+    let mut text = String::with_capacity(args.events * 160);
+    let at = chrono::Utc::now().to_rfc3339();
+    for i in 0..args.events {
+        text.push_str(&format!(
+            "bench-{i}\trun-{}\t{}\t{}\tagent.tool_use\t{at}\t{{\"tool\": \"Bash\", \"input\": {{\"command\": \"cargo test --workspace\"}}, \"tool_use_id\": \"t{i}\"}}\tf\t{at}\n",
+            i % args.runs,
+            i + 1,
+            i / args.runs + 1
+        ));
+    }
+    let mut best: f64 = 0.0;
+    for attempt in 0..COPY_ATTEMPTS {
+        let table = format!("copy_bench_{attempt}");
+        sqlx::query(&format!(
+            "CREATE TABLE {table} (LIKE sandbox_events INCLUDING ALL)"
+        ))
+        .execute(pool)
+        .await?;
+        let mut conn = pool.acquire().await?;
+        let copy_started = Instant::now();
+        let mut copy = conn
+            .copy_in_raw(&format!("COPY {table} (event_id, run_id, stream_seq, seq, kind, at, payload, truncated, ingested_at) FROM STDIN"))
+            .await?;
+        copy.send(text.as_bytes()).await?;
+        copy.finish().await?;
+        let rate = args.events as f64 / copy_started.elapsed().as_secs_f64();
+        best = best.max(rate);
+        drop(conn);
+        sqlx::query(&format!("DROP TABLE {table}"))
+            .execute(pool)
+            .await?;
+    }
+    Ok(best)
+}
+
+/// `--floor`: a consumer shaped like event ingest's (explicit acks, the
+/// same batches and ack window) in place of its own, which acks each event
+/// as it comes and stores nothing; ends when `events` are acked.
+async fn consume_alone(
+    stack: &Stack,
+    events: usize,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    const BATCH: usize = 1000;
+    let js = stack.client.jetstream().clone();
+    let subjects = stack.client.subjects();
+    let stream = js.get_stream(subjects.events_stream()).await?;
+    // Event ingest's consumer would keep its share of the stream's work.
+    let _ = stream.delete_consumer("event-ingest").await;
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("bench-floor".into()),
+            filter_subject: subjects.events_all(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: (BATCH * 6) as i64,
+            ..Default::default()
+        })
+        .await?;
+    Ok(tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < events {
+            let mut messages = consumer
+                .fetch()
+                .max_messages(BATCH)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await?;
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(|err| anyhow::anyhow!("{err}"))?;
+                message
+                    .ack()
+                    .await
+                    .map_err(|err| anyhow::anyhow!("{err}"))?;
+                acked += 1;
+            }
+        }
+        anyhow::Ok(())
+    }))
 }

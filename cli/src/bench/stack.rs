@@ -84,6 +84,22 @@ impl Stack {
         bail!("the tracker did not answer within 30 s")
     }
 
+    /// Stops one service the stack started (`pid`, as [`Stack::spawn`]
+    /// returned it): SIGTERM, then SIGKILL after 15 s; waits until it is gone.
+    pub async fn stop(&mut self, pid: u32) {
+        let Some(child) = self.children.iter_mut().find(|c| c.id() == Some(pid)) else {
+            return;
+        };
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        if tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+
     /// Stops the services (SIGTERM, then SIGKILL) and removes what the
     /// stack made.
     pub async fn teardown(mut self) {
