@@ -248,16 +248,15 @@ pub(super) async fn stop_burst(
             }));
         }
     }
-    let (heard, _listening) = listen_to_stops(stack).await?;
     // pidfds are open before the first stop goes out.
     tokio::task::yield_now().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-
     if floor {
         let figures = signal_directly(spawners, &sandboxes, &pids, waits, gone).await;
         listener.abort();
         return figures;
     }
+    let (heard, _listening) = listen_to_stops(stack).await?;
     eprintln!("stopping {} sandboxes", sandboxes.len());
     let js = client.jetstream();
     let mut published = HashMap::new();
@@ -348,7 +347,10 @@ async fn signal_directly(
     let frozen = Instant::now();
     while !spawners.iter().all(|pid| stopped(*pid)) {
         if frozen.elapsed() > Duration::from_secs(5) {
-            bail!("the spawners did not stop on SIGSTOP");
+            for pid in spawners {
+                signal(*pid, libc::SIGCONT);
+            }
+            bail!("the spawners did not stop on SIGSTOP within 5 s");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
