@@ -333,7 +333,17 @@ async fn measure(stack: &mut Stack, args: &IngestArgs) -> anyhow::Result<ExitCod
     }
     let sent = started.elapsed();
     if let Some(floor) = floor {
-        floor.await??;
+        // Bounded as the ingest's own wait below: a lost event fails the
+        // bench rather than hanging it.
+        let limit = Duration::from_secs(600).saturating_sub(started.elapsed());
+        tokio::time::timeout(limit, floor)
+            .await
+            .with_context(|| {
+                format!(
+                    "not all {} events were delivered within 10 minutes",
+                    args.events
+                )
+            })???;
         let elapsed = started.elapsed();
         let copy_rows_per_sec = copy_rate(&pool, args).await?;
         pool.close().await;
@@ -508,7 +518,9 @@ async fn consume_alone(
     let subjects = stack.client.subjects();
     let stream = js.get_stream(subjects.events_stream()).await?;
     // Event ingest's consumer would keep its share of the stream's work.
-    let _ = stream.delete_consumer("event-ingest").await;
+    let _ = stream
+        .delete_consumer(corral_event_ingest::persister::CONSUMER)
+        .await;
     let consumer = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some("bench-floor".into()),

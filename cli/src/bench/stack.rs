@@ -85,18 +85,10 @@ impl Stack {
     }
 
     /// Stops one service the stack started (`pid`, as [`Stack::spawn`]
-    /// returned it): SIGTERM, then SIGKILL after 15 s; waits until it is gone.
+    /// returned it) and waits until it is gone.
     pub async fn stop(&mut self, pid: u32) {
-        let Some(child) = self.children.iter_mut().find(|c| c.id() == Some(pid)) else {
-            return;
-        };
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        if tokio::time::timeout(Duration::from_secs(15), child.wait())
-            .await
-            .is_err()
-        {
-            let _ = child.kill().await;
+        if let Some(child) = self.children.iter_mut().find(|c| c.id() == Some(pid)) {
+            stop_child(child).await;
         }
     }
 
@@ -105,16 +97,7 @@ impl Stack {
     pub async fn teardown(mut self) {
         // Newest first: spawners end their runs while the tracker still answers.
         for child in self.children.iter_mut().rev() {
-            if let Some(pid) = child.id() {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            }
-            if tokio::time::timeout(Duration::from_secs(15), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-            }
+            stop_child(child).await;
         }
         // A spawner killed before it drained leaves its sandboxes running:
         // whatever is still under this stack's home goes with it.
@@ -182,4 +165,18 @@ pub async fn exited(pid: i32) -> std::io::Result<()> {
     .map_err(|err| std::io::Error::other(err.to_string()))?;
     let _guard = fd.readable().await?;
     Ok(())
+}
+
+/// SIGTERM, then SIGKILL if the service has not exited within 15 s.
+async fn stop_child(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
 }
